@@ -1,0 +1,47 @@
+"""Callbacks: end-of-run export and report (the DSRL objective switch lives in `dsrl.py`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_prerl.models import export_policy
+from lightning_prerl.report import plot_run
+
+log = logging.getLogger(__name__)
+
+
+class ExportPolicy(L.Callback):
+    """At the end of fit, `save_pretrained` the policy and tokenizer into `out_dir` (rank 0)."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            export_policy(pl_module.policy, pl_module.tokenizer, self.out_dir)
+            log.info("policy exported to %s", self.out_dir)
+
+
+class RunReport(L.Callback):
+    """At the end of fit, draw the run's PNG report from the CSV logger's metrics (rank 0)."""
+
+    def __init__(self, out_png: str, title: str = ""):
+        self.out_png = Path(out_png)
+        self.title = title
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is None:
+            log.warning("no CSVLogger configured: no run report")
+            return
+        csv_logger.save()
+        metrics = Path(csv_logger.log_dir) / "metrics.csv"
+        if metrics.is_file():
+            plot_run(metrics, self.out_png, self.title)
+            log.info("run report: %s", self.out_png)

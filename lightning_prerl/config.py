@@ -1,0 +1,52 @@
+"""Checks on the composed Hydra config, run before anything is loaded or computed.
+
+Each failure is one line naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from lightning_prerl.models import resolve_model_path
+
+GROUP_ADVANTAGES = ("grpo", "group_mean")
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run."""
+
+
+def _objectives(node: DictConfig) -> list[DictConfig]:
+    """The loss configs inside an objective node (one, or the phases of a schedule)."""
+    if "space" in node:
+        return [node]
+    return [v for v in node.values() if isinstance(v, DictConfig) and "space" in v]
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Raises ConfigError on the first value that cannot work."""
+    data = cfg.data
+    g = data.samples_per_prompt
+    if g < 1:
+        raise ConfigError(f"data.samples_per_prompt={g}: must be >= 1")
+    for key in ("prompts_per_step", "eval_samples"):
+        if data[key] < 1:
+            raise ConfigError(f"data.{key}={data[key]}: must be >= 1")
+    for obj in _objectives(cfg.objective):
+        if g == 1 and obj.advantage in GROUP_ADVANTAGES:
+            raise ConfigError(
+                f"data.samples_per_prompt=1 with objective advantage '{obj.advantage}': group advantages "
+                f"need >= 2 samples per prompt (or use objective advantage 'signed')")
+    for k in cfg.module.pass_k:
+        if k > data.eval_samples:
+            raise ConfigError(f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
+                              f"pass@k needs at least k samples per prompt")
+    if cfg.trainer.get("max_steps", -1) is None or cfg.trainer.get("max_steps", -1) < 1:
+        raise ConfigError(f"trainer.max_steps={cfg.trainer.get('max_steps')}: must be >= 1")
+    temperature = data.sampling.temperature
+    if temperature is not None and temperature < 0:
+        raise ConfigError(f"data.sampling.temperature={temperature}: must be >= 0")
+    try:
+        resolve_model_path(cfg.model.path)
+    except FileNotFoundError as exc:
+        raise ConfigError(str(exc)) from None

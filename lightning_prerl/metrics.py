@@ -1,0 +1,137 @@
+"""torchmetrics for RL on reasoning: accuracy, unbiased pass@k, length, format, behaviour keywords.
+
+All of them accumulate across batches and ranks (torchmetrics syncs their states), so an
+evaluation split over many batches or processes reports one exact number.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from torchmetrics import MeanMetric, Metric
+
+DEFAULT_TRANSITION = ["but", "however", "alternatively", "instead", "on the other hand", "another way",
+                      "another approach", "think differently"]
+DEFAULT_REFLECTION = ["wait", "verify", "check", "let me", "double-check", "make sure", "hold on",
+                      "think again", "seems right"]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k = 1 - C(n-c, k) / C(n, k) for n samples of which c are correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+class PassAtK(Metric):
+    """Mean unbiased pass@k over prompts. `update(correct)` takes (B, n) 0/1 correctness."""
+
+    full_state_update = False
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, correct: torch.Tensor) -> None:
+        n = correct.shape[1]
+        for c in (correct > 0.5).sum(dim=1).tolist():
+            self.total += pass_at_k(n, int(c), self.k)
+        self.count += correct.shape[0]
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count.clamp(min=1)).float()
+
+
+def keyword_pattern(keywords: Sequence[str]) -> re.Pattern:
+    """Case-insensitive whole-word alternation, longest keyword first ("let me check" before "let me")."""
+    words = sorted({k.lower() for k in keywords}, key=len, reverse=True)
+    return re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w) for w in words) + r")(?![a-z])", re.IGNORECASE)
+
+
+class KeywordRate(Metric):
+    """Behaviour counter: how often responses use a family of keywords (e.g. reflection words).
+
+    compute() returns {"rate": share of responses with at least one hit,
+    "per_response": mean number of hits per response}.
+    """
+
+    full_state_update = False
+
+    def __init__(self, keywords: Sequence[str]):
+        super().__init__()
+        if not keywords:
+            raise ValueError("KeywordRate needs at least one keyword")
+        self.pattern = keyword_pattern(keywords)
+        for name in ("hits", "responses_with_hit", "responses"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def count(self, text: str) -> int:
+        return len(self.pattern.findall(text))
+
+    def update(self, texts: Sequence[str]) -> None:
+        counts = [self.count(t) for t in texts]
+        self.hits += sum(counts)
+        self.responses_with_hit += sum(c > 0 for c in counts)
+        self.responses += len(texts)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.responses.clamp(min=1)
+        return {"rate": self.responses_with_hit / n, "per_response": self.hits / n}
+
+
+class GenerationMetrics(torch.nn.Module):
+    """Everything measured on a set of scored generations, under one metric-key prefix.
+
+    Args:
+        prefix: key prefix, e.g. "val" or "rollout".
+        pass_k: the k values of pass@k (each needs that many samples per prompt).
+        transition, reflection: behaviour keyword lists (from the config).
+    """
+
+    def __init__(self, prefix: str, pass_k: Sequence[int] = (), transition: Sequence[str] = DEFAULT_TRANSITION,
+                 reflection: Sequence[str] = DEFAULT_REFLECTION):
+        super().__init__()
+        self.prefix = prefix
+        self.accuracy, self.length, self.format_valid = MeanMetric(), MeanMetric(), MeanMetric()
+        self.pass_k = torch.nn.ModuleDict({str(k): PassAtK(k) for k in pass_k})
+        self.transition, self.reflection = KeywordRate(transition), KeywordRate(reflection)
+
+    def update(self, correct: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str],
+               has_answer: Sequence[bool | None]) -> None:
+        """correct: (B, n) rewards in [0, 1]; lengths: (B*n,) response tokens; texts: B*n strings."""
+        self.accuracy.update(correct.float().reshape(-1))
+        self.length.update(lengths.float())
+        known = [float(h) for h in has_answer if h is not None]
+        if known:
+            self.format_valid.update(torch.tensor(known))
+        for k, metric in self.pass_k.items():
+            if correct.shape[1] >= int(k):
+                metric.update(correct)
+        self.transition.update(texts)
+        self.reflection.update(texts)
+
+    def compute(self) -> dict[str, float]:
+        p = self.prefix
+        out = {f"{p}/accuracy": self.accuracy.compute(), f"{p}/response_length": self.length.compute()}
+        if self.format_valid.update_count:
+            out[f"{p}/format_valid"] = self.format_valid.compute()
+        for k, metric in self.pass_k.items():
+            if metric.update_count:
+                out[f"{p}/pass@{k}"] = metric.compute()
+        for name, metric in (("transition", self.transition), ("reflection", self.reflection)):
+            values = metric.compute()
+            out[f"{p}/{name}_rate"] = values["rate"]
+            out[f"{p}/{name}_per_response"] = values["per_response"]
+        return {k: float(v) for k, v in out.items()}
+
+    def reset(self) -> None:
+        for m in self.modules():
+            if isinstance(m, Metric):
+                m.reset()

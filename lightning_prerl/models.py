@@ -1,0 +1,72 @@
+"""Loading and exporting policies: Hugging Face directories, the shipped toy policy, GGUF files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_prerl.toyworld import SHIPPED_MODEL_DIR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str) -> Path:
+    """`toy` names the shipped toy policy; anything else is a local directory (no hub downloads)."""
+    resolved = SHIPPED_MODEL_DIR if path == "toy" else Path(path).expanduser()
+    if not (resolved / "config.json").is_file() and not any(resolved.glob("*.gguf")):
+        hint = " (rebuild it: python experiments/pretrain_toy.py)" if path == "toy" else ""
+        raise FileNotFoundError(f"model.path={path!r}: no config.json or .gguf in {resolved}{hint}")
+    return resolved
+
+
+def load_tokenizer(path: str, gguf_file: str | None = None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(path), gguf_file=gguf_file)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_policy(path: str, dtype: str = "float32", gguf_file: str | None = None) -> torch.nn.Module:
+    """An `AutoModelForCausalLM` from a local directory (or a GGUF file inside it)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r}: expected one of {list(DTYPES)}")
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype], gguf_file=gguf_file)
+
+
+def export_policy(model: torch.nn.Module, tokenizer, out_dir: Path) -> Path:
+    """`save_pretrained` of the policy and tokenizer: loadable by `AutoModelForCausalLM` and vLLM."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def resolve_start_token_id(tokenizer, start_token: str | None = None) -> int:
+    """The single token that replaces the whole prompt in PreRL's prompt-free scoring.
+
+    Args:
+        start_token: a token string from the config; None picks the tokenizer's BOS, else the
+            first special token the chat template emits (`<|im_start|>` for ChatML / Qwen).
+    """
+    if start_token is not None:
+        ids = tokenizer.convert_tokens_to_ids([start_token])
+        if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
+            raise ValueError(f"objective start_token={start_token!r} is not a single token of the tokenizer")
+        return ids[0]
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    if tokenizer.chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+        special = set(tokenizer.all_special_ids) | {
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+        }
+        for tid in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            if tid in special:
+                return tid
+    raise ValueError("no start token: the tokenizer has no BOS and its chat template no special token; "
+                     "set model.start_token")

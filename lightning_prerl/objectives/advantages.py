@@ -1,0 +1,34 @@
+"""Sequence-level advantage estimators, one small function each.
+
+Every estimator maps rewards (B, G) -- B prompts, G samples per prompt -- to advantages (B, G).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def grpo(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(r - group mean) / (group std + eps), std unbiased as torch's default (and verl's)."""
+    if rewards.shape[1] == 1:  # verl: a singleton group has mean 0, std 1
+        return rewards.clone()
+    mean = rewards.mean(dim=1, keepdim=True)  # (B, 1)
+    std = rewards.std(dim=1, keepdim=True)  # (B, 1)
+    return (rewards - mean) / (std + eps)
+
+
+def group_mean(rewards: torch.Tensor) -> torch.Tensor:
+    """r - group mean, no std division (PreRL's `pretrain_norm_adv_by_std=False`, Dr.GRPO)."""
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+def signed(rewards: torch.Tensor, positive_weight: float = 1.0) -> torch.Tensor:
+    """Zhu et al. 2025: +positive_weight on correct samples, -1 on wrong ones (r in {0, 1}).
+
+    With `samples: negative` this is NSR, with `positive` PSR, and with all samples and
+    positive_weight = lambda it is W-REINFORCE.
+    """
+    return positive_weight * rewards - (1.0 - rewards)
+
+
+ESTIMATORS = {"grpo": grpo, "group_mean": group_mean, "signed": signed}

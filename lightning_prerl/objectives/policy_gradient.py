@@ -1,0 +1,136 @@
+"""One policy-gradient objective, parameterised by the space it updates and the samples it keeps.
+
+    loss = coef * token_mean_{kept samples} [ PPO-clip(A_i, rho_it) + kl_coef * KL_it - entropy_coef * H_it ]
+
+- `space: conditional` scores log P(y_t | x, y_<t): GRPO / CondRL, Zhu et al.'s NSR, PSR, W-REINFORCE.
+- `space: marginal` scores log P(y_t | s, y_<t) with the whole prompt replaced by one start token s
+  (arXiv 2604.14142, PreRL). The policy module computes only the log-probs of the active space, so
+  a PreRL step never pays for a conditional forward pass.
+- `samples: negative | positive` keeps samples with A < 0 / A > 0 by masking the *response mask*:
+  the token mean then runs over the kept samples' tokens only (NSR-PreRL, PSR-PreRL). With the
+  group-mean advantage, all-wrong and all-right groups have A = 0 and contribute nothing.
+
+Departures from the authors' verl code, all deliberate: the PreRL loss is not added to a
+zero-weighted conditional loss (its forward pass is skipped instead); the start token comes from the
+tokenizer, not a fixed id; the normaliser counts kept tokens over the whole rollout batch and all
+ranks, so micro-batch size and world size do not change the update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_prerl.objectives import advantages as adv_fns
+from lightning_prerl.objectives.ops import kl_estimate, ppo_clip_loss
+
+SPACES = ("conditional", "marginal")
+SAMPLES = ("all", "negative", "positive")
+
+
+@dataclass
+class PolicyGradientObjective:
+    """Config and math of one objective (see the module docstring).
+
+    Attributes:
+        name: label used in logs and reports.
+        space: "conditional" (log P(y|x)) or "marginal" (prompt-free log P(y)).
+        advantage: estimator in `advantages.ESTIMATORS`: grpo, group_mean or signed.
+        samples: which samples enter the loss: all, negative or positive advantage.
+        positive_weight: lambda of the signed estimator (W-REINFORCE: 0.1).
+        coef: loss multiplier (the authors use 0.01 for PreRL's `pretrain_loss_coef`).
+        eps_low, eps_high: PPO ratio clip range [1 - eps_low, 1 + eps_high].
+        clip_c: dual-clip bound for negative advantages (null: off).
+        kl_coef: KL-to-reference weight; 0 means no reference model is ever loaded.
+        kl_estimator: k1, k2 or k3.
+        entropy_coef: entropy bonus weight (0: entropy is not computed).
+        adv_eps: epsilon of the GRPO std normalisation.
+    """
+
+    name: str = "grpo"
+    space: str = "conditional"
+    advantage: str = "grpo"
+    samples: str = "all"
+    positive_weight: float = 1.0
+    coef: float = 1.0
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    clip_c: float | None = 10.0
+    kl_coef: float = 0.0
+    kl_estimator: str = "k3"
+    entropy_coef: float = 0.0
+    adv_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        choices = {"space": SPACES, "samples": SAMPLES, "advantage": tuple(adv_fns.ESTIMATORS),
+                   "kl_estimator": ("k1", "k2", "k3")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"objective.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")
+        for key in ("coef", "eps_low", "eps_high", "kl_coef", "entropy_coef"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"objective.{key}={getattr(self, key)}: must be >= 0")
+        if self.clip_c is not None and self.clip_c <= 1:
+            raise ValueError(f"objective.clip_c={self.clip_c}: must be > 1 (or null to disable)")
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef > 0
+
+    def advantages(self, rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Advantages and the kept-sample mask for a batch of whole groups.
+
+        Args:
+            rewards: (N,) rewards, N = B * G, groups contiguous.
+            group_size: G.
+
+        Returns:
+            adv (N,) and keep (N,) bool.
+        """
+        grouped = rewards.float().view(-1, group_size)  # (B, G)
+        if self.advantage == "grpo":
+            adv = adv_fns.grpo(grouped, self.adv_eps)
+        elif self.advantage == "signed":
+            adv = adv_fns.signed(grouped, self.positive_weight)
+        else:
+            adv = adv_fns.group_mean(grouped)
+        adv = adv.reshape(-1)  # (N,)
+        if self.samples == "negative":
+            keep = adv < 0
+        elif self.samples == "positive":
+            keep = adv > 0
+        else:
+            keep = torch.ones_like(adv, dtype=torch.bool)
+        return adv, keep
+
+    def token_loss(
+        self,
+        logp: torch.Tensor,
+        old_logp: torch.Tensor,
+        adv: torch.Tensor,
+        ref_logp: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-token loss (N, T) before masking and the batch-wide token mean.
+
+        Args:
+            logp, old_logp: (N, T) log-probs in this objective's space.
+            adv: (N,) advantages.
+            ref_logp: (N, T) reference log-probs, required when kl_coef > 0.
+            entropy: (N, T) policy entropy, required when entropy_coef > 0.
+        """
+        loss = ppo_clip_loss(logp, old_logp, adv, self.eps_low, self.eps_high, self.clip_c)  # (N, T)
+        if self.needs_reference:
+            if ref_logp is None:
+                raise ValueError("objective.kl_coef > 0 but no reference log-probs were computed")
+            loss = loss + self.kl_coef * kl_estimate(logp, ref_logp, self.kl_estimator)
+        if self.needs_entropy:
+            if entropy is None:
+                raise ValueError("objective.entropy_coef > 0 but no entropy was computed")
+            loss = loss - self.entropy_coef * entropy
+        return self.coef * loss

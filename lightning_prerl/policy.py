@@ -1,0 +1,306 @@
+"""PolicyModule: the policy (plus an optional frozen reference) trained by a swappable objective.
+
+`CondRL`, `PreRL`, `NSRPreRL` and `PSRPreRL` are one-level subclasses that only fix the
+objective: each is a plain LightningModule for `Trainer.fit`. The objective is a component held by
+the module, not the module itself, so the DSRL callback can swap it mid-fit without re-creating
+the module: replacing a LightningModule from a callback detaches it from the Trainer and leaves the
+optimizer bound to stale parameters (measured, shared/DESIGN.md), while swapping a component
+survives DDP/FSDP wrapping and checkpointing. The active objective and its phase are saved in
+every checkpoint and restored before the weights are loaded.
+
+One training step = one rollout batch = one optimizer step (manual optimization): advantages and
+the kept-token count are computed once over the whole batch (all ranks), then micro-batches are
+forwarded and back-propagated with the loss divided by that global count, so neither micro-batch
+size nor world size changes the update. Only the log-probs the objective needs are computed: the
+conditional forward for `space: conditional`, the prompt-free one for `space: marginal`, the
+reference forward only when `kl_coef > 0`. Since each rollout batch feeds exactly one optimizer
+step, old log-probs equal the detached current ones (ratio 1 at the step).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+
+from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
+from lightning_prerl.models import load_policy, load_tokenizer, resolve_start_token_id
+from lightning_prerl.objectives import PolicyGradientObjective
+from lightning_prerl.objectives.ops import token_logprobs_and_entropy
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    space: str,
+    start_token_id: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs (N, T) of the responses, with or without their prompts.
+
+    conditional: [prompt (left-padded) | response], positions count real tokens from 0.
+    marginal: [start token | response], the prompt removed entirely; positions restart at 0.
+    Either way the EOS token of a finished response is scored (it is inside `response_mask`).
+    """
+    resp, resp_mask = batch.response_ids, batch.response_mask  # (N, T)
+    n, t = resp.shape
+    if space == "conditional":
+        ids = torch.cat([batch.prompt_ids, resp], dim=1)  # (N, P + T)
+        attn = torch.cat([batch.prompt_mask, resp_mask], dim=1)  # (N, P + T)
+        pos = (attn.cumsum(1) - 1).clamp(min=0)  # (N, P + T)
+    elif space == "marginal":
+        start = torch.full((n, 1), start_token_id, dtype=resp.dtype, device=resp.device)
+        ids = torch.cat([start, resp], dim=1)  # (N, 1 + T)
+        attn = torch.cat([torch.ones_like(start), resp_mask], dim=1)  # (N, 1 + T)
+        pos = torch.arange(t + 1, device=resp.device).expand(n, -1)  # (N, 1 + T)
+    else:
+        raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=t + 1, use_cache=False)
+    logits = out.logits[:, :-1]  # (N, T, V): position j predicts response token j
+    return token_logprobs_and_entropy(logits, resp, temperature, with_entropy)
+
+
+@dataclass
+class BackwardResult:
+    """What one rollout batch's backward pass produced (gradients are left in the parameters)."""
+
+    loss: torch.Tensor
+    adv: torch.Tensor
+    keep: torch.Tensor
+    kept_tokens: torch.Tensor
+
+
+def backward_objective(
+    objective: PolicyGradientObjective,
+    policy: torch.nn.Module,
+    batch: RolloutBatch,
+    start_token_id: int,
+    temperature: float = 1.0,
+    micro_batch_size: int | None = None,
+    reference: torch.nn.Module | None = None,
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    world_size: int = 1,
+    global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+) -> BackwardResult:
+    """Accumulate the gradient of `objective` over a whole rollout batch, micro-batch by micro-batch.
+
+    The token-mean denominator is the number of kept response tokens of the *whole* batch on all
+    ranks (`global_sum`), so the gradient does not depend on `micro_batch_size` or `world_size`
+    (DDP averages gradients over ranks, hence the `* world_size`).
+    """
+    adv, keep = objective.advantages(batch.rewards, batch.group_size)  # (N,), (N,)
+    mask = batch.response_mask.float() * keep[:, None].float()  # (N, T)
+    kept_tokens = global_sum(mask.sum())
+    total = torch.zeros((), device=mask.device)
+    if kept_tokens <= 0:
+        return BackwardResult(total, adv, keep, kept_tokens)
+    for rows, mb in batch.micro_batches(micro_batch_size):
+        logp, entropy = sequence_logprobs(policy, mb, objective.space, start_token_id, temperature,
+                                          objective.needs_entropy)  # (n, T)
+        ref_logp = None
+        if objective.needs_reference:
+            with torch.no_grad():
+                ref_logp, _ = sequence_logprobs(reference, mb, objective.space, start_token_id, temperature)
+        token_loss = objective.token_loss(logp, logp.detach(), adv[rows], ref_logp, entropy)  # (n, T)
+        loss = (token_loss * mask[rows]).sum() / kept_tokens * world_size
+        backward(loss)
+        total += loss.detach() / world_size
+    return BackwardResult(total, adv, keep, kept_tokens)
+
+
+class PolicyModule(L.LightningModule):
+    """Policy, optional reference, optimizer and metrics around a swappable `objective`.
+
+    Args:
+        objective: the loss component (see `lightning_prerl.objectives`).
+        model_path: local HF directory, or "toy" for the shipped toy policy.
+        dtype: parameter dtype of the policy.
+        gguf_file: a GGUF file inside `model_path` to load instead of safetensors.
+        start_token: token replacing the prompt in prompt-free scoring (None: BOS, else the chat
+            template's first special token).
+        lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
+        max_grad_norm: gradient clipping by global norm (None: off).
+        micro_batch_size: samples per forward/backward (None: the whole rollout batch).
+        temperature: logits temperature of training log-probs (match the rollout temperature).
+        pass_k: k values for validation pass@k.
+        transition, reflection: behaviour keyword lists.
+    """
+
+    def __init__(
+        self,
+        objective: PolicyGradientObjective,
+        model_path: str = "toy",
+        dtype: str = "float32",
+        gguf_file: str | None = None,
+        start_token: str | None = None,
+        lr: float = 1e-5,
+        betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.01,
+        warmup_steps: int = 0,
+        max_grad_norm: float | None = 1.0,
+        micro_batch_size: int | None = None,
+        temperature: float = 1.0,
+        pass_k: tuple[int, ...] = (1,),
+        transition: tuple[str, ...] = tuple(DEFAULT_TRANSITION),
+        reflection: tuple[str, ...] = tuple(DEFAULT_REFLECTION),
+    ):
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"module.lr={lr}: must be > 0")
+        if temperature <= 0:
+            raise ValueError(f"module.temperature={temperature}: must be > 0 (greedy rollouts still score at 1)")
+        self.save_hyperparameters(ignore=["objective"])
+        self.automatic_optimization = False
+        self.objective = objective
+        self.phase = 0
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.tokenizer = load_tokenizer(model_path, gguf_file)
+        self.start_token_id = resolve_start_token_id(self.tokenizer, start_token)
+        self.val_metrics = GenerationMetrics("val", tuple(pass_k), transition, reflection)
+        self.rollout_metrics = GenerationMetrics("rollout", (), transition, reflection)
+
+    # -- models -------------------------------------------------------------------------------
+    def _load(self) -> torch.nn.Module:
+        return load_policy(self.hparams.model_path, self.hparams.dtype, self.hparams.gguf_file)
+
+    def configure_model(self) -> None:
+        if self.policy is None:
+            self.policy = self._load()
+            self.policy.train()
+        if self.objective.needs_reference and self.reference is None:
+            self.reference = self._frozen(self._load())
+
+    @staticmethod
+    def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+        model.eval()
+        model.requires_grad_(False)
+        return model
+
+    def reset_reference(self) -> None:
+        """Make the reference an exact frozen copy of the current policy (DSRL's reincarnation)."""
+        self.reference = self._frozen(copy.deepcopy(self.policy))
+
+    def set_objective(self, objective: PolicyGradientObjective, phase: int) -> None:
+        """Swap the loss component; loads a reference model if the new objective needs one."""
+        self.objective, self.phase = objective, phase
+        if objective.needs_reference and self.reference is None:
+            self.reference = self._frozen(self._load()).to(self.device)
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay)
+        warmup = max(0, hp.warmup_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size > 1:
+            value = self.trainer.strategy.reduce(value.float(), reduce_op="sum")
+        return value
+
+    def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        opt.zero_grad(set_to_none=True)
+        result = backward_objective(
+            self.objective, self.policy, batch, self.start_token_id, self.hparams.temperature,
+            self.hparams.micro_batch_size, reference=self.reference, backward=self.manual_backward,
+            world_size=self.trainer.world_size, global_sum=self._global_sum)
+        grad_norm = torch.zeros(())
+        if result.kept_tokens > 0 and self.hparams.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
+        # a batch with nothing to learn from (e.g. NSR with no mixed group) still counts as a step
+        opt.step()
+        sched.step()
+        self._log_step(batch, result, grad_norm, time.perf_counter() - t0)
+        return result.loss
+
+    def _log_step(self, batch: RolloutBatch, result: BackwardResult, grad_norm, train_time: float) -> None:
+        g = batch.group_size
+        grouped = batch.rewards.view(-1, g)  # (B, G)
+        mixed = ((grouped.max(1).values > grouped.min(1).values).float().mean())
+        lengths = batch.response_mask.sum(1)  # (N,)
+        self.rollout_metrics.update(grouped, lengths, batch.texts, batch.has_answer)
+        stats = {
+            "train/loss": result.loss, "train/grad_norm": grad_norm,
+            "train/kept_samples": result.keep.float().mean(), "train/adv_abs_mean": result.adv.abs().mean(),
+            "train/kept_tokens": result.kept_tokens,
+            "train/lr": self.optimizers().param_groups[0]["lr"], "objective/phase": float(self.phase),
+            "rollout/reward_mean": batch.rewards.mean(), "rollout/mixed_groups": mixed,
+            "time/train": train_time, **batch.stats,
+        }
+        stats.update(self.rollout_metrics.compute())
+        self.rollout_metrics.reset()
+        stats = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in stats.items()}
+        self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1,
+                      batch_size=len(batch))
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        self.val_metrics.update(batch.rewards.view(-1, batch.group_size), batch.response_mask.sum(1),
+                                batch.texts, batch.has_answer)
+
+    def on_validation_epoch_end(self) -> None:
+        values = {k: v for k, v in self.val_metrics.compute().items() if not math.isnan(v)}
+        self.val_metrics.reset()
+        # logged against optimizer steps done (0 before training), the x-axis of rollout metrics too
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(values, step=self.trainer.global_step)
+        for key, value in values.items():
+            self.log(key, value, logger=False)  # callback_metrics: checkpoint monitors, sweep results
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["objective"] = {"config": asdict(self.objective), "phase": self.phase}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("objective")
+        if saved is not None:
+            self.objective = PolicyGradientObjective(**saved["config"])
+            self.phase = saved["phase"]
+        if self.reference is None and any(k.startswith("reference.") for k in checkpoint["state_dict"]):
+            self.reference = self._frozen(self._load())
+
+
+class CondRL(PolicyModule):
+    """Standard RLVR (GRPO) on log P(y|x)."""
+
+    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
+        super().__init__(objective=objective or PolicyGradientObjective(name="grpo"), **kwargs)
+
+
+class PreRL(PolicyModule):
+    """PreRL: policy gradient on the prompt-free log P(y), both signs (advantage r - group mean)."""
+
+    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
+        default = PolicyGradientObjective(name="prerl", space="marginal", advantage="group_mean", coef=0.01)
+        super().__init__(objective=objective or default, **kwargs)
+
+
+class NSRPreRL(PolicyModule):
+    """NSR-PreRL: PreRL restricted to negative-advantage samples."""
+
+    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
+        default = PolicyGradientObjective(name="nsr_prerl", space="marginal", advantage="group_mean",
+                                          samples="negative", coef=0.01)
+        super().__init__(objective=objective or default, **kwargs)
+
+
+class PSRPreRL(PolicyModule):
+    """PSR-PreRL: PreRL restricted to positive-advantage samples."""
+
+    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
+        default = PolicyGradientObjective(name="psr_prerl", space="marginal", advantage="group_mean",
+                                          samples="positive", coef=0.01)
+        super().__init__(objective=objective or default, **kwargs)

@@ -1,0 +1,76 @@
+"""transformers `generate` engine: samples from the live policy module itself (no weight copy).
+
+The fallback when vLLM is absent, and the reference the vLLM engine is tested against. Sampling
+is true temperature sampling: `top_k` is passed explicitly (0 = off) because `generate` would
+otherwise apply its default top_k=50.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
+
+
+class HFEngine:
+    """Generates with `policy.generate` in chunks of at most `max_batch_sequences` sequences.
+
+    Args:
+        tokenizer: the policy's tokenizer (EOS and padding ids).
+        max_batch_sequences: prompts x samples per `generate` call (bounds memory).
+        stop_token_ids: extra ids that end a completion besides the tokenizer's EOS.
+    """
+
+    def __init__(self, tokenizer, max_batch_sequences: int = 256, stop_token_ids: list[int] | None = None):
+        self.eos_token_ids = [tokenizer.eos_token_id, *(stop_token_ids or [])]
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.max_batch_sequences = max_batch_sequences
+        self.policy: torch.nn.Module | None = None
+
+    def sync(self, policy: torch.nn.Module) -> None:
+        self.policy = policy
+
+    def close(self) -> None:
+        self.policy = None
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, return_logprobs: bool = False
+    ) -> Generation:
+        if self.policy is None:
+            raise RuntimeError("HFEngine.generate called before sync(policy)")
+        policy = self.policy
+        was_training = policy.training
+        policy.eval()
+        device = next(policy.parameters()).device
+        per_call = max(1, self.max_batch_sequences // n)
+        greedy = sampling.temperature == 0
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+                      eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                      num_return_sequences=n, output_scores=return_logprobs,
+                      return_dict_in_generate=True)
+        if not greedy:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+        completions, logprobs = [], [] if return_logprobs else None
+        eos = set(self.eos_token_ids)
+        try:
+            for start in range(0, len(prompt_ids), per_call):
+                chunk = prompt_ids[start : start + per_call]
+                width = max(map(len, chunk))
+                ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, p in enumerate(chunk):
+                    ids[i, width - len(p) :] = torch.tensor(p)
+                    mask[i, width - len(p) :] = 1
+                out = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+                new = out.sequences[:, width:].tolist()  # (len(chunk) * n, <= max_new_tokens)
+                cut = [cut_at_eos(row, eos, self.pad_token_id) for row in new]
+                completions += cut
+                if return_logprobs:
+                    # scores are the processed (temperature-scaled) logits of each step
+                    steps = torch.stack(out.scores, dim=1).float().log_softmax(-1)  # (rows, S, V)
+                    picked = steps.gather(-1, out.sequences[:, width:, None]).squeeze(-1)  # (rows, S)
+                    logprobs += [picked[r, : len(c)].tolist() for r, c in enumerate(cut)]
+        finally:
+            policy.train(was_training)
+        return Generation(completions=completions, logprobs=logprobs)

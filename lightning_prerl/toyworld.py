@@ -1,0 +1,189 @@
+"""The embedded toy reasoning world: multi-step integer arithmetic with a `\\boxed{}` answer.
+
+Everything the default run needs without a download lives here: a deterministic problem
+generator with seeded train / held-out splits, a character-level tokenizer with a ChatML chat
+template, the tiny Qwen2 architecture of the shipped base policy, and the synthetic pretraining
+corpus that rebuilds it (`experiments/pretrain_toy.py`).
+
+Design (measured in shared/TOY-NOTES.md): problems "Compute 23+45-17" with 2-3 operations on
+operands 1-99 and non-negative intermediates. The corpus mixes correct traces, traces with a
+propagated slip, and slips followed by a self-correction ("Wait, let me check: ..."), with
+transition words ("But", "Alternatively,") sprinkled in. A perfect imitator of that mix solves
+about 80 % at temperature 1, which keeps the base policy inside the band where RL sees both
+positive and negative samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+CHARS = ["\n"] + [chr(c) for c in range(32, 127)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "toy-base"
+
+
+@dataclass(frozen=True)
+class ToyProblem:
+    """One arithmetic problem: `operands[0] ops[0] operands[1] ...`, evaluated left to right."""
+
+    operands: tuple[int, ...]
+    ops: tuple[str, ...]
+
+    @property
+    def expression(self) -> str:
+        parts = [str(self.operands[0])]
+        for op, x in zip(self.ops, self.operands[1:], strict=True):
+            parts += [op, str(x)]
+        return "".join(parts)
+
+    @property
+    def question(self) -> str:
+        return f"Compute {self.expression}"
+
+    def partials(self) -> list[int]:
+        """Running results after each operation."""
+        acc, out = self.operands[0], []
+        for op, x in zip(self.ops, self.operands[1:], strict=True):
+            acc = acc + x if op == "+" else acc - x
+            out.append(acc)
+        return out
+
+    @property
+    def answer(self) -> int:
+        return self.partials()[-1]
+
+
+def is_held_out(question: str, held_out_percent: int = 5) -> bool:
+    """Stable split on the question text: the same problem is always on the same side."""
+    digest = hashlib.sha1(question.encode()).digest()
+    return int.from_bytes(digest[:4], "little") % 100 < held_out_percent
+
+
+def sample_problem(rng: random.Random, num_ops: tuple[int, int], max_operand: int) -> ToyProblem:
+    """Draw until every running result is non-negative (measured design, TOY-NOTES §1)."""
+    while True:
+        n = rng.randint(*num_ops)
+        problem = ToyProblem(
+            operands=tuple(rng.randint(1, max_operand) for _ in range(n + 1)),
+            ops=tuple(rng.choice("+-") for _ in range(n)),
+        )
+        if min(problem.partials()) >= 0:
+            return problem
+
+
+def generate_problems(
+    count: int,
+    *,
+    split: str,
+    seed: int,
+    num_ops: tuple[int, int] = (2, 3),
+    max_operand: int = 99,
+    held_out_percent: int = 5,
+) -> list[ToyProblem]:
+    """Deterministic list of distinct problems from one split ("train" or "heldout")."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}: expected 'train' or 'heldout'")
+    rng, seen, out = random.Random(f"{split}-{seed}"), set(), []
+    want_held_out = split == "heldout"
+    while len(out) < count:
+        p = sample_problem(rng, num_ops, max_operand)
+        q = p.question
+        if q in seen or is_held_out(q, held_out_percent) != want_held_out:
+            continue
+        seen.add(q)
+        out.append(p)
+    return out
+
+
+def _slip(value: int, rng: random.Random) -> int:
+    wrong = value + rng.choice([-10, -2, -1, 1, 2, 10])
+    return wrong if wrong >= 0 else value + 1
+
+
+def solution_trace(
+    problem: ToyProblem,
+    rng: random.Random,
+    *,
+    p_slip: float = 0.20,
+    p_correction: float = 0.15,
+    p_but: float = 0.08,
+    p_alternatively: float = 0.05,
+) -> str:
+    """One assistant answer: correct, slipped (wrong answer) or slipped-then-corrected."""
+    kind = rng.random()
+    mode = "slip" if kind < p_slip else "fix" if kind < p_slip + p_correction else "ok"
+    bad_step = rng.randrange(len(problem.ops)) if mode != "ok" else -1
+    acc, steps = problem.operands[0], []
+    for i, (op, x) in enumerate(zip(problem.ops, problem.operands[1:], strict=True)):
+        true = acc + x if op == "+" else acc - x
+        prefix = ""
+        r = rng.random()
+        if r < p_but:
+            prefix = "But "
+        elif r < p_but + p_alternatively:
+            prefix = "Alternatively, "
+        if i == bad_step:
+            wrong = _slip(true, rng)
+            step = f"{prefix}{acc}{op}{x}={wrong}."
+            if mode == "fix":
+                step += f" Wait, let me check: {acc}{op}{x}={true}, not {wrong}."
+            else:
+                true = wrong  # the slip propagates
+        else:
+            step = f"{prefix}{acc}{op}{x}={true}."
+        steps.append(step)
+        acc = true
+    return " ".join(steps) + f" The answer is \\boxed{{{acc}}}."
+
+
+def build_tokenizer():
+    """Character-level tokenizer (one token per character) with a ChatML chat template.
+
+    Like Qwen's, it has no BOS token and ends turns (and generations) with `<|im_end|>`.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.padding_side = "left"
+    return hf
+
+
+def build_model(tokenizer, *, hidden: int = 128, layers: int = 2, heads: int = 2, ffn: int = 384):
+    """The toy policy architecture: a tiny Qwen2 with head_dim 64 (vLLM's CPU backend needs >= 32)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        rope_theta=1e4,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    return Qwen2ForCausalLM(config)

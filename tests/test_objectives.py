@@ -1,0 +1,82 @@
+"""Loss math against hand-derived numbers (every expected value is worked out in a comment)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lightning_prerl.objectives import PolicyGradientObjective
+from lightning_prerl.objectives.advantages import grpo, group_mean, signed
+from lightning_prerl.objectives.ops import kl_estimate, ppo_clip_loss
+
+S = math.sqrt(0.5)  # std (n-1) of {1, 0} = sqrt(((.5)^2 + (.5)^2) / 1) = 0.70711
+
+
+def test_grpo_advantage_by_hand():
+    r = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
+    adv = grpo(r)
+    # group 1: (1 - .5) / (0.70711 + 1e-6) = +0.707106; (0 - .5) / ... = -0.707106
+    assert adv[0].tolist() == pytest.approx([0.5 / (S + 1e-6), -0.5 / (S + 1e-6)], abs=1e-7)
+    # all-equal groups: std 0 -> advantage exactly 0
+    assert adv[1:].abs().max().item() == 0.0
+
+
+def test_group_mean_and_signed_advantages():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    # mean .25: correct +.75, wrong -.25 (the wrong sample's weight is the group's success rate)
+    assert group_mean(r)[0].tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25])
+    # Zhu et al.: W-REINFORCE lambda=.1 -> +0.1 on correct, -1 on wrong
+    assert signed(r, 0.1)[0].tolist() == pytest.approx([0.1, -1.0, -1.0, -1.0])
+
+
+def test_ppo_clip_and_dual_clip_by_hand():
+    # ratios 1.5, 0.5, 1.5, 20, 0.5 built from log-prob differences
+    ratio = torch.tensor([[1.5, 0.5, 1.5, 20.0, 0.5]])
+    logp, old = ratio.log(), torch.zeros_like(ratio)
+    adv = torch.tensor([1.0])
+    # A=+1: max(-r, -clip(r, .8, 1.2)) -> r=1.5: max(-1.5, -1.2) = -1.2 ; r=.5: max(-.5, -.8) = -.5
+    pos = ppo_clip_loss(logp[:, :2], old[:, :2], adv, 0.2, 0.2, 10.0)
+    assert pos[0].tolist() == pytest.approx([-1.2, -0.5])
+    # A=-1: r=1.5: max(1.5, 1.2) = 1.5 ; r=20: max(20, 1.2) = 20, dual clip min(20, 10) = 10 ;
+    #       r=.5: max(.5, .8) = .8
+    neg = ppo_clip_loss(logp[:, 2:], old[:, 2:], -adv, 0.2, 0.2, 10.0)
+    assert neg[0].tolist() == pytest.approx([1.5, 10.0, 0.8])
+    # clip-higher: eps_high .28 -> A=+1, r=1.5: max(-1.5, -1.28) = -1.28
+    assert ppo_clip_loss(logp[:, :1], old[:, :1], adv, 0.2, 0.28, 10.0).item() == pytest.approx(-1.28)
+    # without dual clip the r=20 negative token costs the full 20
+    assert ppo_clip_loss(logp[:, 3:4], old[:, 3:4], -adv, 0.2, 0.2, None).item() == pytest.approx(20.0)
+
+
+def test_kl_estimators_by_hand():
+    logp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    d = math.log(2.0)  # log-ratio log(.5/.25)
+    assert kl_estimate(logp, ref, "k1").item() == pytest.approx(d)
+    assert kl_estimate(logp, ref, "k2").item() == pytest.approx(0.5 * d * d)
+    # k3 = exp(-d) + d - 1 = .5 + .693147 - 1 = .193147
+    assert kl_estimate(logp, ref, "k3").item() == pytest.approx(0.5 + d - 1.0)
+
+
+def test_grpo_batch_loss_by_hand():
+    """2 prompts x 2 samples, on-policy; the token mean runs over all 8 response tokens."""
+    obj = PolicyGradientObjective()
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    adv, keep = obj.advantages(rewards, group_size=2)
+    a = 0.5 / (S + 1e-6)
+    assert adv.tolist() == pytest.approx([a, -a, 0.0, 0.0], abs=1e-7)
+    assert keep.all()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]], dtype=torch.float)  # 2+3+1+2 = 8 tokens
+    logp = torch.full((4, 3), -1.0)
+    loss_tok = obj.token_loss(logp, logp.detach(), adv)
+    # ratio 1 -> per-token loss -A: (-a*2 + a*3 + 0 + 0) / 8 = a / 8 = 0.0883882
+    assert ((loss_tok * mask).sum() / mask.sum()).item() == pytest.approx(a / 8, abs=1e-7)
+
+
+def test_objective_rejects_bad_values_with_the_key():
+    with pytest.raises(ValueError, match=r"objective.space='prompt'"):
+        PolicyGradientObjective(space="prompt")
+    with pytest.raises(ValueError, match=r"objective.clip_c=0.5"):
+        PolicyGradientObjective(clip_c=0.5)
+    with pytest.raises(ValueError, match=r"objective.kl_coef=-1"):
+        PolicyGradientObjective(kl_coef=-1)

@@ -1,0 +1,109 @@
+"""Policy module: log-prob construction, micro-batch invariance, no reference at KL 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.objectives import PolicyGradientObjective
+from lightning_prerl.policy import CondRL, PolicyModule, backward_objective, sequence_logprobs
+
+
+def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> RolloutBatch:
+    """2 prompts x 2 samples with responses of different lengths (EOS = <|im_end|> ends three)."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompts = [enc("<|im_start|>user\nCompute 1+2<|im_end|>\n<|im_start|>assistant\n"),
+               enc("<|im_start|>user\nCompute 10-3<|im_end|>\n<|im_start|>assistant\n")]
+    responses = [enc("1+2=3.") + [eos], enc("1+2=4") + [eos], enc("10-3=7.") + [eos], enc("10-3=")]
+    p_rows = [prompts[0], prompts[0], prompts[1], prompts[1]]
+    pw, rw = max(map(len, p_rows)), max(map(len, responses))
+    prompt_ids = torch.full((4, pw), pad)
+    prompt_mask = torch.zeros((4, pw), dtype=torch.long)
+    response_ids = torch.full((4, rw), pad)
+    response_mask = torch.zeros((4, rw), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(p_rows, responses, strict=True)):
+        prompt_ids[i, pw - len(p):], prompt_mask[i, pw - len(p):] = torch.tensor(p), 1
+        response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
+    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
+                        torch.tensor(rewards), group_size, texts=[""] * 4, has_answer=[True] * 4)
+
+
+@pytest.fixture()
+def policy(tiny_model_dir):
+    from lightning_prerl.models import load_policy
+
+    torch.manual_seed(0)
+    return load_policy(str(tiny_model_dir))
+
+
+def test_marginal_logprobs_drop_the_prompt_restart_positions_and_score_eos(policy, tokenizer):
+    batch = make_batch(tokenizer)
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    logp, _ = sequence_logprobs(policy, batch, "marginal", start)
+    # by hand for sample 0: the sequence is [start] + response, positions 0.., no prompt anywhere
+    resp = batch.response_ids[0, : batch.response_mask[0].sum()]
+    ids = torch.cat([torch.tensor([start]), resp])[None]
+    logits = policy(input_ids=ids, position_ids=torch.arange(len(ids[0]))[None]).logits[0, :-1]
+    expected = logits.log_softmax(-1).gather(-1, resp[:, None]).squeeze(-1)
+    assert torch.allclose(logp[0, : len(resp)], expected, atol=1e-5)
+    assert resp[-1].item() == tokenizer.eos_token_id  # the EOS token is scored, inside the mask
+    # the prompt changes the conditional log-probs but not the prompt-free ones
+    cond, _ = sequence_logprobs(policy, batch, "conditional", start)
+    assert not torch.allclose(cond[0, : len(resp)], expected, atol=1e-3)
+
+
+def test_conditional_logprobs_match_an_unpadded_forward(policy, tokenizer):
+    batch = make_batch(tokenizer)
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    for i in range(4):
+        p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+        r = batch.response_ids[i][batch.response_mask[i].bool()]
+        logits = policy(input_ids=torch.cat([p, r])[None]).logits[0, len(p) - 1 : -1]
+        expected = logits.log_softmax(-1).gather(-1, r[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, : len(r)], expected, atol=1e-4), i
+
+
+@pytest.mark.parametrize("space", ["conditional", "marginal"])
+def test_gradient_does_not_depend_on_micro_batch_size(policy, tokenizer, space):
+    obj = PolicyGradientObjective(space=space, advantage="group_mean")
+    batch = make_batch(tokenizer)
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    grads = []
+    for micro in (None, 1, 3):
+        policy.zero_grad()
+        result = backward_objective(obj, policy, batch, start, micro_batch_size=micro)
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters()]))
+        assert result.kept_tokens.item() == batch.response_mask.sum().item()
+    assert grads[0].abs().sum() > 0
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], atol=1e-6, rtol=1e-4)
+
+
+def test_no_reference_model_at_kl_zero(tiny_model_dir):
+    module = CondRL(model_path=str(tiny_model_dir))
+    module.configure_model()
+    assert module.reference is None
+    assert not any(k.startswith("reference.") for k in module.state_dict())
+    with_kl = PolicyModule(PolicyGradientObjective(kl_coef=0.1), model_path=str(tiny_model_dir))
+    with_kl.configure_model()
+    assert with_kl.reference is not None
+    assert not any(p.requires_grad for p in with_kl.reference.parameters())
+
+
+def test_kl_term_enters_the_loss(policy, tokenizer, tiny_model_dir):
+    from lightning_prerl.models import load_policy
+
+    reference = load_policy(str(tiny_model_dir))
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    batch = make_batch(tokenizer, rewards=(1.0, 1.0, 0.0, 0.0))  # all advantages 0: only KL remains
+    obj = PolicyGradientObjective(kl_coef=1.0, kl_estimator="k1")
+    result = backward_objective(obj, policy, batch, 0, reference=reference)
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    ref, _ = sequence_logprobs(reference, batch, "conditional", 0)
+    mask = batch.response_mask.float()
+    expected = ((logp - ref) * mask).sum() / mask.sum()
+    assert result.loss.item() == pytest.approx(expected.item(), rel=1e-4)

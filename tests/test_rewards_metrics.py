@@ -1,0 +1,97 @@
+"""Rewards (real math-verify), the never-crash scorer, and the torchmetrics."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from lightning_prerl.metrics import GenerationMetrics, KeywordRate, PassAtK, pass_at_k
+from lightning_prerl.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer, last_boxed
+
+
+def test_last_boxed_handles_nesting_and_picks_the_last():
+    assert last_boxed(r"x \boxed{1} then \boxed{\frac{1}{2}} done") == r"\frac{1}{2}"
+    assert last_boxed(r"\boxed{unclosed") is None
+    assert last_boxed("no answer") is None
+
+
+def test_boxed_exact_match():
+    reward, p = BoxedExactMatch(), Prompt("Compute 1+2", "3")
+    assert reward(p, r"1+2=3. The answer is \boxed{3}.") == 1.0
+    assert reward(p, r"The answer is \boxed{4}.") == 0.0
+    assert reward(p, "The answer is 3.") == 0.0
+    assert reward.extract_answer("The answer is 3.") is None
+
+
+def test_math_verify_reward_is_real():
+    reward = MathVerifyReward()
+    p = Prompt("half?", r"\frac{1}{2}")
+    assert reward(p, r"so \boxed{0.5}") == 1.0
+    assert reward(p, r"so \boxed{\dfrac{2}{4}}") == 1.0
+    assert reward(p, r"so \boxed{0.6}") == 0.0
+    assert reward(p, "no boxed answer 0.5") == 0.0
+
+
+def raising_reward(prompt: Prompt, completion: str) -> float:
+    if "boom" in completion:
+        raise RuntimeError("bad completion")
+    return 1.0
+
+
+def hanging_reward(prompt: Prompt, completion: str) -> float:
+    if "hang" in completion:
+        time.sleep(60)
+    return 1.0
+
+
+def test_scorer_counts_a_raising_reward_as_zero_and_goes_on():
+    result = RewardScorer(raising_reward).score([Prompt("q", "a")] * 3, ["ok", "boom", "ok"])
+    assert result.rewards == [1.0, 0.0, 1.0]
+    assert result.errors == 1 and result.timeouts == 0
+
+
+def test_scorer_kills_a_hanging_reward_and_goes_on():
+    scorer = RewardScorer(hanging_reward, timeout_s=2.0)
+    try:
+        start = time.perf_counter()
+        result = scorer.score([Prompt("q", "a")] * 3, ["ok", "hang", "ok"])
+        assert time.perf_counter() - start < 30
+        assert result.rewards == [1.0, 0.0, 1.0]
+        assert result.timeouts == 1
+        # the pool survives the killed worker
+        assert scorer.score([Prompt("q", "a")], ["ok"]).rewards == [1.0]
+    finally:
+        scorer.close()
+
+
+def test_pass_at_k_by_hand():
+    # n=4, c=1: pass@1 = 1/4 ; pass@2 = 1 - C(3,2)/C(4,2) = 1 - 3/6 = .5
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 3, 2) == 1.0
+    metric = PassAtK(2)
+    metric.update(torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]]))
+    assert metric.compute().item() == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_keyword_rate_counts_whole_words_longest_first():
+    metric = KeywordRate(["wait", "let me", "let me check", "but"])
+    metric.update(["Wait, let me check: 1+1=2.", "Butter is not a transition.", "but no; but yes"])
+    # response 1: "Wait" + "let me check" (one hit, not two) ; response 2: none ; response 3: 2
+    out = metric.compute()
+    assert out["per_response"].item() == pytest.approx(4 / 3)
+    assert out["rate"].item() == pytest.approx(2 / 3)
+
+
+def test_generation_metrics_bundle():
+    m = GenerationMetrics("val", pass_k=(1, 2), transition=["but"], reflection=["wait"])
+    m.update(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([3, 5, 7, 9]),
+             ["a", "but b", "wait", "c"], [True, True, False, None])
+    out = m.compute()
+    assert out["val/accuracy"] == pytest.approx(0.25)
+    assert out["val/pass@2"] == pytest.approx(0.5)
+    assert out["val/response_length"] == pytest.approx(6.0)
+    assert out["val/format_valid"] == pytest.approx(2 / 3)
+    assert out["val/transition_rate"] == pytest.approx(0.25)

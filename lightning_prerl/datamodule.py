@@ -126,7 +126,8 @@ class RolloutDataModule(L.LightningDataModule):
     def _get_engine(self) -> RolloutEngine:
         if self.engine is None:
             arg = self._engine_arg
-            self.engine = arg if hasattr(arg, "generate") else arg(tokenizer=self.tokenizer)
+            is_factory = isinstance(arg, type) or not hasattr(arg, "generate")
+            self.engine = arg(tokenizer=self.tokenizer) if is_factory else arg
         return self.engine
 
     def teardown(self, stage: str) -> None:

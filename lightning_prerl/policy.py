@@ -193,6 +193,11 @@ class PolicyModule(L.LightningModule):
         self.objective, self.phase = objective, phase
         if objective.needs_reference and self.reference is None:
             self.reference = self._frozen(self._load()).to(self.device)
+        if self._trainer is not None and self.trainer.lr_scheduler_configs:
+            # re-evaluate this step's learning rate so the new lr_scale applies from this step on
+            for config in self.trainer.lr_scheduler_configs:
+                config.scheduler.last_epoch -= 1
+                config.scheduler.step()
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -200,7 +205,11 @@ class PolicyModule(L.LightningModule):
         opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                 weight_decay=hp.weight_decay)
         warmup = max(0, hp.warmup_steps)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+        def factor(step: int) -> float:  # read at every step: the active objective's lr_scale applies
+            return (min(1.0, (step + 1) / warmup) if warmup else 1.0) * self.objective.lr_scale
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:

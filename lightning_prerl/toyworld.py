@@ -2,7 +2,7 @@
 
 Everything the default run needs without a download lives here: a deterministic problem
 generator with seeded train / held-out splits, a character-level tokenizer with a ChatML chat
-template, the tiny Qwen2 architecture of the shipped base policy, and the synthetic pretraining
+template, the tiny Qwen3 architecture of the shipped base policy, and the synthetic pretraining
 corpus that rebuilds it (`experiments/pretrain_toy.py`).
 
 Design (measured in shared/TOY-NOTES.md): problems "Compute 23+45-17" with 2-3 operations on
@@ -169,16 +169,21 @@ def build_tokenizer():
 
 
 def build_model(tokenizer, *, hidden: int = 128, layers: int = 2, heads: int = 2, ffn: int = 384):
-    """The toy policy architecture: a tiny Qwen2 with head_dim 64 (vLLM's CPU backend needs >= 32)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """The toy policy architecture: a tiny Qwen3 with head_dim 64 (vLLM's CPU backend needs >= 32).
 
-    config = Qwen2Config(
+    Qwen3 rather than Qwen2: transformers 5 forces its own Qwen2Tokenizer onto any `qwen2` model
+    directory, which would silently replace the character-level tokenizer saved beside it.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=ffn,
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
+        head_dim=hidden // heads,
         max_position_embeddings=512,
         rope_theta=1e4,
         tie_word_embeddings=True,
@@ -186,4 +191,4 @@ def build_model(tokenizer, *, hidden: int = 128, layers: int = 2, heads: int = 2
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
     )
-    return Qwen2ForCausalLM(config)
+    return Qwen3ForCausalLM(config)

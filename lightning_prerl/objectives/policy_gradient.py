@@ -46,6 +46,10 @@ class PolicyGradientObjective:
         kl_estimator: k1, k2 or k3.
         entropy_coef: entropy bonus weight (0: entropy is not computed).
         adv_eps: epsilon of the GRPO std normalisation.
+        lr_scale: multiplier of the optimizer's learning rate while this objective is active. With
+            Adam a loss coefficient barely changes the step size (the update is normalised), so a
+            phase that needs smaller steps -- NSR-PreRL, whose kept advantages all share one
+            sign -- says so here.
     """
 
     name: str = "grpo"
@@ -61,6 +65,7 @@ class PolicyGradientObjective:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     adv_eps: float = 1e-6
+    lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         choices = {"space": SPACES, "samples": SAMPLES, "advantage": tuple(adv_fns.ESTIMATORS),
@@ -68,6 +73,8 @@ class PolicyGradientObjective:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objective.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")
+        if self.lr_scale <= 0:
+            raise ValueError(f"objective.lr_scale={self.lr_scale}: must be > 0")
         for key in ("coef", "eps_low", "eps_high", "kl_coef", "entropy_coef"):
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key}={getattr(self, key)}: must be >= 0")

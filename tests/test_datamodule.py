@@ -1,0 +1,69 @@
+"""RolloutDataModule with the real transformers engine on a tiny policy."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from lightning_prerl.datamodule import RolloutDataModule
+from lightning_prerl.prompts import PromptSet, toy_prompts
+from lightning_prerl.rewards import BoxedExactMatch
+from lightning_prerl.rollout.hf import HFEngine
+
+
+def make_datamodule(tokenizer, policy, **kwargs) -> RolloutDataModule:
+    dm = RolloutDataModule(tokenizer, HFEngine, BoxedExactMatch(), toy_prompts("train", 50),
+                           toy_prompts("heldout", 6), prompts_per_step=3, samples_per_prompt=2,
+                           sampling={"max_new_tokens": 12}, eval_samples=2, eval_prompts_per_batch=4, **kwargs)
+    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(policy=policy), global_rank=0, world_size=1,
+                                 current_epoch=0)
+    return dm
+
+
+def test_train_batch_shapes_masks_and_stats(tiny_model_dir, tokenizer):
+    from lightning_prerl.models import load_policy
+
+    dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)))
+    batch = next(iter(dm.train_dataloader()))
+    n = 3 * 2
+    assert len(batch) == n and batch.group_size == 2
+    assert batch.prompt_ids.shape[0] == batch.response_ids.shape[0] == n
+    # prompts left-padded (last column real), responses right-padded (first column real)
+    assert batch.prompt_mask[:, -1].all() and batch.response_mask[:, 0].all()
+    # samples of one group share the prompt
+    assert torch.equal(batch.prompt_ids[0], batch.prompt_ids[1])
+    # a finished response ends with EOS inside the mask; an unfinished one was cut at max_new_tokens
+    for ids, mask in zip(batch.response_ids, batch.response_mask, strict=True):
+        length = int(mask.sum())
+        assert ids[length - 1] == tokenizer.eos_token_id or length == 12
+    assert len(batch.texts) == n and set(batch.rewards.tolist()) <= {0.0, 1.0}
+    assert {"time/generate", "time/score", "rollout/truncated"} <= set(batch.stats)
+
+
+def test_prompt_slices_depend_only_on_epoch_rank_and_world(tiny_model_dir, tokenizer):
+    ps = PromptSet(toy_prompts("train", 10), shuffle_seed=3)
+    assert ps.take(4, 8) == PromptSet(toy_prompts("train", 10), shuffle_seed=3).take(4, 8)
+    first_pass = ps.take(0, 10)
+    assert len(set(first_pass)) == 10  # a pass visits every prompt once
+    assert ps.take(10, 10) != first_pass  # the next pass is reshuffled
+
+
+def test_eval_batches_cover_the_held_out_set(tiny_model_dir, tokenizer):
+    from lightning_prerl.models import load_policy
+
+    dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)))
+    batches = list(dm.val_dataloader())
+    assert [len(b) for b in batches] == [4 * 2, 2 * 2]
+
+
+def test_prompts_over_the_length_limit_are_skipped_and_counted(tiny_model_dir, tokenizer):
+    from lightning_prerl.models import load_policy
+
+    dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)), max_prompt_tokens=10)
+    try:
+        next(iter(dm.train_dataloader()))
+    except RuntimeError as exc:
+        assert "max_prompt_tokens=10" in str(exc)
+    else:
+        raise AssertionError("every prompt is longer than 10 tokens: the batch must fail loudly")

@@ -1,0 +1,88 @@
+"""DSRL across the switch: kill the real run after the switch, resume, check phase and step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_run import ROOT, read_rows, run_experiment, steps_with
+
+DSRL = ["objective=dsrl", "objective.switch_step=2", "eval_before_training=false",
+        "trainer.check_val_every_n_epoch=100", "data.prompts_per_step=4", "data.samples_per_prompt=4",
+        "data.sampling.max_new_tokens=48", "callbacks.checkpoint.every_n_train_steps=1"]
+
+
+def phases(rows) -> dict[int, float]:
+    return {int(r["step"]): float(r["objective/phase"]) for r in rows if r.get("objective/phase")}
+
+
+@pytest.mark.slow
+def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
+    run_dir = tmp_path / "killed"
+    target = run_dir / "checkpoints" / "epoch=2-step=3.ckpt"
+    proc = subprocess.Popen([sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *DSRL,
+                             "trainer.max_steps=50"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint write finish
+    os.killpg(proc.pid, signal.SIGKILL)  # the run dies after the switch, mid-training
+    proc.wait()
+    assert target.exists(), proc.stderr.read().decode()[-3000:]
+    assert [phases(read_rows(run_dir))[s] for s in (0, 1, 2)] == [0, 0, 1]
+
+    ckpt = torch.load(target, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 3 and ckpt["objective"]["phase"] == 1
+    assert ckpt["objective"]["config"]["name"] == "grpo"
+    assert next(v for k, v in ckpt["callbacks"].items() if k.startswith("DSRLSwitch"))["switched_at"] == 2
+
+    after = tmp_path / "resumed-after-switch"
+    run_experiment(after, *DSRL, "trainer.max_steps=5", f"ckpt_path={target}")
+    rows = read_rows(after)
+    assert steps_with(rows, "train/loss") == [3, 4]
+    assert set(phases(rows).values()) == {1.0}
+
+    before = tmp_path / "resumed-before-switch"
+    run_experiment(before, *DSRL, "trainer.max_steps=4", f"ckpt_path={run_dir / 'checkpoints' / 'epoch=0-step=1.ckpt'}")
+    assert phases(read_rows(before)) == {1: 0.0, 2: 1.0, 3: 1.0}
+
+
+def test_switch_swaps_objective_resets_reference_and_learning_rate(tiny_model_dir):
+    import lightning as L
+
+    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.policy import PolicyModule
+
+    warm = PG(name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative", lr_scale=0.1)
+    main = PG(name="grpo", kl_coef=0.05)
+    switch = DSRLSwitch(warm, main, switch_step=3, reset_optimizer=True)
+    module = PolicyModule(switch.initial_objective, model_path=str(tiny_model_dir), lr=1e-3)
+    module.configure_model()
+    assert module.reference is None  # NSR-PreRL without KL: no reference model
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=1)
+    trainer.strategy.connect(module)
+    module.trainer = trainer
+    opt_cfg = module.configure_optimizers()
+    trainer.optimizers = [opt_cfg["optimizer"]]
+    from lightning.pytorch.core.optimizer import LRSchedulerConfig
+
+    trainer.strategy.lr_scheduler_configs = [LRSchedulerConfig(opt_cfg["lr_scheduler"]["scheduler"])]
+    assert opt_cfg["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-4)  # warm-up phase: lr x 0.1
+    opt_cfg["optimizer"].state[next(module.policy.parameters())] = {"step": torch.tensor(1.0)}
+    trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed = 3  # global_step 3
+    switch.on_train_batch_start(trainer, module, None, 0)
+    assert module.objective is main and module.phase == 1 and switch.switched_at == 3
+    assert opt_cfg["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-3)  # main phase from this step on
+    assert not opt_cfg["optimizer"].state  # reset_optimizer
+    ref = dict(module.reference.named_parameters())
+    assert all(torch.equal(p, ref[n]) for n, p in module.policy.named_parameters())  # reference = policy
+    assert not any(p.requires_grad for p in ref.values())

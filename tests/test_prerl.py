@@ -1,0 +1,169 @@
+"""PreRL family, Zhu et al. variants and the alignment diagnostic, with hand-derived numbers.
+
+Batch: 2 prompts x 4 samples. Group 1 rewards [1, 0, 0, 0] (mean .25), group 2 all wrong.
+Response lengths L = [2, 3, 1, 2 | 1, 2, 3, 4]. On-policy (ratio 1) the per-token loss is -A.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_prerl.alignment import gradient_alignment
+from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.objectives import PolicyGradientObjective as PG
+from lightning_prerl.policy import NSRPreRL, PreRL, PSRPreRL, backward_objective, sequence_logprobs
+
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+LENGTHS = [2, 3, 1, 2, 1, 2, 3, 4]
+MASK = torch.tensor([[1.0] * n + [0.0] * (4 - n) for n in LENGTHS])  # (8, 4)
+
+NSR_PRERL = PG(space="marginal", advantage="group_mean", samples="negative", coef=0.01)
+PSR_PRERL = PG(space="marginal", advantage="group_mean", samples="positive", coef=0.01)
+PRERL = PG(space="marginal", advantage="group_mean", coef=0.01)
+
+
+def batch_loss(obj: PG) -> float:
+    adv, keep = obj.advantages(REWARDS, group_size=4)
+    mask = MASK * keep[:, None]
+    logp = torch.full((8, 4), -0.5)
+    return ((obj.token_loss(logp, logp.detach(), adv) * mask).sum() / mask.sum()).item()
+
+
+def test_nsr_prerl_by_hand():
+    adv, keep = NSR_PRERL.advantages(REWARDS, 4)
+    # group 1: wrong answers get -(success rate) = -.25 ; group 2 (all wrong): A = 0, not kept
+    assert adv.tolist() == pytest.approx([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+    assert keep.tolist() == [False, True, True, True, False, False, False, False]
+    # kept tokens 3 + 1 + 2 = 6, each costs -A = .25 -> mean .25, x coef .01
+    assert batch_loss(NSR_PRERL) == pytest.approx(0.0025)
+
+
+def test_psr_and_full_prerl_by_hand():
+    # PSR: only sample 0 (A = .75, 2 tokens): -.75 x .01
+    assert batch_loss(PSR_PRERL) == pytest.approx(-0.0075)
+    # full PreRL: all 18 tokens count; (-.75*2 + .25*(3+1+2) + 0) / 18 = 0 / 18 = 0
+    assert batch_loss(PRERL) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_zhu_variants_by_hand():
+    nsr = PG(advantage="signed", samples="negative")
+    psr = PG(advantage="signed", samples="positive")
+    w = PG(advantage="signed", positive_weight=0.1)
+    # NSR: 7 wrong samples, A = -1 on each of their 16 tokens -> mean +1
+    assert batch_loss(nsr) == pytest.approx(1.0)
+    # PSR: sample 0 only, A = +1 -> -1
+    assert batch_loss(psr) == pytest.approx(-1.0)
+    # W-REINFORCE: (-.1*2 + 1*16) / 18 = 15.8 / 18 = .877778
+    assert batch_loss(w) == pytest.approx(15.8 / 18)
+
+
+def test_nsr_weight_grows_with_group_success_rate():
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    adv, _ = NSR_PRERL.advantages(rewards, 4)
+    assert adv[3].item() == pytest.approx(-0.75) and adv[5].item() == pytest.approx(-0.25)
+
+
+def toy_batch(tokenizer, rewards: list[float], group_size: int) -> RolloutBatch:
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    n = len(rewards)
+    prompt = enc("<|im_start|>user\nCompute 1+2+3<|im_end|>\n<|im_start|>assistant\n")
+    texts = ["1+2=3. 3+3=6.", "1+2=4. 4+3=7.", "1+2=3. 3+3=7.", "1+2=3."] * (n // 4 + 1)
+    responses = [enc(t) + [tokenizer.eos_token_id] for t in texts[:n]]
+    width = max(map(len, responses))
+    response_ids = torch.full((n, width), tokenizer.pad_token_id)
+    response_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
+    return RolloutBatch(torch.tensor([prompt] * n), torch.ones((n, len(prompt)), dtype=torch.long),
+                        response_ids, response_mask, torch.tensor(rewards), group_size, texts=texts[:n],
+                        has_answer=[True] * n)
+
+
+@pytest.fixture()
+def policy(tiny_model_dir):
+    from lightning_prerl.models import load_policy
+
+    torch.manual_seed(0)
+    return load_policy(str(tiny_model_dir))
+
+
+def grads(policy) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in policy.parameters()])
+
+
+def test_all_wrong_group_contributes_nothing(policy, tokenizer):
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    mixed = toy_batch(tokenizer, [1, 0, 0, 1], 4)
+    with_dead = toy_batch(tokenizer, [1, 0, 0, 1, 0, 0, 0, 0], 4)
+    policy.zero_grad()
+    backward_objective(NSR_PRERL, policy, mixed, start)
+    g_mixed = grads(policy)
+    policy.zero_grad()
+    result = backward_objective(NSR_PRERL, policy, with_dead, start)
+    # neither the numerator nor the token-mean denominator sees the all-wrong group
+    assert result.kept_tokens.item() == mixed.response_mask[1:3].sum().item()
+    assert torch.allclose(grads(policy), g_mixed, atol=1e-7)
+
+
+def test_descending_nsr_prerl_lowers_prompt_free_logp_of_negatives(policy, tokenizer):
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    batch = toy_batch(tokenizer, [1, 0, 0, 1], 4)
+    before, _ = sequence_logprobs(policy, batch, "marginal", start)
+    policy.zero_grad()
+    backward_objective(NSR_PRERL, policy, batch, start)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= 10.0 * p.grad  # plain gradient descent (the 0.01 coefficient makes the gradient small)
+    after, _ = sequence_logprobs(policy, batch, "marginal", start)
+    mask = batch.response_mask.float()
+    seq = lambda lp: (lp * mask).sum(1)  # noqa: E731
+    assert (seq(after)[1:3] < seq(before)[1:3]).all()
+
+
+def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    batch = toy_batch(tokenizer, [1, 0, 0, 1], 4)
+    seen = []
+    handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    try:
+        backward_objective(NSR_PRERL, policy, batch, start, micro_batch_size=2)
+    finally:
+        handle.remove()
+    assert len(seen) == 2  # one forward per micro-batch, none conditional
+    for ids in seen:
+        assert (ids[:, 0] == start).all() and ids.shape[1] == batch.response_ids.shape[1] + 1
+
+
+def test_lightning_modules_fix_their_objective(tiny_model_dir):
+    assert PreRL(model_path=str(tiny_model_dir)).objective.samples == "all"
+    nsr = NSRPreRL(model_path=str(tiny_model_dir))
+    assert (nsr.objective.space, nsr.objective.samples, nsr.objective.coef) == ("marginal", "negative", 0.01)
+    assert PSRPreRL(model_path=str(tiny_model_dir)).objective.samples == "positive"
+
+
+def test_start_token_resolution(tokenizer):
+    from lightning_prerl.models import resolve_start_token_id
+
+    # no BOS in the toy (Qwen-like) tokenizer: the chat template's first special token
+    assert resolve_start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert resolve_start_token_id(tokenizer, "<|im_end|>") == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="not a single token"):
+        resolve_start_token_id(tokenizer, "<not-a-token>")
+
+
+def test_gradient_alignment_matches_a_manual_computation(policy, tokenizer):
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    batch = toy_batch(tokenizer, [1, 0, 0, 1], 4)
+    stats = gradient_alignment(policy, batch, start, max_samples=1)
+    one = batch.select(slice(0, 1))
+    flat = []
+    for space in ("marginal", "conditional"):
+        policy.zero_grad()
+        logp, _ = sequence_logprobs(policy, one, space, start)
+        (logp * one.response_mask).sum().backward()
+        flat.append(grads(policy).clone())
+    dot = torch.dot(flat[0], flat[1]).item()
+    assert stats["align/inner_mean"] == pytest.approx(dot, rel=1e-4)
+    assert stats["align/cosine_mean"] == pytest.approx(dot / (flat[0].norm() * flat[1].norm()).item(), rel=1e-4)
+    assert stats["align/negative_share"] in (0.0, 1.0)

@@ -121,6 +121,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.template_kwargs = template_kwargs or {}
         self._rendered: dict[Prompt, list[int]] = {}
+        self._synced_at: int | None = None
 
     # -- engine -------------------------------------------------------------------------------
     def _get_engine(self) -> RolloutEngine:
@@ -151,7 +152,10 @@ class RolloutDataModule(L.LightningDataModule):
         """Generate n samples per prompt with the current policy, decode, score, pack."""
         t0 = time.perf_counter()
         engine = self._get_engine()
-        engine.sync(self._policy())
+        step = self.trainer.global_step if self.trainer is not None else 0
+        if self._synced_at != step:  # weights change only at optimizer steps
+            engine.sync(self._policy())
+            self._synced_at = step
         t_sync = time.perf_counter()
         ids = [self._render(p) for p in prompts]
         skipped = 0

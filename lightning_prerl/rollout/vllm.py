@@ -70,7 +70,7 @@ class VLLMEngine:
         dtype: engine dtype ("float32" on CPU: bf16 is ~2.5x slower without AVX-512-BF16).
         max_model_len: prompt + completion budget of the engine.
         gpu_memory_utilization: share of GPU memory vLLM may take (GPU only).
-        kv_cache_gib: KV-cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE).
+        kv_cache_gib: KV-cache size on CPU in whole GiB (sets VLLM_CPU_KVCACHE_SPACE).
         enforce_eager: no CUDA graphs / torch.compile (fast start; required for a quick CPU start).
         sleep_between_rollouts: free GPU memory (vLLM sleep mode, level 1) while the policy trains.
         seed: engine seed.
@@ -84,7 +84,7 @@ class VLLMEngine:
         dtype: str = "float32",
         max_model_len: int = 512,
         gpu_memory_utilization: float = 0.5,
-        kv_cache_gib: float = 1.0,
+        kv_cache_gib: int = 1,
         enforce_eager: bool = True,
         sleep_between_rollouts: bool = False,
         seed: int = 0,
@@ -93,7 +93,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.on_cuda = torch.cuda.is_available()
         if not self.on_cuda:
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(kv_cache_gib)
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(kv_cache_gib))
             if sleep_between_rollouts:
                 raise ValueError("rollout.sleep_between_rollouts=true needs a GPU: vLLM sleep mode is CUDA-only")
         from vllm import LLM

@@ -32,8 +32,10 @@ def main(cfg: DictConfig) -> float | None:
         # a schedule (DSRL) is a callback that owns the objective of each phase
         schedule = objective if isinstance(objective, L.Callback) else None
         # objects go in through partials: Hydra would turn a dataclass argument back into a config
-        module = instantiate(cfg.module, _partial_=True)(objective=getattr(schedule, "initial_objective", objective))
-        datamodule = instantiate(cfg.data, _partial_=True)(tokenizer=module.tokenizer, engine=instantiate(cfg.rollout))
+        build_module = instantiate(cfg.module, _partial_=True, _convert_="all")
+        module = build_module(objective=getattr(schedule, "initial_objective", objective))
+        build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
+        datamodule = build_data(tokenizer=module.tokenizer, engine=instantiate(cfg.rollout))
     except (ConfigError, InstantiationException, ValueError, FileNotFoundError) as exc:
         sys.exit(f"config error: {' '.join(str(exc).split())}")
 

@@ -7,11 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-
 from test_run import ROOT, read_rows, run_experiment, steps_with
 
 DSRL = ["objective=dsrl", "objective.switch_step=2", "eval_before_training=false",
@@ -26,7 +24,7 @@ def phases(rows) -> dict[int, float]:
 @pytest.mark.slow
 def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
     run_dir = tmp_path / "killed"
-    target = run_dir / "checkpoints" / "epoch=2-step=3.ckpt"
+    target = run_dir / "checkpoints" / "step000003.ckpt"
     proc = subprocess.Popen([sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *DSRL,
                              "trainer.max_steps=50"], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, start_new_session=True)
@@ -51,7 +49,7 @@ def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
     assert set(phases(rows).values()) == {1.0}
 
     before = tmp_path / "resumed-before-switch"
-    run_experiment(before, *DSRL, "trainer.max_steps=4", f"ckpt_path={run_dir / 'checkpoints' / 'epoch=0-step=1.ckpt'}")
+    run_experiment(before, *DSRL, "trainer.max_steps=4", f"ckpt_path={run_dir / 'checkpoints' / 'step000001.ckpt'}")
     assert phases(read_rows(before)) == {1: 0.0, 2: 1.0, 3: 1.0}
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.objectives.advantages import grpo, group_mean, signed
+from lightning_prerl.objectives.advantages import group_mean, grpo, signed
 from lightning_prerl.objectives.ops import kl_estimate, ppo_clip_loss
 
 S = math.sqrt(0.5)  # std (n-1) of {1, 0} = sqrt(((.5)^2 + (.5)^2) / 1) = 0.70711

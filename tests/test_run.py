@@ -40,7 +40,7 @@ def test_default_experiment_runs_and_writes_every_artefact(tmp_path):
     assert steps_with(rows, "val/accuracy") == [0, 3]  # before training and after the last step
     for key in ("rollout/reward_mean", "rollout/format_valid", "time/generate", "val/pass@2"):
         assert steps_with(rows, key), key
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "epoch=1-step=2.ckpt"}
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "step000002.ckpt"}
     assert (run_dir / "config.yaml").read_text().count("_target_") > 3
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert list((run_dir / "logs").glob("events.out.tfevents.*"))

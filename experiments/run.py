@@ -11,6 +11,7 @@ report.png, config.yaml (resolved) and .hydra/ (composed config and overrides).
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -39,6 +40,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, InstantiationException, ValueError, FileNotFoundError) as exc:
         sys.exit(f"config error: {' '.join(str(exc).split())}")
 
+    # post-step checkpoints are what we want; one rollout batch per epoch is what we mean
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
     L.seed_everything(cfg.seed, workers=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -69,3 +69,70 @@ def plot_run(metrics_csv: Path, out_png: Path, title: str = "") -> Path:
     fig.savefig(out_png, dpi=90)
     plt.close(fig)
     return out_png
+
+
+def _job_label(job_dir: Path) -> str:
+    overrides = job_dir / ".hydra" / "overrides.yaml"
+    if not overrides.is_file():
+        return job_dir.name
+    import yaml
+
+    return " ".join(o for o in (yaml.safe_load(overrides.read_text()) or []) if not o.startswith("hydra.")) or "defaults"
+
+
+def plot_sweep(sweep_dir: Path, out_png: Path | None = None, metric: str = "val/accuracy") -> Path | None:
+    """Every job of a Hydra multirun: `metric` over steps, and its first and last values side by side.
+
+    Also writes `sweep_summary.csv` (job, overrides, first, last, best) next to the PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    jobs = sorted((d for d in sweep_dir.iterdir() if (d / "logs" / "metrics.csv").is_file()),
+                  key=lambda d: (len(d.name), d.name))
+    if not jobs:
+        return None
+    out_png = out_png or sweep_dir / "sweep_report.png"
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(15, 5.5), constrained_layout=True)
+    summary = []
+    for job in jobs:
+        points = read_metrics(job / "logs" / "metrics.csv").get(metric, [])
+        label = _job_label(job)
+        if points:
+            xs, ys = zip(*points, strict=True)
+            curves.plot(xs, ys, marker="o", ms=3, label=label)
+            summary.append((job.name, label, ys[0], ys[-1], max(ys)))
+    curves.set_title(f"{metric} over optimizer steps")
+    curves.set_xlabel("optimizer step")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=7)
+    names = [s[1] for s in summary]
+    y = range(len(summary))
+    bars.barh([i + 0.2 for i in y], [s[2] for s in summary], height=0.4, label="first", color="lightgrey")
+    bars.barh([i - 0.2 for i in y], [s[3] for s in summary], height=0.4, label="last")
+    bars.set_yticks(list(y), names, fontsize=7)
+    bars.invert_yaxis()
+    bars.set_title(f"{metric}: first vs last evaluation")
+    bars.legend()
+    fig.suptitle(f"sweep {sweep_dir}")
+    fig.savefig(out_png, dpi=90)
+    plt.close(fig)
+    with open(out_png.with_name("sweep_summary.csv"), "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["job", "overrides", f"first {metric}", f"last {metric}", f"best {metric}"])
+        writer.writerows(summary)
+    return out_png
+
+
+class SweepReport:
+    """Hydra callback: draws the sweep report when a multirun ends (`hydra.callbacks.sweep_report`)."""
+
+    def __init__(self, metric: str = "val/accuracy"):
+        self.metric = metric
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        out = plot_sweep(Path(config.hydra.sweep.dir), metric=self.metric)
+        if out is not None:
+            print(f"sweep report: {out}")

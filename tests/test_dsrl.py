@@ -84,3 +84,25 @@ def test_switch_swaps_objective_resets_reference_and_learning_rate(tiny_model_di
     ref = dict(module.reference.named_parameters())
     assert all(torch.equal(p, ref[n]) for n, p in module.policy.named_parameters())  # reference = policy
     assert not any(p.requires_grad for p in ref.values())
+
+
+def test_metric_plateau_triggers_the_switch():
+    from types import SimpleNamespace
+
+    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+
+    calls = []
+    module = SimpleNamespace(reference=None, set_objective=lambda obj, phase: calls.append((obj.name, phase)))
+    switch = DSRLSwitch(PG(name="warm"), PG(name="main"), switch_step=None, monitor="rollout/mixed_groups",
+                        patience=2, min_warmup_steps=3)
+    trainer = SimpleNamespace(callback_metrics={}, global_step=0, optimizers=[], sanity_checking=False)
+    for step, value in enumerate([0.5, 0.6, 0.6, 0.55, 0.7]):
+        trainer.global_step = step
+        switch.on_train_batch_start(trainer, module, None, 0)
+        trainer.callback_metrics["rollout/mixed_groups"] = value
+        switch.on_train_batch_end(trainer, module, None, None, 0)
+    # 0.6 at step 1 is the best; steps 2 and 3 do not improve -> plateau after step 3 (>= min_warmup_steps)
+    assert calls == [("main", 1)] and switch.switched_at == 4
+    with pytest.raises(ValueError, match="would never switch"):
+        DSRLSwitch(PG(), PG(), switch_step=None, monitor=None)

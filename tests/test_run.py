@@ -55,3 +55,18 @@ def test_default_experiment_runs_and_writes_every_artefact(tmp_path):
     shipped = AutoModelForCausalLM.from_pretrained(ROOT / "lightning_prerl" / "assets" / "toy-base")
     moved = [n for n, p in policy.named_parameters() if not p.data.equal(shipped.get_parameter(n).data)]
     assert moved, "three optimizer steps left the exported policy identical to the base"
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_train_and_agree(tmp_path):
+    """Lightning DDP (gloo) with 2 CPU processes: each rank draws its own prompts, one update."""
+    run_dir = tmp_path / "ddp"
+    run_experiment(run_dir, "trainer=ddp", "objective=grpo", "trainer.max_steps=2", "trainer.check_val_every_n_epoch=2",
+                   "data.prompts_per_step=2", "data.samples_per_prompt=4", "data.eval_prompts.count=8",
+                   "data.sampling.max_new_tokens=48", timeout=400)
+    rows = read_rows(run_dir)
+    assert steps_with(rows, "train/loss") == [0, 1]
+    assert steps_with(rows, "val/accuracy") == [0, 2]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "policy") is not None

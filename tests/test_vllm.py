@@ -83,3 +83,18 @@ def test_vllm_logprobs_match_the_policy(setup):
     assert len(diffs) == batch.response_mask.sum().item()
     print(f"max |logp_vllm - logp_policy| = {max(diffs):.2e} over {len(diffs)} tokens")
     assert max(diffs) < 1e-3
+
+
+@pytest.mark.slow
+def test_run_with_vllm_rollouts_logs_the_time_split(vllm, tmp_path):
+    from test_run import FAST, read_rows, run_experiment, steps_with
+
+    run_dir = tmp_path / "vllm"
+    run_experiment(run_dir, "rollout=vllm", *FAST)
+    rows = read_rows(run_dir)
+    assert steps_with(rows, "train/loss") == [0, 1, 2]
+    for key in ("time/generate", "time/score", "time/train", "time/sync"):
+        assert steps_with(rows, key) == [0, 1, 2], key
+    # weights are pushed into the engine after every optimizer step (step 0 reuses the eval sync)
+    assert all(float(r["time/sync"]) > 0 for r in rows if r.get("time/sync") and r["step"] != "0")
+    assert (run_dir / "report.png").is_file()

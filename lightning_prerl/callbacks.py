@@ -15,14 +15,14 @@ log = logging.getLogger(__name__)
 
 
 class ExportPolicy(L.Callback):
-    """At the end of fit, `save_pretrained` the policy and tokenizer into `out_dir` (rank 0)."""
+    """At the end of fit, `save_pretrained` the policy and tokenizer into `out_dir` (written by rank 0)."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        export_policy(pl_module.policy, pl_module.tokenizer, self.out_dir, write=trainer.is_global_zero)
         if trainer.is_global_zero:
-            export_policy(pl_module.policy, pl_module.tokenizer, self.out_dir)
             log.info("policy exported to %s", self.out_dir)
 
 

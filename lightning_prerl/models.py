@@ -38,11 +38,44 @@ def load_policy(path: str, dtype: str = "float32", gguf_file: str | None = None)
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype], gguf_file=gguf_file)
 
 
-def export_policy(model: torch.nn.Module, tokenizer, out_dir: Path) -> Path:
-    """`save_pretrained` of the policy and tokenizer: loadable by `AutoModelForCausalLM` and vLLM."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when the parameters are DTensor shards (FSDP2 `fully_shard`)."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def shard_policy(model: torch.nn.Module, mesh) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every transformer block (the model's `_no_split_modules`), then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    block_types = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} declares no _no_split_modules: cannot find blocks to shard")
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict on CPU; a collective call on every rank when sharded."""
+    if not is_sharded(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def export_policy(model: torch.nn.Module, tokenizer, out_dir: Path, write: bool = True) -> Path:
+    """`save_pretrained` of the policy and tokenizer: loadable by `AutoModelForCausalLM` and vLLM.
+
+    Sharded policies are gathered first, so every rank must call this; only `write=True` ranks write.
+    """
+    state = full_state_dict(model)
+    if write:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir, state_dict=state)
+        tokenizer.save_pretrained(out_dir)
     return out_dir
 
 

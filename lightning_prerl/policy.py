@@ -19,7 +19,6 @@ step, old log-probs equal the detached current ones (ratio 1 at the step).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -30,7 +29,7 @@ import torch
 
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
-from lightning_prerl.models import load_policy, load_tokenizer, resolve_start_token_id
+from lightning_prerl.models import load_policy, load_tokenizer, resolve_start_token_id, shard_policy
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.objectives.ops import token_logprobs_and_entropy
 
@@ -172,11 +171,16 @@ class PolicyModule(L.LightningModule):
         return load_policy(self.hparams.model_path, self.hparams.dtype, self.hparams.gguf_file)
 
     def configure_model(self) -> None:
+        """Load the policy (and a reference if KL is on); under FSDP2 shard both over the mesh."""
         if self.policy is None:
-            self.policy = self._load()
+            self.policy = self._prepare(self._load())
             self.policy.train()
         if self.objective.needs_reference and self.reference is None:
-            self.reference = self._frozen(self._load())
+            self.reference = self._frozen(self._prepare(self._load()))
+
+    def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp), else None
+        return shard_policy(model, mesh["data_parallel"]) if mesh is not None else model
 
     @staticmethod
     def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -185,14 +189,20 @@ class PolicyModule(L.LightningModule):
         return model
 
     def reset_reference(self) -> None:
-        """Make the reference an exact frozen copy of the current policy (DSRL's reincarnation)."""
-        self.reference = self._frozen(copy.deepcopy(self.policy))
+        """Make the reference an exact frozen copy of the current policy (DSRL's reincarnation).
+
+        The weights are copied into a model built like the policy (sharded the same way under FSDP2),
+        rather than deep-copying the live, possibly sharded and hooked, policy module.
+        """
+        if self.reference is None:
+            self.reference = self._frozen(self._prepare(self._load())).to(self.device)
+        self.reference.load_state_dict(self.policy.state_dict())
 
     def set_objective(self, objective: PolicyGradientObjective, phase: int) -> None:
         """Swap the loss component; loads a reference model if the new objective needs one."""
         self.objective, self.phase = objective, phase
         if objective.needs_reference and self.reference is None:
-            self.reference = self._frozen(self._load()).to(self.device)
+            self.reference = self._frozen(self._prepare(self._load())).to(self.device)
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             # re-evaluate this step's learning rate so the new lr_scale applies from this step on
             for config in self.trainer.lr_scheduler_configs:
@@ -230,6 +240,7 @@ class PolicyModule(L.LightningModule):
         grad_norm = torch.zeros(())
         if result.kept_tokens > 0 and self.hparams.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         # a batch with nothing to learn from (e.g. NSR with no mixed group) still counts as a step
         opt.step()
         sched.step()
@@ -280,8 +291,9 @@ class PolicyModule(L.LightningModule):
         if saved is not None:
             self.objective = PolicyGradientObjective(**saved["config"])
             self.phase = saved["phase"]
-        if self.reference is None and any(k.startswith("reference.") for k in checkpoint["state_dict"]):
-            self.reference = self._frozen(self._load())
+        state = checkpoint.get("state_dict")
+        if self.reference is None and isinstance(state, dict) and any(k.startswith("reference.") for k in state):
+            self.reference = self._frozen(self._prepare(self._load()))
 
 
 class CondRL(PolicyModule):

@@ -6,6 +6,8 @@ import csv
 import math
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 PANELS = [
     ("Reward (rollouts)", ["rollout/reward_mean", "rollout/mixed_groups"]),
     ("Held-out accuracy", ["val/accuracy", "val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8"]),
@@ -127,7 +129,7 @@ def plot_sweep(sweep_dir: Path, out_png: Path | None = None, metric: str = "val/
     return out_png
 
 
-class SweepReport:
+class SweepReport(Callback):
     """Hydra callback: draws the sweep report when a multirun ends (`hydra.callbacks.sweep_report`)."""
 
     def __init__(self, metric: str = "val/accuracy"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prerl.models import is_sharded
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
 
 
@@ -45,7 +46,8 @@ class HFEngine:
         device = next(policy.parameters()).device
         per_call = max(1, self.max_batch_sequences // n)
         greedy = sampling.temperature == 0
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy,
+        # sharded (FSDP2) policies all-gather in every forward: ranks must step in lockstep until all finish
+        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, synced_gpus=is_sharded(policy),
                       eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
                       num_return_sequences=n, output_scores=return_logprobs,
                       return_dict_in_generate=True)

@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_run import read_rows, run_experiment, steps_with
 
 SMALL = ["trainer=fsdp", "objective=dsrl", "objective.switch_step=1", "trainer.check_val_every_n_epoch=3",

@@ -35,7 +35,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not vllm" $(ARGS)
 
 lint: setup
-	$(PY) -m ruff check lightning_prerl experiments tests benchmarks
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
 	rm -rf $(VENV) outputs multirun

@@ -62,8 +62,10 @@ def engines_throughput(args) -> None:
         for name, engine in (("transformers", hf), ("vllm", vllm)):
             seconds, tokens = time_generation(engine, prompts, args.samples, sampling)
             results[name].append((seconds, tokens))
-    print(f"\nrollout: {args.prompts} prompts x {args.samples} samples, <= {args.max_new_tokens} new tokens, "
-          f"T=1, torch threads {torch.get_num_threads()}, median of {args.repeats} alternated rounds")
+    print(
+        f"\nrollout: {args.prompts} prompts x {args.samples} samples, <= {args.max_new_tokens} new tokens, "
+        f"T=1, torch threads {torch.get_num_threads()}, median of {args.repeats} alternated rounds"
+    )
     print(f"{'engine':<14}{'seconds':>9}{'tokens':>9}{'tokens/s':>11}")
     rate = {}
     for name, runs in results.items():
@@ -72,8 +74,10 @@ def engines_throughput(args) -> None:
         rate[name] = tokens / seconds
         print(f"{name:<14}{seconds:>9.2f}{tokens:>9.0f}{rate[name]:>11.0f}")
     print(f"ratio vllm / transformers tokens/s: {rate['vllm'] / rate['transformers']:.2f}")
-    print(f"vLLM engine start: {init_s:.1f} s; max RSS before vLLM {rss_before_vllm:.0f} MiB, "
-          f"after {max_rss_mib():.0f} MiB")
+    print(
+        f"vLLM engine start: {init_s:.1f} s; max RSS before vLLM {rss_before_vllm:.0f} MiB, "
+        f"after {max_rss_mib():.0f} MiB"
+    )
     vllm.close()
 
 
@@ -85,8 +89,11 @@ def sync_vs_size(args) -> None:
     print(f"{'model':<7}{'params':>12}{'MiB':>8}{'sync s':>9}{'MiB/s':>9}")
     for name, hidden, layers, heads, ffn in SIZES:
         with tempfile.TemporaryDirectory() as tmp:
-            policy = load_policy("toy") if name == "toy" else build_model(tok, hidden=hidden, layers=layers,
-                                                                         heads=heads, ffn=ffn)
+            policy = (
+                load_policy("toy")
+                if name == "toy"
+                else build_model(tok, hidden=hidden, layers=layers, heads=heads, ffn=ffn)
+            )
             policy.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             engine = VLLMEngine(tok, model_path=tmp, max_model_len=256)

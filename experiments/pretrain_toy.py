@@ -61,10 +61,7 @@ def evaluate(model, tok, problems, max_new_tokens: int = 120) -> dict[str, float
     """pass@1 at temperature 1 (true sampling: top_k=0) and greedy accuracy."""
     reward = BoxedExactMatch()
     prompts = [Prompt(p.question, str(p.answer)) for p in problems]
-    texts = [
-        tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False)
-        for p in prompts
-    ]
+    texts = [tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     model.eval()
     out = {}
@@ -72,9 +69,7 @@ def evaluate(model, tok, problems, max_new_tokens: int = 120) -> dict[str, float
         "pass1_t1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),
         "greedy": dict(do_sample=False),
     }.items():
-        gen = model.generate(
-            **enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs
-        )
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
         completions = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         out[name] = sum(reward(p, c) for p, c in zip(prompts, completions, strict=True)) / len(prompts)
     model.train()
@@ -121,8 +116,7 @@ def main() -> None:
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
             metrics = evaluate(model, tok, held_out)
-            row = {"step": step, "minutes": (time.time() - start) / 60,
-                   "loss": sum(losses) / len(losses), **metrics}
+            row = {"step": step, "minutes": (time.time() - start) / 60, "loss": sum(losses) / len(losses), **metrics}
             losses.clear()
             history.append(row)
             print(json.dumps(row), flush=True)
@@ -132,9 +126,12 @@ def main() -> None:
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
-    provenance = {"command": "python experiments/pretrain_toy.py", "args": {
-        k: str(v) for k, v in vars(args).items()}, "params": sum(p.numel() for p in model.parameters()),
-        "history": history}
+    provenance = {
+        "command": "python experiments/pretrain_toy.py",
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "params": sum(p.numel() for p in model.parameters()),
+        "history": history,
+    }
     (args.out / "pretraining.json").write_text(json.dumps(provenance, indent=2))
     print(f"saved {args.out}")
 

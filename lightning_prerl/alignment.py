@@ -25,12 +25,16 @@ log = logging.getLogger(__name__)
 
 def _flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(value, params, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params,
-                                                                                                strict=True)])
+    return torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params, strict=True)]
+    )
 
 
 def gradient_alignment(
-    policy: torch.nn.Module, batch: RolloutBatch, start_token_id: int, max_samples: int = 8,
+    policy: torch.nn.Module,
+    batch: RolloutBatch,
+    start_token_id: int,
+    max_samples: int = 8,
     temperature: float = 1.0,
 ) -> dict[str, float]:
     """Alignment statistics over the first `max_samples` responses of `batch` (no .grad is touched).
@@ -56,8 +60,13 @@ def gradient_alignment(
     out = {"align/negative_share": sum(v < 0 for v in inner) / max(1, len(inner))}
     for name, values in (("inner", inner), ("cosine", cosine), ("logp_gap", gap)):
         t = torch.tensor(values)
-        out.update({f"align/{name}_mean": t.mean().item(), f"align/{name}_min": t.min().item(),
-                    f"align/{name}_max": t.max().item()})
+        out.update(
+            {
+                f"align/{name}_mean": t.mean().item(),
+                f"align/{name}_min": t.min().item(),
+                f"align/{name}_max": t.max().item(),
+            }
+        )
     return out
 
 
@@ -80,7 +89,7 @@ class GradientAlignment(L.Callback):
         if "FSDP" in type(trainer.strategy).__name__ or "ModelParallel" in type(trainer.strategy).__name__:
             log.warning("gradient alignment is not measured under sharded strategies")
             return
-        stats = gradient_alignment(pl_module.policy, batch, pl_module.start_token_id, self.max_samples,
-                                   pl_module.hparams.temperature)
-        pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1,
-                           batch_size=len(batch))
+        stats = gradient_alignment(
+            pl_module.policy, batch, pl_module.start_token_id, self.max_samples, pl_module.hparams.temperature
+        )
+        pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, batch_size=len(batch))

@@ -53,8 +53,9 @@ class RolloutBatch:
         tensors = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.type == "torch.Tensor"}
         n = tensors["rewards"].shape[0]
         group = self.group_size if n % self.group_size == 0 else 1
-        return replace(self, **tensors, group_size=group, texts=self.texts[rows],
-                       has_answer=self.has_answer[rows], stats={})
+        return replace(
+            self, **tensors, group_size=group, texts=self.texts[rows], has_answer=self.has_answer[rows], stats={}
+        )
 
     def micro_batches(self, size: int | None) -> list[tuple[slice, RolloutBatch]]:
         """Consecutive row slices of at most `size` samples (None: the whole batch)."""

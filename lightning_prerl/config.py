@@ -36,11 +36,14 @@ def validate_config(cfg: DictConfig) -> None:
         if g == 1 and obj.advantage in GROUP_ADVANTAGES:
             raise ConfigError(
                 f"data.samples_per_prompt=1 with objective advantage '{obj.advantage}': group advantages "
-                f"need >= 2 samples per prompt (or use objective advantage 'signed')")
+                f"need >= 2 samples per prompt (or use objective advantage 'signed')"
+            )
     for k in cfg.module.pass_k:
         if k > data.eval_samples:
-            raise ConfigError(f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
-                              f"pass@k needs at least k samples per prompt")
+            raise ConfigError(
+                f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
+                f"pass@k needs at least k samples per prompt"
+            )
     if cfg.trainer.get("max_steps", -1) is None or cfg.trainer.get("max_steps", -1) < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.get('max_steps')}: must be >= 1")
     temperature = data.sampling.temperature

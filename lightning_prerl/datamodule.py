@@ -101,8 +101,12 @@ class RolloutDataModule(L.LightningDataModule):
         name: str = "data",
     ):
         super().__init__()
-        for key, value in (("prompts_per_step", prompts_per_step), ("samples_per_prompt", samples_per_prompt),
-                           ("eval_samples", eval_samples), ("eval_prompts_per_batch", eval_prompts_per_batch)):
+        for key, value in (
+            ("prompts_per_step", prompts_per_step),
+            ("samples_per_prompt", samples_per_prompt),
+            ("eval_samples", eval_samples),
+            ("eval_prompts_per_batch", eval_prompts_per_batch),
+        ):
             if value < 1:
                 raise ValueError(f"data.{key}={value}: must be >= 1")
         self.name = name
@@ -179,15 +183,22 @@ class RolloutDataModule(L.LightningDataModule):
         eos = self.tokenizer.eos_token_id
         truncated = sum(1 for c in gen.completions if not c or c[-1] != eos)
         return RolloutBatch(
-            prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
-            response_mask=response_mask, rewards=torch.tensor(scored.rewards, dtype=torch.float32),
-            group_size=n, texts=texts, has_answer=scored.has_answer,
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            rewards=torch.tensor(scored.rewards, dtype=torch.float32),
+            group_size=n,
+            texts=texts,
+            has_answer=scored.has_answer,
             stats={
                 "rollout/reward_errors": float(scored.errors),
                 "rollout/reward_timeouts": float(scored.timeouts),
                 "rollout/skipped_prompts": float(skipped),
                 "rollout/truncated": truncated / max(1, len(texts)),
-                "time/sync": t_sync - t0, "time/generate": t_gen - t_sync, "time/score": t_score - t_gen,
+                "time/sync": t_sync - t0,
+                "time/generate": t_gen - t_sync,
+                "time/score": t_score - t_gen,
             },
         )
 

@@ -13,10 +13,27 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import MeanMetric, Metric
 
-DEFAULT_TRANSITION = ["but", "however", "alternatively", "instead", "on the other hand", "another way",
-                      "another approach", "think differently"]
-DEFAULT_REFLECTION = ["wait", "verify", "check", "let me", "double-check", "make sure", "hold on",
-                      "think again", "seems right"]
+DEFAULT_TRANSITION = [
+    "but",
+    "however",
+    "alternatively",
+    "instead",
+    "on the other hand",
+    "another way",
+    "another approach",
+    "think differently",
+]
+DEFAULT_REFLECTION = [
+    "wait",
+    "verify",
+    "check",
+    "let me",
+    "double-check",
+    "make sure",
+    "hold on",
+    "think again",
+    "seems right",
+]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -95,16 +112,22 @@ class GenerationMetrics(torch.nn.Module):
         transition, reflection: behaviour keyword lists (from the config).
     """
 
-    def __init__(self, prefix: str, pass_k: Sequence[int] = (), transition: Sequence[str] = DEFAULT_TRANSITION,
-                 reflection: Sequence[str] = DEFAULT_REFLECTION):
+    def __init__(
+        self,
+        prefix: str,
+        pass_k: Sequence[int] = (),
+        transition: Sequence[str] = DEFAULT_TRANSITION,
+        reflection: Sequence[str] = DEFAULT_REFLECTION,
+    ):
         super().__init__()
         self.prefix = prefix
         self.accuracy, self.length, self.format_valid = MeanMetric(), MeanMetric(), MeanMetric()
         self.pass_k = torch.nn.ModuleDict({str(k): PassAtK(k) for k in pass_k})
         self.transition, self.reflection = KeywordRate(transition), KeywordRate(reflection)
 
-    def update(self, correct: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str],
-               has_answer: Sequence[bool | None]) -> None:
+    def update(
+        self, correct: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str], has_answer: Sequence[bool | None]
+    ) -> None:
         """correct: (B, n) rewards in [0, 1]; lengths: (B*n,) response tokens; texts: B*n strings."""
         self.accuracy.update(correct.float().reshape(-1))
         self.length.update(lengths.float())

@@ -95,11 +95,10 @@ def resolve_start_token_id(tokenizer, start_token: str | None = None) -> int:
         return tokenizer.bos_token_id
     if tokenizer.chat_template:
         text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
-        special = set(tokenizer.all_special_ids) | {
-            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
-        }
+        special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
         for tid in tokenizer(text, add_special_tokens=False)["input_ids"]:
             if tid in special:
                 return tid
-    raise ValueError("no start token: the tokenizer has no BOS and its chat template no special token; "
-                     "set model.start_token")
+    raise ValueError(
+        "no start token: the tokenizer has no BOS and its chat template no special token; set model.start_token"
+    )

@@ -101,8 +101,9 @@ def backward_objective(
     if kept_tokens <= 0:
         return BackwardResult(total, adv, keep, kept_tokens)
     for rows, mb in batch.micro_batches(micro_batch_size):
-        logp, entropy = sequence_logprobs(policy, mb, objective.space, start_token_id, temperature,
-                                          objective.needs_entropy)  # (n, T)
+        logp, entropy = sequence_logprobs(
+            policy, mb, objective.space, start_token_id, temperature, objective.needs_entropy
+        )  # (n, T)
         ref_logp = None
         if objective.needs_reference:
             with torch.no_grad():
@@ -207,15 +208,15 @@ class PolicyModule(L.LightningModule):
             # re-evaluate this step's learning rate so the new lr_scale applies from this step on
             for config in self.trainer.lr_scheduler_configs:
                 sched = config.scheduler
-                for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas,
-                                               strict=True):
+                for group, base, factor in zip(
+                    sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+                ):
                     group["lr"] = base * factor(sched.last_epoch)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         warmup = max(0, hp.warmup_steps)
 
         def factor(step: int) -> float:  # read at every step: the active objective's lr_scale applies
@@ -234,9 +235,17 @@ class PolicyModule(L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         result = backward_objective(
-            self.objective, self.policy, batch, self.start_token_id, self.hparams.temperature,
-            self.hparams.micro_batch_size, reference=self.reference, backward=self.manual_backward,
-            world_size=self.trainer.world_size, global_sum=self._global_sum)
+            self.objective,
+            self.policy,
+            batch,
+            self.start_token_id,
+            self.hparams.temperature,
+            self.hparams.micro_batch_size,
+            reference=self.reference,
+            backward=self.manual_backward,
+            world_size=self.trainer.world_size,
+            global_sum=self._global_sum,
+        )
         grad_norm = torch.zeros(())
         if result.kept_tokens > 0 and self.hparams.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
@@ -250,27 +259,32 @@ class PolicyModule(L.LightningModule):
     def _log_step(self, batch: RolloutBatch, result: BackwardResult, grad_norm, train_time: float) -> None:
         g = batch.group_size
         grouped = batch.rewards.view(-1, g)  # (B, G)
-        mixed = ((grouped.max(1).values > grouped.min(1).values).float().mean())
+        mixed = (grouped.max(1).values > grouped.min(1).values).float().mean()
         lengths = batch.response_mask.sum(1)  # (N,)
         self.rollout_metrics.update(grouped, lengths, batch.texts, batch.has_answer)
         stats = {
-            "train/loss": result.loss, "train/grad_norm": grad_norm,
-            "train/kept_samples": result.keep.float().mean(), "train/adv_abs_mean": result.adv.abs().mean(),
+            "train/loss": result.loss,
+            "train/grad_norm": grad_norm,
+            "train/kept_samples": result.keep.float().mean(),
+            "train/adv_abs_mean": result.adv.abs().mean(),
             "train/kept_tokens": result.kept_tokens,
-            "train/lr": self.optimizers().param_groups[0]["lr"], "objective/phase": float(self.phase),
-            "rollout/reward_mean": batch.rewards.mean(), "rollout/mixed_groups": mixed,
-            "time/train": train_time, **batch.stats,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+            "objective/phase": float(self.phase),
+            "rollout/reward_mean": batch.rewards.mean(),
+            "rollout/mixed_groups": mixed,
+            "time/train": train_time,
+            **batch.stats,
         }
         stats.update(self.rollout_metrics.compute())
         self.rollout_metrics.reset()
         stats = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in stats.items()}
-        self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1,
-                      batch_size=len(batch))
+        self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1, batch_size=len(batch))
 
     # -- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        self.val_metrics.update(batch.rewards.view(-1, batch.group_size), batch.response_mask.sum(1),
-                                batch.texts, batch.has_answer)
+        self.val_metrics.update(
+            batch.rewards.view(-1, batch.group_size), batch.response_mask.sum(1), batch.texts, batch.has_answer
+        )
 
     def on_validation_epoch_end(self) -> None:
         values = {k: v for k, v in self.val_metrics.compute().items() if not math.isnan(v)}
@@ -315,8 +329,9 @@ class NSRPreRL(PolicyModule):
     """NSR-PreRL: PreRL restricted to negative-advantage samples."""
 
     def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
-        default = PolicyGradientObjective(name="nsr_prerl", space="marginal", advantage="group_mean",
-                                          samples="negative", coef=0.01)
+        default = PolicyGradientObjective(
+            name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative", coef=0.01
+        )
         super().__init__(objective=objective or default, **kwargs)
 
 
@@ -324,6 +339,7 @@ class PSRPreRL(PolicyModule):
     """PSR-PreRL: PreRL restricted to positive-advantage samples."""
 
     def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
-        default = PolicyGradientObjective(name="psr_prerl", space="marginal", advantage="group_mean",
-                                          samples="positive", coef=0.01)
+        default = PolicyGradientObjective(
+            name="psr_prerl", space="marginal", advantage="group_mean", samples="positive", coef=0.01
+        )
         super().__init__(objective=objective or default, **kwargs)

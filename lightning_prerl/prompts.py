@@ -46,8 +46,9 @@ class PromptSet:
         return out
 
 
-def toy_prompts(split: str, count: int, seed: int = 0, num_ops: tuple[int, int] = (2, 3),
-                max_operand: int = 99) -> list[Prompt]:
+def toy_prompts(
+    split: str, count: int, seed: int = 0, num_ops: tuple[int, int] = (2, 3), max_operand: int = 99
+) -> list[Prompt]:
     """Problems of the embedded toy world; "heldout" never overlaps "train"."""
     problems = generate_problems(count, split=split, seed=seed, num_ops=tuple(num_ops), max_operand=max_operand)
     return [Prompt(p.question, str(p.answer), source=f"toy/{split}") for p in problems]

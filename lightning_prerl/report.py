@@ -13,8 +13,10 @@ PANELS = [
     ("Held-out accuracy", ["val/accuracy", "val/pass@1", "val/pass@2", "val/pass@4", "val/pass@8"]),
     ("Format validity", ["rollout/format_valid", "val/format_valid"]),
     ("Response length (tokens)", ["rollout/response_length", "val/response_length"]),
-    ("Behaviour: share of responses", ["rollout/reflection_rate", "rollout/transition_rate",
-                                       "val/reflection_rate", "val/transition_rate"]),
+    (
+        "Behaviour: share of responses",
+        ["rollout/reflection_rate", "rollout/transition_rate", "val/reflection_rate", "val/transition_rate"],
+    ),
     ("Seconds per step", ["time/generate", "time/score", "time/train", "time/sync"]),
 ]
 
@@ -93,8 +95,9 @@ def plot_sweep(sweep_dir: Path, out_png: Path | None = None, metric: str = "val/
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    jobs = sorted((d for d in sweep_dir.iterdir() if (d / "logs" / "metrics.csv").is_file()),
-                  key=lambda d: (len(d.name), d.name))
+    jobs = sorted(
+        (d for d in sweep_dir.iterdir() if (d / "logs" / "metrics.csv").is_file()), key=lambda d: (len(d.name), d.name)
+    )
     if not jobs:
         return None
     out_png = out_png or sweep_dir / "sweep_report.png"

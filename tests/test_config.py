@@ -27,13 +27,22 @@ def data_root(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("data")
     (root / "math_train").mkdir()
-    pq.write_table(pa.Table.from_pylist([
-        {"prompt": [{"role": "user", "content": f"What is {i}+1?"}],
-         "reward_model": {"ground_truth": {"target": str(i + 1)}, "style": "rule"}} for i in range(4)]),
-        root / "math_train" / "train.parquet")
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {
+                    "prompt": [{"role": "user", "content": f"What is {i}+1?"}],
+                    "reward_model": {"ground_truth": {"target": str(i + 1)}, "style": "rule"},
+                }
+                for i in range(4)
+            ]
+        ),
+        root / "math_train" / "train.parquet",
+    )
     (root / "math500").mkdir()
     (root / "math500" / "test.jsonl").write_text(
-        "\n".join(json.dumps({"problem": f"Half of {2 * i}?", "answer": str(i)}) for i in range(3)))
+        "\n".join(json.dumps({"problem": f"Half of {2 * i}?", "answer": str(i)}) for i in range(3))
+    )
     return root
 
 
@@ -64,8 +73,9 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
     objective = instantiate(cfg.objective)
     module = instantiate(cfg.module, _partial_=True)(objective=getattr(objective, "initial_objective", objective))
     if group in ("data", "experiment"):
-        dm = instantiate(cfg.data, _partial_=True, _convert_="all")(tokenizer=module.tokenizer,
-                                                                    engine=instantiate(cfg.rollout))
+        dm = instantiate(cfg.data, _partial_=True, _convert_="all")(
+            tokenizer=module.tokenizer, engine=instantiate(cfg.rollout)
+        )
         assert len(dm.train_set) > 0 and dm.eval_prompts
     assert [instantiate(c) for c in cfg.callbacks.values()]
 
@@ -93,12 +103,18 @@ def test_signed_advantage_allows_one_sample_per_prompt():
 
 @pytest.mark.slow
 def test_run_script_reports_config_errors_in_one_line():
-    bad = subprocess.run([sys.executable, "experiments/run.py", "data.samples_per_prompt=1"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "experiments/run.py", "data.samples_per_prompt=1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0
     lines = [line for line in bad.stderr.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1 and "data.samples_per_prompt=1" in lines[0]
-    unknown = subprocess.run([sys.executable, "experiments/run.py", "objective=nope"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    unknown = subprocess.run(
+        [sys.executable, "experiments/run.py", "objective=nope"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert unknown.returncode != 0
     assert "objective/nope" in unknown.stderr and "grpo" in unknown.stderr  # Hydra lists the options

@@ -13,11 +13,22 @@ from lightning_prerl.rollout.hf import HFEngine
 
 
 def make_datamodule(tokenizer, policy, **kwargs) -> RolloutDataModule:
-    dm = RolloutDataModule(tokenizer, HFEngine, BoxedExactMatch(), toy_prompts("train", 50),
-                           toy_prompts("heldout", 6), prompts_per_step=3, samples_per_prompt=2,
-                           sampling={"max_new_tokens": 12}, eval_samples=2, eval_prompts_per_batch=4, **kwargs)
-    dm.trainer = SimpleNamespace(lightning_module=SimpleNamespace(policy=policy), global_rank=0, world_size=1,
-                                 global_step=0, current_epoch=0)
+    dm = RolloutDataModule(
+        tokenizer,
+        HFEngine,
+        BoxedExactMatch(),
+        toy_prompts("train", 50),
+        toy_prompts("heldout", 6),
+        prompts_per_step=3,
+        samples_per_prompt=2,
+        sampling={"max_new_tokens": 12},
+        eval_samples=2,
+        eval_prompts_per_batch=4,
+        **kwargs,
+    )
+    dm.trainer = SimpleNamespace(
+        lightning_module=SimpleNamespace(policy=policy), global_rank=0, world_size=1, global_step=0, current_epoch=0
+    )
     return dm
 
 

@@ -12,9 +12,16 @@ import pytest
 import torch
 from test_run import ROOT, read_rows, run_experiment, steps_with
 
-DSRL = ["objective=dsrl", "objective.switch_step=2", "eval_before_training=false",
-        "trainer.check_val_every_n_epoch=100", "data.prompts_per_step=4", "data.samples_per_prompt=4",
-        "data.sampling.max_new_tokens=48", "callbacks.checkpoint.every_n_train_steps=1"]
+DSRL = [
+    "objective=dsrl",
+    "objective.switch_step=2",
+    "eval_before_training=false",
+    "trainer.check_val_every_n_epoch=100",
+    "data.prompts_per_step=4",
+    "data.samples_per_prompt=4",
+    "data.sampling.max_new_tokens=48",
+    "callbacks.checkpoint.every_n_train_steps=1",
+]
 
 
 def phases(rows) -> dict[int, float]:
@@ -25,9 +32,13 @@ def phases(rows) -> dict[int, float]:
 def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
     run_dir = tmp_path / "killed"
     target = run_dir / "checkpoints" / "step000003.ckpt"
-    proc = subprocess.Popen([sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *DSRL,
-                             "trainer.max_steps=50"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *DSRL, "trainer.max_steps=50"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not target.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
@@ -94,8 +105,14 @@ def test_metric_plateau_triggers_the_switch():
 
     calls = []
     module = SimpleNamespace(reference=None, set_objective=lambda obj, phase: calls.append((obj.name, phase)))
-    switch = DSRLSwitch(PG(name="warm"), PG(name="main"), switch_step=None, monitor="rollout/mixed_groups",
-                        patience=2, min_warmup_steps=3)
+    switch = DSRLSwitch(
+        PG(name="warm"),
+        PG(name="main"),
+        switch_step=None,
+        monitor="rollout/mixed_groups",
+        patience=2,
+        min_warmup_steps=3,
+    )
     trainer = SimpleNamespace(callback_metrics={}, global_step=0, optimizers=[], sanity_checking=False)
     for step, value in enumerate([0.5, 0.6, 0.6, 0.55, 0.7]):
         trainer.global_step = step

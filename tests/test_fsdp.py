@@ -11,9 +11,17 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_run import read_rows, run_experiment, steps_with
 
-SMALL = ["trainer=fsdp", "objective=dsrl", "objective.switch_step=1", "trainer.check_val_every_n_epoch=3",
-         "data.prompts_per_step=2", "data.samples_per_prompt=4", "data.eval_prompts.count=8",
-         "data.sampling.max_new_tokens=48", "callbacks.checkpoint.every_n_train_steps=2"]
+SMALL = [
+    "trainer=fsdp",
+    "objective=dsrl",
+    "objective.switch_step=1",
+    "trainer.check_val_every_n_epoch=3",
+    "data.prompts_per_step=2",
+    "data.samples_per_prompt=4",
+    "data.eval_prompts.count=8",
+    "data.sampling.max_new_tokens=48",
+    "callbacks.checkpoint.every_n_train_steps=2",
+]
 
 
 @pytest.mark.slow
@@ -31,8 +39,9 @@ def test_fsdp2_trains_across_the_switch_exports_and_resumes(tmp_path):
     assert not any(hasattr(p, "device_mesh") for p in exported.parameters())
 
     resumed = tmp_path / "resumed"
-    run_experiment(resumed, *SMALL, "trainer.max_steps=4", f"ckpt_path={first / 'checkpoints' / 'step000002.ckpt'}",
-                   timeout=400)
+    run_experiment(
+        resumed, *SMALL, "trainer.max_steps=4", f"ckpt_path={first / 'checkpoints' / 'step000002.ckpt'}", timeout=400
+    )
     rows = read_rows(resumed)
     assert steps_with(rows, "train/loss") == [2, 3]
     assert {float(r["objective/phase"]) for r in rows if r.get("objective/phase")} == {1.0}

@@ -14,8 +14,10 @@ def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> Rollout
     """2 prompts x 2 samples with responses of different lengths (EOS = <|im_end|> ends three)."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompts = [enc("<|im_start|>user\nCompute 1+2<|im_end|>\n<|im_start|>assistant\n"),
-               enc("<|im_start|>user\nCompute 10-3<|im_end|>\n<|im_start|>assistant\n")]
+    prompts = [
+        enc("<|im_start|>user\nCompute 1+2<|im_end|>\n<|im_start|>assistant\n"),
+        enc("<|im_start|>user\nCompute 10-3<|im_end|>\n<|im_start|>assistant\n"),
+    ]
     responses = [enc("1+2=3.") + [eos], enc("1+2=4") + [eos], enc("10-3=7.") + [eos], enc("10-3=")]
     p_rows = [prompts[0], prompts[0], prompts[1], prompts[1]]
     pw, rw = max(map(len, p_rows)), max(map(len, responses))
@@ -24,10 +26,18 @@ def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> Rollout
     response_ids = torch.full((4, rw), pad)
     response_mask = torch.zeros((4, rw), dtype=torch.long)
     for i, (p, r) in enumerate(zip(p_rows, responses, strict=True)):
-        prompt_ids[i, pw - len(p):], prompt_mask[i, pw - len(p):] = torch.tensor(p), 1
+        prompt_ids[i, pw - len(p) :], prompt_mask[i, pw - len(p) :] = torch.tensor(p), 1
         response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
-    return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask,
-                        torch.tensor(rewards), group_size, texts=[""] * 4, has_answer=[True] * 4)
+    return RolloutBatch(
+        prompt_ids,
+        prompt_mask,
+        response_ids,
+        response_mask,
+        torch.tensor(rewards),
+        group_size,
+        texts=[""] * 4,
+        has_answer=[True] * 4,
+    )
 
 
 @pytest.fixture()

@@ -75,9 +75,16 @@ def toy_batch(tokenizer, rewards: list[float], group_size: int) -> RolloutBatch:
     response_mask = torch.zeros((n, width), dtype=torch.long)
     for i, r in enumerate(responses):
         response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
-    return RolloutBatch(torch.tensor([prompt] * n), torch.ones((n, len(prompt)), dtype=torch.long),
-                        response_ids, response_mask, torch.tensor(rewards), group_size, texts=texts[:n],
-                        has_answer=[True] * n)
+    return RolloutBatch(
+        torch.tensor([prompt] * n),
+        torch.ones((n, len(prompt)), dtype=torch.long),
+        response_ids,
+        response_mask,
+        torch.tensor(rewards),
+        group_size,
+        texts=texts[:n],
+        has_answer=[True] * n,
+    )
 
 
 @pytest.fixture()

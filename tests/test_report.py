@@ -29,8 +29,10 @@ def test_run_report_marks_the_phase_switch(tmp_path):
 
 def test_sweep_report_summarises_every_job(tmp_path):
     for job, (first, last) in enumerate([(0.4, 0.5), (0.4, 0.3)]):
-        write_metrics(tmp_path / str(job) / "logs" / "metrics.csv",
-                      [{"step": 0, "val/accuracy": first}, {"step": 10, "val/accuracy": last}])
+        write_metrics(
+            tmp_path / str(job) / "logs" / "metrics.csv",
+            [{"step": 0, "val/accuracy": first}, {"step": 10, "val/accuracy": last}],
+        )
         (tmp_path / str(job) / ".hydra").mkdir()
         (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- objective.switch_step={job}\n")
     out = plot_sweep(tmp_path)

@@ -87,8 +87,12 @@ def test_keyword_rate_counts_whole_words_longest_first():
 
 def test_generation_metrics_bundle():
     m = GenerationMetrics("val", pass_k=(1, 2), transition=["but"], reflection=["wait"])
-    m.update(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([3, 5, 7, 9]),
-             ["a", "but b", "wait", "c"], [True, True, False, None])
+    m.update(
+        torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+        torch.tensor([3, 5, 7, 9]),
+        ["a", "but b", "wait", "c"],
+        [True, True, False, None],
+    )
     out = m.compute()
     assert out["val/accuracy"] == pytest.approx(0.25)
     assert out["val/pass@2"] == pytest.approx(0.5)

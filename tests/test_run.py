@@ -10,14 +10,26 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["trainer.max_steps=3", "trainer.check_val_every_n_epoch=3", "data.prompts_per_step=4",
-        "data.samples_per_prompt=4", "data.eval_prompts.count=16", "data.eval_prompts_per_batch=8",
-        "data.sampling.max_new_tokens=64", "callbacks.checkpoint.every_n_train_steps=2"]
+FAST = [
+    "trainer.max_steps=3",
+    "trainer.check_val_every_n_epoch=3",
+    "data.prompts_per_step=4",
+    "data.samples_per_prompt=4",
+    "data.eval_prompts.count=16",
+    "data.eval_prompts_per_batch=8",
+    "data.sampling.max_new_tokens=64",
+    "callbacks.checkpoint.every_n_train_steps=2",
+]
 
 
 def run_experiment(run_dir: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -61,9 +73,18 @@ def test_default_experiment_runs_and_writes_every_artefact(tmp_path):
 def test_ddp_two_processes_train_and_agree(tmp_path):
     """Lightning DDP (gloo) with 2 CPU processes: each rank draws its own prompts, one update."""
     run_dir = tmp_path / "ddp"
-    run_experiment(run_dir, "trainer=ddp", "objective=grpo", "trainer.max_steps=2", "trainer.check_val_every_n_epoch=2",
-                   "data.prompts_per_step=2", "data.samples_per_prompt=4", "data.eval_prompts.count=8",
-                   "data.sampling.max_new_tokens=48", timeout=400)
+    run_experiment(
+        run_dir,
+        "trainer=ddp",
+        "objective=grpo",
+        "trainer.max_steps=2",
+        "trainer.check_val_every_n_epoch=2",
+        "data.prompts_per_step=2",
+        "data.samples_per_prompt=4",
+        "data.eval_prompts.count=8",
+        "data.sampling.max_new_tokens=48",
+        timeout=400,
+    )
     rows = read_rows(run_dir)
     assert steps_with(rows, "train/loss") == [0, 1]
     assert steps_with(rows, "val/accuracy") == [0, 2]

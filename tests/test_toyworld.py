@@ -37,8 +37,7 @@ def test_tokenizer_round_trips_and_has_no_bos():
     text = "Compute 23+45-17\n\\boxed{51}"
     assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
     assert tok.bos_token_id is None and tok.eos_token == "<|im_end|>"
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
-                                       tokenize=False)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
     assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -58,5 +57,7 @@ def test_auto_tokenizer_loads_the_shipped_character_tokenizer_unchanged():
 
     text = "<|im_start|>user\nCompute 1 + 2<|im_end|>\n"
     loaded = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
-    assert loaded(text, add_special_tokens=False)["input_ids"] == build_tokenizer()(text, add_special_tokens=False)[
-        "input_ids"]
+    assert (
+        loaded(text, add_special_tokens=False)["input_ids"]
+        == build_tokenizer()(text, add_special_tokens=False)["input_ids"]
+    )

@@ -66,16 +66,22 @@ def test_vllm_logprobs_match_the_policy(setup):
 
     tok, policy, engine, prompts = setup
     engine.sync(policy)
-    gen = engine.generate(prompts[:4], 2, SamplingConfig(temperature=1.0, max_new_tokens=32, seed=3),
-                          return_logprobs=True)
+    gen = engine.generate(
+        prompts[:4], 2, SamplingConfig(temperature=1.0, max_new_tokens=32, seed=3), return_logprobs=True
+    )
     n = len(gen.completions)
     rows = [p for p in prompts[:4] for _ in range(2)]
     pw, rw = max(map(len, rows)), max(map(len, gen.completions))
-    batch = RolloutBatch(torch.zeros((n, pw), dtype=torch.long), torch.zeros((n, pw), dtype=torch.long),
-                         torch.full((n, rw), tok.pad_token_id), torch.zeros((n, rw), dtype=torch.long),
-                         torch.zeros(n), 2)
+    batch = RolloutBatch(
+        torch.zeros((n, pw), dtype=torch.long),
+        torch.zeros((n, pw), dtype=torch.long),
+        torch.full((n, rw), tok.pad_token_id),
+        torch.zeros((n, rw), dtype=torch.long),
+        torch.zeros(n),
+        2,
+    )
     for i, (p, c) in enumerate(zip(rows, gen.completions, strict=True)):
-        batch.prompt_ids[i, pw - len(p):], batch.prompt_mask[i, pw - len(p):] = torch.tensor(p), 1
+        batch.prompt_ids[i, pw - len(p) :], batch.prompt_mask[i, pw - len(p) :] = torch.tensor(p), 1
         batch.response_ids[i, : len(c)], batch.response_mask[i, : len(c)] = torch.tensor(c), 1
     with torch.no_grad():
         logp, _ = sequence_logprobs(policy, batch, "conditional", 0)

@@ -68,8 +68,12 @@ class PolicyGradientObjective:
     lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
-        choices = {"space": SPACES, "samples": SAMPLES, "advantage": tuple(adv_fns.ESTIMATORS),
-                   "kl_estimator": ("k1", "k2", "k3")}
+        choices = {
+            "space": SPACES,
+            "samples": SAMPLES,
+            "advantage": tuple(adv_fns.ESTIMATORS),
+            "kl_estimator": ("k1", "k2", "k3"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objective.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")

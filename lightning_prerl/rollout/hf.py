@@ -47,10 +47,16 @@ class HFEngine:
         per_call = max(1, self.max_batch_sequences // n)
         greedy = sampling.temperature == 0
         # sharded (FSDP2) policies all-gather in every forward: ranks must step in lockstep until all finish
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not greedy, synced_gpus=is_sharded(policy),
-                      eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id,
-                      num_return_sequences=n, output_scores=return_logprobs,
-                      return_dict_in_generate=True)
+        kwargs = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            synced_gpus=is_sharded(policy),
+            eos_token_id=self.eos_token_ids,
+            pad_token_id=self.pad_token_id,
+            num_return_sequences=n,
+            output_scores=return_logprobs,
+            return_dict_in_generate=True,
+        )
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
         completions, logprobs = [], [] if return_logprobs else None

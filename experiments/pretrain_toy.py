@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lightning_prerl.rewards import BoxedExactMatch, Prompt
 from lightning_prerl.toyworld import (
@@ -105,7 +106,8 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     start, history, losses = time.time(), [], []
     model.train()
-    for step in range(1, args.steps + 1):
+    bar = tqdm(range(1, args.steps + 1), desc="pretraining", unit="step")
+    for step in bar:
         ids, labels = make_batch(tok, rng, args.batch)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id), labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -114,12 +116,13 @@ def main() -> None:
         opt.step()
         sched.step()
         losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % args.eval_every == 0 or step == args.steps:
             metrics = evaluate(model, tok, held_out)
             row = {"step": step, "minutes": (time.time() - start) / 60, "loss": sum(losses) / len(losses), **metrics}
             losses.clear()
             history.append(row)
-            print(json.dumps(row), flush=True)
+            bar.write(json.dumps(row))
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.generation_config.eos_token_id = tok.eos_token_id

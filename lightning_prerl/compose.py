@@ -1,0 +1,70 @@
+"""From a composed Hydra config to live objects: schedule/objective, module, data module, trainer.
+
+Shared by the entry points (`experiments/run.py`, `experiments/evaluate.py`). Every failure before
+compute -- a bad value, a missing file, an unknown option -- becomes one `ConfigError` line.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_prerl.config import ConfigError, check_group_choices, validate_config
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+@dataclass
+class Run:
+    """What an entry point drives."""
+
+    module: L.LightningModule
+    datamodule: L.LightningDataModule
+    trainer: L.Trainer
+    schedule: L.Callback | None
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Exit with one line when a `group=option` override names no existing option."""
+    try:
+        check_group_choices(argv, CONF_DIR)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+
+
+def build_run(cfg: DictConfig) -> Run:
+    """Validate `cfg`, then instantiate everything; exits with one line on a config mistake."""
+    try:
+        validate_config(cfg)
+        objective = instantiate(cfg.objective)
+        # a schedule (DSRL) is a callback that owns the objective of each phase
+        schedule = objective if isinstance(objective, L.Callback) else None
+        # objects go in through partials: Hydra would turn a dataclass argument back into a config
+        build_module = instantiate(cfg.module, _partial_=True, _convert_="all")
+        module = build_module(objective=getattr(schedule, "initial_objective", objective))
+        build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
+        datamodule = build_data(tokenizer=module.tokenizer, engine=instantiate(cfg.rollout))
+    except (ConfigError, InstantiationException, ValueError, FileNotFoundError) as exc:
+        sys.exit(f"config error: {' '.join(str(exc).split())}")
+
+    # post-step checkpoints are what we want; one rollout batch per epoch is what we mean
+    warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+    warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined.*")
+    L.seed_everything(cfg.seed, workers=True)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + ([schedule] if schedule else [])
+    loggers = [instantiate(lg) for lg in cfg.logger.values() if lg]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    return Run(module, datamodule, trainer, schedule)

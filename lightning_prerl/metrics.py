@@ -103,6 +103,37 @@ class KeywordRate(Metric):
         return {"rate": self.responses_with_hit / n, "per_response": self.hits / n}
 
 
+class ThoughtCounts(Metric):
+    """SEAL-style thought classification (the taxonomy the paper's 14.89x / 6.54x counts use).
+
+    Each response is split into thoughts at blank lines; a thought containing a transition
+    keyword is a transition thought, else one containing a reflection keyword is a reflection
+    thought, else an execution thought. compute() returns the mean number of transition and
+    reflection thoughts per response.
+    """
+
+    full_state_update = False
+
+    def __init__(self, transition: Sequence[str], reflection: Sequence[str]):
+        super().__init__()
+        self.transition, self.reflection = keyword_pattern(transition), keyword_pattern(reflection)
+        for name in ("transition_thoughts", "reflection_thoughts", "responses"):
+            self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            for thought in re.split(r"\n\s*\n", text):
+                if self.transition.search(thought):
+                    self.transition_thoughts += 1
+                elif self.reflection.search(thought):
+                    self.reflection_thoughts += 1
+        self.responses += len(texts)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.responses.clamp(min=1)
+        return {"transition": self.transition_thoughts / n, "reflection": self.reflection_thoughts / n}
+
+
 class GenerationMetrics(torch.nn.Module):
     """Everything measured on a set of scored generations, under one metric-key prefix.
 
@@ -124,6 +155,7 @@ class GenerationMetrics(torch.nn.Module):
         self.accuracy, self.length, self.format_valid = MeanMetric(), MeanMetric(), MeanMetric()
         self.pass_k = torch.nn.ModuleDict({str(k): PassAtK(k) for k in pass_k})
         self.transition, self.reflection = KeywordRate(transition), KeywordRate(reflection)
+        self.thoughts = ThoughtCounts(transition, reflection)
 
     def update(
         self, correct: torch.Tensor, lengths: torch.Tensor, texts: Sequence[str], has_answer: Sequence[bool | None]
@@ -139,6 +171,7 @@ class GenerationMetrics(torch.nn.Module):
                 metric.update(correct)
         self.transition.update(texts)
         self.reflection.update(texts)
+        self.thoughts.update(texts)
 
     def compute(self) -> dict[str, float]:
         p = self.prefix
@@ -152,6 +185,8 @@ class GenerationMetrics(torch.nn.Module):
             values = metric.compute()
             out[f"{p}/{name}_rate"] = values["rate"]
             out[f"{p}/{name}_per_response"] = values["per_response"]
+        for name, value in self.thoughts.compute().items():
+            out[f"{p}/{name}_thoughts"] = value
         return {k: float(v) for k, v in out.items()}
 
     def reset(self) -> None:

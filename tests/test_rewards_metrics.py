@@ -85,6 +85,20 @@ def test_keyword_rate_counts_whole_words_longest_first():
     assert out["rate"].item() == pytest.approx(2 / 3)
 
 
+def test_thought_counts_classify_each_blank_line_segment_once():
+    from lightning_prerl.metrics import ThoughtCounts
+
+    metric = ThoughtCounts(["alternatively", "but"], ["wait", "check"])
+    metric.update(
+        [
+            "Step 1.\n\nWait, check it.\n\nAlternatively, wait: redo.",  # reflection, then transition (first)
+            "No thoughts here.",
+        ]
+    )
+    out = metric.compute()
+    assert out["transition"].item() == pytest.approx(0.5) and out["reflection"].item() == pytest.approx(0.5)
+
+
 def test_generation_metrics_bundle():
     m = GenerationMetrics("val", pass_k=(1, 2), transition=["but"], reflection=["wait"])
     m.update(
@@ -99,3 +113,4 @@ def test_generation_metrics_bundle():
     assert out["val/response_length"] == pytest.approx(6.0)
     assert out["val/format_valid"] == pytest.approx(2 / 3)
     assert out["val/transition_rate"] == pytest.approx(0.25)
+    assert out["val/transition_thoughts"] == pytest.approx(0.25)

@@ -104,7 +104,7 @@ class KeywordRate(Metric):
 
 
 class ThoughtCounts(Metric):
-    """SEAL-style thought classification (the taxonomy the paper's 14.89x / 6.54x counts use).
+    """SEAL-style thought classification (most likely the taxonomy behind the paper's 14.89x / 6.54x; unverified).
 
     Each response is split into thoughts at blank lines; a thought containing a transition
     keyword is a transition thought, else one containing a reflection keyword is a reflection

@@ -34,6 +34,16 @@ def test_math_verify_reward_is_real():
     assert reward(p, "no boxed answer 0.5") == 0.0
 
 
+def test_math_verify_in_the_timeout_pool_still_scores_correct_answers():
+    """math-verify's signal-based timeouts silently zeroed every reward in threaded workers elsewhere."""
+    scorer = RewardScorer(MathVerifyReward(), timeout_s=10)
+    try:
+        result = scorer.score([Prompt("half?", r"\frac{1}{2}")] * 3, [r"\boxed{0.5}", r"\boxed{1/2}", r"\boxed{3}"])
+    finally:
+        scorer.close()
+    assert result.rewards == [1.0, 1.0, 0.0] and result.errors == 0
+
+
 def raising_reward(prompt: Prompt, completion: str) -> float:
     if "boom" in completion:
         raise RuntimeError("bad completion")

@@ -41,7 +41,7 @@ def main(cfg: DictConfig) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from lightning_prerl.compose import check_command_line
+    from lightning_prerl.config import check_command_line
 
     check_command_line(sys.argv[1:])
     main()

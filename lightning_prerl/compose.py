@@ -16,9 +16,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_prerl.config import ConfigError, check_group_choices, validate_config
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from lightning_prerl.config import ConfigError, validate_config
 
 
 @dataclass
@@ -29,14 +27,6 @@ class Run:
     datamodule: L.LightningDataModule
     trainer: L.Trainer
     schedule: L.Callback | None
-
-
-def check_command_line(argv: list[str]) -> None:
-    """Exit with one line when a `group=option` override names no existing option."""
-    try:
-        check_group_choices(argv, CONF_DIR)
-    except ConfigError as exc:
-        sys.exit(f"config error: {exc}")
 
 
 def build_run(cfg: DictConfig) -> Run:

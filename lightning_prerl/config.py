@@ -5,6 +5,7 @@ Each failure is one line naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -12,6 +13,7 @@ from omegaconf import DictConfig
 from lightning_prerl.models import resolve_model_path
 
 GROUP_ADVANTAGES = ("grpo", "group_mean")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 class ConfigError(ValueError):
@@ -72,3 +74,14 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
         for option in value.split(","):
             if option not in allowed:
                 raise ConfigError(f"{key.lstrip('+~')}={option!r} is not an option: choose one of {allowed}")
+
+
+def check_command_line(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Exit with one line when a `group=option` override names no existing option.
+
+    Runs before Hydra (and before Lightning is imported, so Lightning keeps Hydra's log handlers).
+    """
+    try:
+        check_group_choices(argv, conf_dir)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")

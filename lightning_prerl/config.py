@@ -50,6 +50,13 @@ def validate_config(cfg: DictConfig) -> None:
             )
     if cfg.trainer.get("max_steps", -1) is None or cfg.trainer.get("max_steps", -1) < 1:
         raise ConfigError(f"trainer.max_steps={cfg.trainer.get('max_steps')}: must be >= 1")
+    budget = data.sampling.max_new_tokens + (data.get("max_prompt_tokens") or 0)
+    max_len = cfg.rollout.get("max_model_len")
+    if max_len is not None and max_len < budget:
+        raise ConfigError(
+            f"rollout.max_model_len={max_len} < data.sampling.max_new_tokens + data.max_prompt_tokens = {budget}: "
+            f"the engine could not hold a full prompt and completion"
+        )
     temperature = data.sampling.temperature
     if temperature is not None and temperature < 0:
         raise ConfigError(f"data.sampling.temperature={temperature}: must be >= 0")

@@ -89,6 +89,7 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         (["model.path=/nonexistent/model"], "model.path='/nonexistent/model'"),
         (["module.pass_k=[1,4]"], "module.pass_k contains 4 > data.eval_samples=2"),
         (["trainer.max_steps=0"], "trainer.max_steps=0"),
+        (["rollout=vllm", "rollout.max_model_len=100"], "rollout.max_model_len=100 < data.sampling.max_new_tokens"),
     ],
 )
 def test_bad_values_fail_before_compute_naming_the_key(overrides, message):

@@ -132,14 +132,22 @@ def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     batch = toy_batch(tokenizer, [1, 0, 0, 1], 4)
     seen = []
-    handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     try:
         backward_objective(NSR_PRERL, policy, batch, start, micro_batch_size=2)
     finally:
         handle.remove()
     assert len(seen) == 2  # one forward per micro-batch, none conditional
-    for ids in seen:
-        assert (ids[:, 0] == start).all() and ids.shape[1] == batch.response_ids.shape[1] + 1
+    for kw, rows in zip(seen, (slice(0, 2), slice(2, 4)), strict=True):
+        resp, mask = batch.response_ids[rows], batch.response_mask[rows]
+        t = resp.shape[1]
+        # ids = [s] + y (no prompt token anywhere), positions 0..T, mask = [1] + response mask
+        assert torch.equal(kw["input_ids"], torch.cat([torch.full((2, 1), start), resp], dim=1))
+        assert torch.equal(kw["position_ids"], torch.arange(t + 1).expand(2, -1))
+        assert torch.equal(kw["attention_mask"], torch.cat([torch.ones(2, 1, dtype=mask.dtype), mask], dim=1))
+        # the EOS that ends each response is inside the mask, so it is scored
+        last = mask.sum(1) - 1
+        assert (resp[torch.arange(2), last] == tokenizer.eos_token_id).all()
 
 
 def test_lightning_modules_fix_their_objective(tiny_model_dir):

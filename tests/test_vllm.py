@@ -104,3 +104,20 @@ def test_run_with_vllm_rollouts_logs_the_time_split(vllm, tmp_path):
     # weights are pushed into the engine after every optimizer step (step 0 reuses the eval sync)
     assert all(float(r["time/sync"]) > 0 for r in rows if r.get("time/sync") and r["step"] != "0")
     assert (run_dir / "report.png").is_file()
+
+
+@pytest.mark.slow
+def test_fsdp2_policy_syncs_into_one_vllm_engine_per_rank(vllm, tmp_path):
+    """Two FSDP2 ranks, each with a colocated in-process engine fed from the gathered shards."""
+    from test_run import read_rows, run_experiment, steps_with
+
+    run_dir = tmp_path / "fsdp-vllm"
+    run_experiment(
+        run_dir, "trainer=fsdp", "rollout=vllm", "objective=grpo", "trainer.max_steps=2",
+        "trainer.check_val_every_n_epoch=2", "data.prompts_per_step=2", "data.samples_per_prompt=4",
+        "data.eval_prompts.count=8", "data.sampling.max_new_tokens=48", timeout=400,
+    )  # fmt: skip
+    rows = read_rows(run_dir)
+    assert steps_with(rows, "val/accuracy") == [0, 2]
+    sync = {int(r["step"]): float(r["time/sync"]) for r in rows if r.get("time/sync")}
+    assert sync[1] > 0  # weights pushed after the first optimizer step

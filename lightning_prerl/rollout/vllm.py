@@ -7,8 +7,9 @@ Weight sync (`sync`), behind one method:
   explicit `lm_head.weight`, which a `save_pretrained` file would lack), then the prefix cache
   is reset. Measured here: ~0.03 s for the toy policy.
 - CUDA: tensors go straight into `model.load_weights` in buckets, with no serialisation or disk.
-Sharded policies (FSDP2 DTensors) are gathered one tensor at a time into the bucket being sent,
-so no rank keeps a second full copy of the model beyond one bucket.
+Sharded policies (FSDP2 DTensors) are gathered one tensor at a time as they are packed: on CUDA
+into 256 MiB buckets, so a rank holds at most one bucket beyond its shards; on CPU into the single
+safetensors blob that `reload_weights` needs, freed as soon as the RPC returns.
 
 Generation takes token ids (no re-tokenisation drift) and returns token ids, optionally with
 vLLM's own log-probs of the sampled tokens. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here unless

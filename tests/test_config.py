@@ -43,6 +43,14 @@ def data_root(tmp_path_factory) -> Path:
     (root / "math500" / "test.jsonl").write_text(
         "\n".join(json.dumps({"problem": f"Half of {2 * i}?", "answer": str(i)}) for i in range(3))
     )
+    (root / "gsm8k").mkdir()
+    for split in ("train", "test"):
+        (root / "gsm8k" / f"{split}.jsonl").write_text(
+            "\n".join(
+                json.dumps({"question": f"{i} apples plus 1?", "answer": f"{i}+1=<<{i}+1={i + 1}>>\n#### {i + 1}"})
+                for i in range(3)
+            )
+        )
     return root
 
 

@@ -78,3 +78,36 @@ def test_prompts_over_the_length_limit_are_skipped_and_counted(tiny_model_dir, t
         assert "max_prompt_tokens=10" in str(exc)
     else:
         raise AssertionError("every prompt is longer than 10 tokens: the batch must fail loudly")
+
+
+def test_load_prompts_reads_each_answer_format(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from lightning_prerl.prompts import load_prompts
+
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "Q?", "answer": "3+4=<<3+4=7>>7\n#### 1,234"}))
+    assert load_prompts(str(gsm), "question", "answer", "gsm8k")[0].answer == "1234"
+    boxed = tmp_path / "minerva.jsonl"
+    boxed.write_text(json.dumps({"problem": "P?", "solution": r"so \boxed{\frac{1}{2}} m"}))
+    assert load_prompts(str(boxed), "problem", "solution", "boxed")[0].answer == r"\frac{1}{2}"
+    amc = tmp_path / "amc.jsonl"
+    amc.write_text(json.dumps({"problem": "P?", "answer": 27.0}))
+    assert load_prompts(str(amc))[0].answer == "27"
+    verl = tmp_path / "train.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"prompt": [{"role": "user", "content": "1+1?"}], "reward_model": {"ground_truth": {"target": "2"}}}]
+        ),
+        verl,
+    )
+    (p,) = load_prompts(str(verl), "prompt", "reward_model", system="Think.")
+    assert (p.question, p.answer, p.messages()[0]) == ("1+1?", "2", {"role": "system", "content": "Think."})
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "P?"}))
+    with pytest.raises(ValueError, match=r"bad.jsonl: record 0 has no usable 'answer' field"):
+        load_prompts(str(bad))

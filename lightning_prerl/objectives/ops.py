@@ -66,6 +66,9 @@ def token_logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of `targets` under temperature-scaled logits, and optionally the entropy.
 
+    Gathers the target logit and subtracts logsumexp instead of materialising a full (N, T, V)
+    log-softmax: with 50k-150k-token vocabularies the logits dominate memory.
+
     Args:
         logits: (N, T, V) logits that predict `targets`.
         targets: (N, T) token ids.
@@ -73,9 +76,12 @@ def token_logprobs_and_entropy(
     Returns:
         logp (N, T) and entropy (N, T) or None.
     """
-    logprobs = torch.log_softmax(logits.float() / temperature, dim=-1)  # (N, T, V)
-    logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    logits = logits.float()  # (N, T, V); no copy when already float32
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (N, T)
     if not with_entropy:
         return logp, None
+    logprobs = torch.log_softmax(logits, dim=-1)  # (N, T, V)
     entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N, T)
     return logp, entropy

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lightning_prerl.batch import pad_right
 from lightning_prerl.rewards import BoxedExactMatch, Prompt
 from lightning_prerl.toyworld import (
     SHIPPED_MODEL_DIR,
@@ -48,12 +49,8 @@ def make_batch(tok, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.
         answer_ids.append(tok.eos_token_id)
         seqs.append(prompt_ids + answer_ids)
         labels.append([-100] * len(prompt_ids) + answer_ids)
-    width = max(map(len, seqs))
-    ids = torch.full((size, width), tok.pad_token_id)
-    lab = torch.full((size, width), -100)
-    for i, (s, l) in enumerate(zip(seqs, labels, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        lab[i, : len(l)] = torch.tensor(l)
+    ids, _ = pad_right(seqs, tok.pad_token_id)
+    lab, _ = pad_right(labels, -100)
     return ids, lab
 
 

@@ -66,3 +66,20 @@ class RolloutBatch:
             rows = slice(start, min(start + size, n))
             out.append((rows, self.select(rows)))
         return out
+
+
+def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> right-padded ids (R, W) and their 0/1 mask (R, W), W = longest row (at least 1)."""
+    width = max(1, max(map(len, rows), default=0))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> left-padded ids (R, W) and mask (R, W): prompts end at the last column."""
+    ids, mask = pad_right([r[::-1] for r in rows], pad)
+    return ids.flip(1), mask.flip(1)

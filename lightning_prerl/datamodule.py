@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
 from lightning_prerl.prompts import PromptSet, render_prompt
 from lightning_prerl.rewards import Prompt, RewardFn, RewardScorer
 from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig
@@ -42,21 +42,6 @@ class _Stream(IterableDataset):
     def __iter__(self) -> Iterator[RolloutBatch]:
         for i in range(self.batches):
             yield self.build(i)
-
-
-def _pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(map(len, rows)))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return ids, mask
-
-
-def _pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    ids, mask = _pad_right([r[::-1] for r in rows], pad)
-    return ids.flip(1), mask.flip(1)
 
 
 class RolloutDataModule(L.LightningDataModule):
@@ -178,8 +163,8 @@ class RolloutDataModule(L.LightningDataModule):
             log.warning("reward failed on a completion (scored 0): %s", msg)
         t_score = time.perf_counter()
         pad = self.tokenizer.pad_token_id
-        prompt_ids, prompt_mask = _pad_left([x for x in ids for _ in range(n)], pad)
-        response_ids, response_mask = _pad_right(gen.completions, pad)
+        prompt_ids, prompt_mask = pad_left([x for x in ids for _ in range(n)], pad)
+        response_ids, response_mask = pad_right(gen.completions, pad)
         eos = self.tokenizer.eos_token_id
         truncated = sum(1 for c in gen.completions if not c or c[-1] != eos)
         return RolloutBatch(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from lightning_prerl.batch import pad_left
 from lightning_prerl.models import is_sharded
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
 
@@ -63,13 +64,8 @@ class HFEngine:
         eos = set(self.eos_token_ids)
         try:
             for start in range(0, len(prompt_ids), per_call):
-                chunk = prompt_ids[start : start + per_call]
-                width = max(map(len, chunk))
-                ids = torch.full((len(chunk), width), self.pad_token_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, p in enumerate(chunk):
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    mask[i, width - len(p) :] = 1
+                ids, mask = pad_left(prompt_ids[start : start + per_call], self.pad_token_id)
+                width = ids.shape[1]
                 out = policy.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
                 new = out.sequences[:, width:].tolist()  # (len(chunk) * n, <= max_new_tokens)
                 cut = [cut_at_eos(row, eos, self.pad_token_id) for row in new]

@@ -23,12 +23,14 @@ import torch
 from tqdm.auto import tqdm
 
 from lightning_prerl.batch import pad_right
+from lightning_prerl.prompts import render_prompt, toy_prompts
 from lightning_prerl.rewards import BoxedExactMatch, Prompt
+from lightning_prerl.rollout.engine import SamplingConfig
+from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.toyworld import (
     SHIPPED_MODEL_DIR,
     build_model,
     build_tokenizer,
-    generate_problems,
     is_held_out,
     sample_problem,
     solution_trace,
@@ -42,9 +44,7 @@ def make_batch(tok, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.
         problem = sample_problem(rng, (2, 3), 99)
         if is_held_out(problem.question):
             continue
-        msgs = [{"role": "user", "content": problem.question}]
-        prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = render_prompt(tok, Prompt(problem.question, str(problem.answer)))
         answer_ids = tok(solution_trace(problem, rng), add_special_tokens=False)["input_ids"]
         answer_ids.append(tok.eos_token_id)
         seqs.append(prompt_ids + answer_ids)
@@ -54,23 +54,16 @@ def make_batch(tok, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.
     return ids, lab
 
 
-@torch.no_grad()
-def evaluate(model, tok, problems, max_new_tokens: int = 120) -> dict[str, float]:
-    """pass@1 at temperature 1 (true sampling: top_k=0) and greedy accuracy."""
-    reward = BoxedExactMatch()
-    prompts = [Prompt(p.question, str(p.answer)) for p in problems]
-    texts = [tok.apply_chat_template(p.messages(), add_generation_prompt=True, tokenize=False) for p in prompts]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    model.eval()
+def evaluate(model, tok, prompts: list[Prompt], max_new_tokens: int = 120) -> dict[str, float]:
+    """pass@1 at temperature 1 (true sampling: top_k off) and greedy accuracy, with the RL engine."""
+    engine, reward = HFEngine(tok), BoxedExactMatch()
+    engine.sync(model)
+    ids = [render_prompt(tok, p) for p in prompts]
     out = {}
-    for name, kwargs in {
-        "pass1_t1": dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0),
-        "greedy": dict(do_sample=False),
-    }.items():
-        gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, **kwargs)
-        completions = tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    for name, temperature in (("pass1_t1", 1.0), ("greedy", 0.0)):
+        gen = engine.generate(ids, 1, SamplingConfig(temperature=temperature, max_new_tokens=max_new_tokens))
+        completions = tok.batch_decode(gen.completions, skip_special_tokens=True)
         out[name] = sum(reward(p, c) for p, c in zip(prompts, completions, strict=True)) / len(prompts)
-    model.train()
     return out
 
 
@@ -91,7 +84,7 @@ def main() -> None:
     rng = random.Random(args.seed)
     tok = build_tokenizer()
     model = build_model(tok)
-    held_out = generate_problems(200, split="heldout", seed=1234)
+    held_out = toy_prompts("heldout", 200, seed=1234)  # the RL runs' held-out set
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
 
     def lr_at(step: int) -> float:

@@ -26,7 +26,6 @@ class Run:
     module: L.LightningModule
     datamodule: L.LightningDataModule
     trainer: L.Trainer
-    schedule: L.Callback | None
 
 
 def build_run(cfg: DictConfig) -> Run:
@@ -57,4 +56,4 @@ def build_run(cfg: DictConfig) -> Run:
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + ([schedule] if schedule else [])
     loggers = [instantiate(lg) for lg in cfg.logger.values() if lg]
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    return Run(module, datamodule, trainer, schedule)
+    return Run(module, datamodule, trainer)

@@ -48,8 +48,9 @@ def validate_config(cfg: DictConfig) -> None:
                 f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
                 f"pass@k needs at least k samples per prompt"
             )
-    if cfg.trainer.get("max_steps", -1) is None or cfg.trainer.get("max_steps", -1) < 1:
-        raise ConfigError(f"trainer.max_steps={cfg.trainer.get('max_steps')}: must be >= 1")
+    max_steps = cfg.trainer.get("max_steps")
+    if max_steps is None or max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={max_steps}: must be >= 1")
     budget = data.sampling.max_new_tokens + (data.get("max_prompt_tokens") or 0)
     max_len = cfg.rollout.get("max_model_len")
     if max_len is not None and max_len < budget:
@@ -58,7 +59,7 @@ def validate_config(cfg: DictConfig) -> None:
             f"the engine could not hold a full prompt and completion"
         )
     temperature = data.sampling.temperature
-    if temperature is not None and temperature < 0:
+    if temperature < 0:
         raise ConfigError(f"data.sampling.temperature={temperature}: must be >= 0")
     try:
         resolve_model_path(cfg.model.path)

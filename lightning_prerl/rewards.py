@@ -110,6 +110,16 @@ def _score_one(reward_fn: RewardFn, prompt: Prompt, completion: str) -> float:
     return value
 
 
+def _has_answer(extract: Callable[[str], str | None] | None, completion: str) -> bool | None:
+    """Does the completion hold a parseable final answer? None when the reward cannot tell."""
+    if extract is None:
+        return None
+    try:
+        return extract(completion) is not None
+    except Exception:  # a broken extractor must not stop the run; the sample counts as unknown
+        return None
+
+
 class RewardScorer:
     """Scores completions with a reward, turning exceptions and hangs into a counted 0.
 
@@ -156,7 +166,7 @@ class RewardScorer:
         extract = getattr(self.reward_fn, "extract_answer", None)
         result = ScoreResult(
             rewards=[0.0] * len(completions),
-            has_answer=[None if extract is None else extract(c) is not None for c in completions],
+            has_answer=[_has_answer(extract, c) for c in completions],
         )
         if self.timeout_s is None:
             for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):

@@ -111,3 +111,33 @@ def test_load_prompts_reads_each_answer_format(tmp_path):
     bad.write_text(json.dumps({"problem": "P?"}))
     with pytest.raises(ValueError, match=r"bad.jsonl: record 0 has no usable 'answer' field"):
         load_prompts(str(bad))
+
+
+def test_hf_engine_samples_the_policy_itself_not_the_checkpoint_defaults(tiny_model_dir, tokenizer):
+    """Checkpoint generation defaults (top_k, repetition penalty) must not distort the samples."""
+    import torch
+
+    from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
+    from lightning_prerl.models import load_policy
+    from lightning_prerl.policy import sequence_logprobs
+    from lightning_prerl.prompts import render_prompt
+    from lightning_prerl.rollout.engine import SamplingConfig
+
+    policy = load_policy(str(tiny_model_dir))
+    policy.generation_config.top_k = 1
+    policy.generation_config.repetition_penalty = 3.0
+    engine = HFEngine(tokenizer)
+    engine.sync(policy)
+    prompts = [render_prompt(tokenizer, p) for p in toy_prompts("heldout", 3)]
+    torch.manual_seed(0)
+    gen = engine.generate(prompts, 2, SamplingConfig(temperature=1.0, max_new_tokens=16), return_logprobs=True)
+    rows = [p for p in prompts for _ in range(2)]
+    (prompt_ids, prompt_mask), (resp_ids, resp_mask) = pad_left(rows, 0), pad_right(gen.completions, 0)
+    batch = RolloutBatch(prompt_ids, prompt_mask, resp_ids, resp_mask, torch.zeros(6), 2)
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    engine_logp = pad_right([[0] * len(c) for c in gen.completions], 0)[0].float()
+    for i, lps in enumerate(gen.logprobs):
+        engine_logp[i, : len(lps)] = torch.tensor(lps)
+    assert torch.allclose(engine_logp * resp_mask, logp * resp_mask, atol=1e-4)
+    assert (logp * resp_mask).min() < -1.0  # real sampling: unlikely tokens were drawn (top_k=1 would forbid it)

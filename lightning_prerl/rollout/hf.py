@@ -1,13 +1,14 @@
 """transformers `generate` engine: samples from the live policy module itself (no weight copy).
 
 The fallback when vLLM is absent, and the reference the vLLM engine is tested against. Sampling
-is true temperature sampling: `top_k` is passed explicitly (0 = off) because `generate` would
-otherwise apply its default top_k=50.
+is true temperature sampling: generation runs from a fresh `GenerationConfig` with `top_k` 0 (off),
+because `generate` would otherwise apply its default top_k=50 and the checkpoint's own defaults.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import GenerationConfig
 
 from lightning_prerl.batch import pad_left
 from lightning_prerl.models import is_sharded
@@ -47,21 +48,26 @@ class HFEngine:
         device = next(policy.parameters()).device
         per_call = max(1, self.max_batch_sequences // n)
         greedy = sampling.temperature == 0
-        # sharded (FSDP2) policies all-gather in every forward: ranks must step in lockstep until all finish
-        kwargs = dict(
+        # a fresh GenerationConfig, also swapped in as the model's default: `generate` fills every
+        # field left at its default from `policy.generation_config`, so the checkpoint's own settings
+        # (top_k=50, repetition penalties, ...) would otherwise distort the samples
+        config = GenerationConfig(
             max_new_tokens=sampling.max_new_tokens,
             do_sample=not greedy,
-            synced_gpus=is_sharded(policy),
+            temperature=sampling.temperature if not greedy else 1.0,
+            top_p=sampling.top_p if not greedy else 1.0,
+            top_k=(sampling.top_k or 0) if not greedy else 0,
             eos_token_id=self.eos_token_ids,
             pad_token_id=self.pad_token_id,
             num_return_sequences=n,
             output_scores=return_logprobs,
             return_dict_in_generate=True,
         )
-        if not greedy:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+        # sharded (FSDP2) policies all-gather in every forward: ranks must step in lockstep until all finish
+        kwargs = dict(generation_config=config, synced_gpus=is_sharded(policy))
         completions, logprobs = [], [] if return_logprobs else None
         eos = set(self.eos_token_ids)
+        saved_config, policy.generation_config = policy.generation_config, GenerationConfig()
         try:
             for start in range(0, len(prompt_ids), per_call):
                 ids, mask = pad_left(prompt_ids[start : start + per_call], self.pad_token_id)
@@ -76,5 +82,6 @@ class HFEngine:
                     picked = steps.gather(-1, out.sequences[:, width:, None]).squeeze(-1)  # (rows, S)
                     logprobs += [picked[r, : len(c)].tolist() for r, c in enumerate(cut)]
         finally:
+            policy.generation_config = saved_config
             policy.train(was_training)
         return Generation(completions=completions, logprobs=logprobs)

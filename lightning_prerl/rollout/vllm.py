@@ -112,6 +112,7 @@ class VLLMEngine:
             enforce_eager=enforce_eager,
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=sleep_between_rollouts,
+            generation_config="vllm",  # the run's sampling settings only, never the checkpoint's defaults
         )
         self._asleep = False
         self.last_sync_bytes = 0

@@ -39,10 +39,10 @@ def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    later = run_dir / "checkpoints" / "step000004.ckpt"  # once it exists, step 3's file is complete
     deadline = time.time() + 240
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(0.5)  # let the checkpoint write finish
+    while not later.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)  # the run dies after the switch, mid-training
     proc.wait()
     assert target.exists(), proc.stderr.read().decode()[-3000:]

@@ -111,9 +111,9 @@ def test_signed_advantage_allows_one_sample_per_prompt():
 
 
 @pytest.mark.slow
-def test_run_script_reports_config_errors_in_one_line():
+def test_run_script_reports_config_errors_in_one_line(tmp_path):
     bad = subprocess.run(
-        [sys.executable, "experiments/run.py", "data.samples_per_prompt=1"],
+        [sys.executable, "experiments/run.py", "data.samples_per_prompt=1", f"hydra.run.dir={tmp_path}"],
         cwd=ROOT,
         capture_output=True,
         text=True,

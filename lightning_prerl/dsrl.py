@@ -109,9 +109,10 @@ class DSRLSwitch(L.Callback):
             self._switch(trainer, pl_module, "step" if by_step else f"{self.monitor} plateau")
 
     def _switch(self, trainer: L.Trainer, pl_module, reason: str) -> None:
-        pl_module.set_objective(self.main, phase=1)
+        # reset first: set_objective would otherwise load a base reference only to overwrite it
         if self.reset_reference and (self.main.needs_reference or pl_module.reference is not None):
             pl_module.reset_reference()
+        pl_module.set_objective(self.main, phase=1)
         if self.reset_optimizer:
             for opt in trainer.optimizers:
                 opt.state.clear()

@@ -177,7 +177,11 @@ class PolicyModule(L.LightningModule):
             self.policy = self._prepare(self._load())
             self.policy.train()
         if self.objective.needs_reference and self.reference is None:
-            self.reference = self._frozen(self._prepare(self._load()))
+            self.reference = self._new_reference()
+
+    def _new_reference(self) -> torch.nn.Module:
+        """A frozen base model, built and sharded like the policy, on the module's device."""
+        return self._frozen(self._prepare(self._load())).to(self.device)
 
     def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp), else None
@@ -196,14 +200,14 @@ class PolicyModule(L.LightningModule):
         rather than deep-copying the live, possibly sharded and hooked, policy module.
         """
         if self.reference is None:
-            self.reference = self._frozen(self._prepare(self._load())).to(self.device)
+            self.reference = self._new_reference()
         self.reference.load_state_dict(self.policy.state_dict())
 
     def set_objective(self, objective: PolicyGradientObjective, phase: int) -> None:
         """Swap the loss component; loads a reference model if the new objective needs one."""
         self.objective, self.phase = objective, phase
         if objective.needs_reference and self.reference is None:
-            self.reference = self._frozen(self._prepare(self._load())).to(self.device)
+            self.reference = self._new_reference()
         if self._trainer is not None and self.trainer.lr_scheduler_configs:
             # re-evaluate this step's learning rate so the new lr_scale applies from this step on
             for config in self.trainer.lr_scheduler_configs:
@@ -307,7 +311,7 @@ class PolicyModule(L.LightningModule):
             self.phase = saved["phase"]
         state = checkpoint.get("state_dict")
         if self.reference is None and isinstance(state, dict) and any(k.startswith("reference.") for k in state):
-            self.reference = self._frozen(self._prepare(self._load()))
+            self.reference = self._new_reference()
 
 
 class CondRL(PolicyModule):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
@@ -101,11 +100,10 @@ class VLLMEngine:
 
         path = resolve_model_path(model_path)
         self.eos_token_ids = [tokenizer.eos_token_id, *(stop_token_ids or [])]
-        self.pad_token_id = tokenizer.pad_token_id
         self.sleep_between_rollouts = sleep_between_rollouts
         self.llm = LLM(
-            model=str(Path(path)),
-            tokenizer=str(Path(path)),
+            model=str(path),
+            tokenizer=str(path),
             dtype=dtype,
             max_model_len=max_model_len,
             seed=seed,

@@ -15,13 +15,18 @@ log = logging.getLogger(__name__)
 
 
 class ExportPolicy(L.Callback):
-    """At the end of fit, `save_pretrained` the policy and tokenizer into `out_dir` (written by rank 0)."""
+    """At the end of fit, `save_pretrained` the policy and tokenizer into `out_dir` (written by rank 0).
+
+    The weights are written in the run's `model.dtype` (bf16 for the GPU presets), not in the
+    float32 of the master weights.
+    """
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        export_policy(pl_module.policy, pl_module.tokenizer, self.out_dir, write=trainer.is_global_zero)
+        dtype = pl_module.hparams.get("dtype")
+        export_policy(pl_module.policy, pl_module.tokenizer, self.out_dir, write=trainer.is_global_zero, dtype=dtype)
         if trainer.is_global_zero:
             log.info("policy exported to %s", self.out_dir)
 

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prerl.config import ConfigError, validate_config
+from lightning_prerl.models import stop_token_ids
 
 
 @dataclass
@@ -38,8 +39,10 @@ def build_run(cfg: DictConfig) -> Run:
         # objects go in through partials: Hydra would turn a dataclass argument back into a config
         build_module = instantiate(cfg.module, _partial_=True, _convert_="all")
         module = build_module(objective=getattr(schedule, "initial_objective", objective))
+        stops = stop_token_ids(module.tokenizer, cfg.model.path, cfg.model.gguf_file, cfg.model.get("stop_token_ids"))
+        engine = instantiate(cfg.rollout, stop_token_ids=stops)
         build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
-        datamodule = build_data(tokenizer=module.tokenizer, engine=instantiate(cfg.rollout))
+        datamodule = build_data(tokenizer=module.tokenizer, engine=engine)
     except (ConfigError, InstantiationException, ValueError, FileNotFoundError) as exc:
         sys.exit(f"config error: {' '.join(str(exc).split())}")
 

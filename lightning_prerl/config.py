@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_prerl.models import resolve_model_path
 
@@ -18,6 +18,35 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 class ConfigError(ValueError):
     """A composed config that cannot run."""
+
+
+def _devices(cpu_processes: int) -> int:
+    """Every visible GPU when CUDA is present, else `cpu_processes` CPU processes."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else int(cpu_processes)
+
+
+def _precision(dtype: str, param_dtype: str) -> str:
+    """Lightning's precision for (compute dtype, parameter dtype): bf16 compute over float32 weights is
+    bf16-mixed (autocast); equal dtypes need no autocast (the weights are loaded in that dtype)."""
+    if dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16: fp16 compute needs loss scaling, which this manual-optimization loop does "
+            "not do; use bfloat16"
+        )
+    return "bf16-mixed" if dtype == "bfloat16" and param_dtype != "bfloat16" else "32-true"
+
+
+# `${lp.devices:2}`, `${lp.mul:a,b}`, `${lp.precision:dtype,param_dtype}` in conf/trainer/*.yaml
+for _name, _fn in (("lp.devices", _devices), ("lp.mul", lambda a, b: int(a) * int(b)), ("lp.precision", _precision)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
+
+
+def _world_size(trainer: DictConfig) -> int | None:
+    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
+    return devices * nodes if isinstance(devices, int) else None
 
 
 def _objectives(node: DictConfig) -> list[DictConfig]:
@@ -48,6 +77,19 @@ def validate_config(cfg: DictConfig) -> None:
                 f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
                 f"pass@k needs at least k samples per prompt"
             )
+    strategy = cfg.trainer.get("strategy")
+    tp = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, DictConfig) else 1
+    if tp != 1:
+        raise ConfigError(
+            f"trainer.strategy.tensor_parallel_size={tp}: only 1 is supported (the loss normaliser and the "
+            f"rollout split assume pure data parallelism); shard with FSDP2 over data_parallel_size instead"
+        )
+    world = _world_size(cfg.trainer)
+    if world is not None and data.prompts_per_step % world:
+        raise ConfigError(
+            f"data.prompts_per_step={data.prompts_per_step} does not divide by the world size {world} "
+            f"(trainer.devices x trainer.num_nodes): it is the global number of prompts per step"
+        )
     max_steps = cfg.trainer.get("max_steps")
     if max_steps is None or max_steps < 1:
         raise ConfigError(f"trainer.max_steps={max_steps}: must be >= 1")

@@ -1,13 +1,18 @@
 """RolloutDataModule: prompts -> rollout engine (current policy) -> rewards -> RolloutBatch.
 
-One training epoch is one rollout batch: B prompts x G samples, generated lazily when the epoch's
-loader is iterated, i.e. after the previous optimizer step and with the current weights (the
-engine is synced first). Prompt slices are a pure function of the epoch index, the rank and the
-world size, so a resumed run draws exactly the prompts it would have drawn. The module never
-computes a loss; it hands the policy module a typed batch.
+One training epoch is one rollout batch: B prompts x G samples over all ranks, generated lazily
+when the epoch's loader is iterated, i.e. after the previous optimizer step and with the current
+weights (the engine is synced first). `prompts_per_step` is global: rank r of W takes the r-th of
+W equal slices of the epoch's B prompts, so a config means the same on 1 process and on 8 GPUs.
+Prompt slices and sampling seeds are pure functions of the position in the prompt stream, so a
+resumed run, or the same run on another world size, draws the same prompts and (with the seeded
+engines) the same completions. The module never computes a loss; it hands the policy module a
+typed batch.
 
-Validation batches are built the same way from the held-out prompts: k samples per prompt,
-scored, as `RolloutBatch`es with group size k.
+Ranks move in lockstep: prompts longer than `max_prompt_tokens` are dropped once, when the sets
+are loaded, by the same rule on every rank (counted and logged); held-out prompts are split so
+that each is scored exactly once over all ranks, shorter shards padded with repeats that are
+generated (same number of `generate` calls everywhere) but never scored.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
 from lightning_prerl.prompts import PromptSet, render_prompt
 from lightning_prerl.rewards import Prompt, RewardFn, RewardScorer
-from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig
+from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig, derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +58,15 @@ class RolloutDataModule(L.LightningDataModule):
         reward: reward callable `(Prompt, completion) -> float`.
         train_prompts: the training problems.
         eval_prompts: held-out problems (None: no validation).
-        prompts_per_step: B, prompts per rank per rollout batch.
+        prompts_per_step: B, prompts per rollout batch over all ranks (must divide by the world size).
         samples_per_prompt: G.
         sampling: training `SamplingConfig` fields.
         eval_samples: k samples per held-out prompt (avg@k, pass@k).
         eval_sampling: evaluation sampling fields (default: the training ones).
         eval_prompts_per_batch: held-out prompts generated per validation batch.
         reward_timeout_s: per-completion reward limit (None: in-process, no limit).
-        max_prompt_tokens: longer prompts are skipped and counted (None: no limit).
+        max_prompt_tokens: longer prompts are dropped at load time and counted (None: no limit).
+        seed: base of the per-prompt sampling seeds (`sampling.seed` overrides it).
         shuffle_seed: seed of the per-pass prompt order (None: file order).
         template_kwargs: extra `apply_chat_template` arguments (e.g. enable_thinking: false).
         name: label of the data set in logs and reports.
@@ -83,6 +89,7 @@ class RolloutDataModule(L.LightningDataModule):
         max_prompt_tokens: int | None = None,
         shuffle_seed: int | None = 0,
         template_kwargs: dict | None = None,
+        seed: int = 0,
         name: str = "data",
     ):
         super().__init__()
@@ -99,8 +106,10 @@ class RolloutDataModule(L.LightningDataModule):
         self._engine_arg = engine
         self.engine: RolloutEngine | None = None
         self.scorer = RewardScorer(reward, timeout_s=reward_timeout_s)
-        self.train_set = PromptSet(train_prompts, shuffle_seed)
+        self.train_prompts, self.shuffle_seed = train_prompts, shuffle_seed
+        self.train_set: PromptSet | None = None
         self.eval_prompts = eval_prompts or []
+        self.seed = seed
         self.prompts_per_step = prompts_per_step
         self.samples_per_prompt = samples_per_prompt
         self.sampling = SamplingConfig(**(sampling or {}))
@@ -110,6 +119,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.template_kwargs = template_kwargs or {}
         self._rendered: dict[Prompt, list[int]] = {}
+        self.dropped_prompts = {"train": 0, "eval": 0}
         self._synced_at: int | None = None
 
     # -- engine -------------------------------------------------------------------------------
@@ -119,6 +129,40 @@ class RolloutDataModule(L.LightningDataModule):
             is_factory = isinstance(arg, type) or not hasattr(arg, "generate")
             self.engine = arg(tokenizer=self.tokenizer) if is_factory else arg
         return self.engine
+
+    def setup(self, stage: str) -> None:
+        """Check the global batch against the world size; drop over-long prompts (same on every rank)."""
+        _, world = self._rank_world()
+        if self.prompts_per_step % world:
+            raise ValueError(
+                f"data.prompts_per_step={self.prompts_per_step} does not divide by the world size {world}: "
+                f"it is the global number of prompts per step, split evenly over ranks"
+            )
+        self._load_prompts()
+
+    def _load_prompts(self) -> None:
+        if self.train_set is None:
+            self.train_prompts = self._length_filter(self.train_prompts, "train")
+            self.eval_prompts = self._length_filter(self.eval_prompts, "eval")
+            self.train_set = PromptSet(self.train_prompts, self.shuffle_seed)
+
+    def _length_filter(self, prompts: list[Prompt], split: str) -> list[Prompt]:
+        if self.max_prompt_tokens is None or not prompts:
+            return prompts
+        kept = [p for p in prompts if len(self._render(p)) <= self.max_prompt_tokens]
+        self.dropped_prompts[split] = len(prompts) - len(kept)
+        if self.dropped_prompts[split]:
+            log.info(
+                "%s: %d of %d %s prompts are longer than data.max_prompt_tokens=%d and are dropped",
+                self.name,
+                self.dropped_prompts[split],
+                len(prompts),
+                split,
+                self.max_prompt_tokens,
+            )
+        if not kept:
+            raise ValueError(f"data.max_prompt_tokens={self.max_prompt_tokens}: every {split} prompt is longer")
+        return kept
 
     def teardown(self, stage: str) -> None:
         self.scorer.close()
@@ -137,7 +181,14 @@ class RolloutDataModule(L.LightningDataModule):
             self._rendered[prompt] = render_prompt(self.tokenizer, prompt, self.template_kwargs)
         return self._rendered[prompt]
 
-    def make_batch(self, prompts: list[Prompt], n: int, sampling: SamplingConfig) -> RolloutBatch:
+    def _seeds(self, purpose: str, step: int, positions: list[int]) -> list[int]:
+        """Per-prompt sampling seeds from (base seed, purpose, step, position in the prompt stream)."""
+        base = self.sampling.seed if self.sampling.seed is not None else self.seed
+        return [derive_seed(base, purpose, step, pos) for pos in positions]
+
+    def make_batch(
+        self, prompts: list[Prompt], n: int, sampling: SamplingConfig, seeds: list[int], padding_prompts: int = 0
+    ) -> RolloutBatch:
         """Generate n samples per prompt with the current policy, decode, score, pack."""
         t0 = time.perf_counter()
         engine = self._get_engine()
@@ -147,14 +198,7 @@ class RolloutDataModule(L.LightningDataModule):
             self._synced_at = step
         t_sync = time.perf_counter()
         ids = [self._render(p) for p in prompts]
-        skipped = 0
-        if self.max_prompt_tokens is not None:
-            keep = [i for i, x in enumerate(ids) if len(x) <= self.max_prompt_tokens]
-            skipped = len(ids) - len(keep)
-            prompts, ids = [prompts[i] for i in keep], [ids[i] for i in keep]
-            if not prompts:
-                raise RuntimeError(f"every prompt of this batch exceeds max_prompt_tokens={self.max_prompt_tokens}")
-        gen = engine.generate(ids, n, sampling)
+        gen = engine.generate(ids, n, sampling, seeds=seeds)
         t_gen = time.perf_counter()
         texts = self.tokenizer.batch_decode(gen.completions, skip_special_tokens=True)
         repeated = [p for p in prompts for _ in range(n)]
@@ -165,8 +209,8 @@ class RolloutDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         prompt_ids, prompt_mask = pad_left([x for x in ids for _ in range(n)], pad)
         response_ids, response_mask = pad_right(gen.completions, pad)
-        eos = self.tokenizer.eos_token_id
-        truncated = sum(1 for c in gen.completions if not c or c[-1] != eos)
+        stop = set(engine.stop_token_ids)
+        truncated = sum(1 for c in gen.completions if not c or c[-1] not in stop)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -176,10 +220,11 @@ class RolloutDataModule(L.LightningDataModule):
             group_size=n,
             texts=texts,
             has_answer=scored.has_answer,
+            padding_prompts=padding_prompts,
             stats={
                 "rollout/reward_errors": float(scored.errors),
                 "rollout/reward_timeouts": float(scored.timeouts),
-                "rollout/skipped_prompts": float(skipped),
+                "rollout/dropped_prompts": float(self.dropped_prompts["train"]),
                 "rollout/truncated": truncated / max(1, len(texts)),
                 "time/sync": t_sync - t0,
                 "time/generate": t_gen - t_sync,
@@ -188,20 +233,34 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     def train_batch(self, epoch: int) -> RolloutBatch:
-        """The rollout batch of epoch `epoch` on this rank."""
+        """This rank's slice of the global rollout batch of epoch `epoch`."""
+        self._load_prompts()
         rank, world = self._rank_world()
-        b = self.prompts_per_step
-        prompts = self.train_set.take((epoch * world + rank) * b, b)
-        return self.make_batch(prompts, self.samples_per_prompt, self.sampling)
+        b = self.prompts_per_step // world
+        start = epoch * self.prompts_per_step + rank * b  # position in the prompt stream
+        prompts = self.train_set.take(start, b)
+        seeds = self._seeds("train", 0, list(range(start, start + b)))
+        return self.make_batch(prompts, self.samples_per_prompt, self.sampling, seeds)
 
-    def _eval_shard(self) -> list[Prompt]:
+    def _eval_shard(self) -> tuple[list[int], int]:
+        """Indices of this rank's held-out prompts (every prompt once over all ranks) and how many
+        trailing ones are repeats that only keep the shards equally long."""
+        self._load_prompts()
         rank, world = self._rank_world()
-        usable = len(self.eval_prompts) - len(self.eval_prompts) % world
-        return self.eval_prompts[:usable][rank::world]
+        mine = list(range(rank, len(self.eval_prompts), world))
+        per_rank = math.ceil(len(self.eval_prompts) / world)
+        padding = per_rank - len(mine)
+        return mine + [mine[0] if mine else 0] * padding, padding
 
     def eval_batch(self, i: int) -> RolloutBatch:
-        chunk = self._eval_shard()[i * self.eval_prompts_per_batch : (i + 1) * self.eval_prompts_per_batch]
-        return self.make_batch(chunk, self.eval_samples, self.eval_sampling)
+        shard, padding = self._eval_shard()
+        size = self.eval_prompts_per_batch
+        chunk = shard[i * size : (i + 1) * size]
+        pad_here = min(len(chunk), max(0, i * size + len(chunk) - (len(shard) - padding)))  # padding ends the shard
+        step = self.trainer.global_step if self.trainer is not None else 0
+        prompts = [self.eval_prompts[j] for j in chunk]
+        seeds = self._seeds("eval", step, chunk)
+        return self.make_batch(prompts, self.eval_samples, self.eval_sampling, seeds, pad_here)
 
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -209,5 +268,5 @@ class RolloutDataModule(L.LightningDataModule):
         return DataLoader(_Stream(1, lambda _: self.train_batch(self.trainer.current_epoch)), batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        batches = math.ceil(len(self._eval_shard()) / self.eval_prompts_per_batch)
+        batches = math.ceil(len(self._eval_shard()[0]) / self.eval_prompts_per_batch)
         return DataLoader(_Stream(batches, self.eval_batch), batch_size=None)

@@ -66,18 +66,47 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "device_mesh") for p in model.parameters())
 
 
-def shard_policy(model: torch.nn.Module, mesh) -> torch.nn.Module:
-    """FSDP2: `fully_shard` every transformer block (the model's `_no_split_modules`), then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard_policy(model: torch.nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """FSDP2: `fully_shard` every transformer block (the model's `_no_split_modules`), then the root.
+
+    With a `compute_dtype` below the parameters' dtype, FSDP2's `MixedPrecisionPolicy` gathers
+    parameters in that dtype for compute and reduces gradients in float32, while the sharded
+    parameters and the optimizer state keep theirs. The root keeps its parameters (embeddings,
+    final norm, output head) unsharded from forward to backward: the chunked log-probs read the
+    head's weight after the forward pass (`policy.output_head_weight`).
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     block_types = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in block_types]
     if not blocks:
         raise ValueError(f"{type(model).__name__} declares no _no_split_modules: cannot find blocks to shard")
+    param_dtype = next(model.parameters()).dtype
+    mixed = compute_dtype is not None and compute_dtype != param_dtype
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if mixed else None
+    kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for block in blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, **kwargs)
+    fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
+
+
+def stop_token_ids(tokenizer, path: str, gguf_file: str | None = None, extra: list[int] | None = None) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS, the model's `generation_config`
+    `eos_token_id` (an int or a list: Qwen3 lists `<|im_end|>` and `<|endoftext|>`), and `extra`."""
+    ids = [tokenizer.eos_token_id]
+    directory = resolve_model_path(path)
+    if gguf_file is None and (directory / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(directory).eos_token_id
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    ids += list(extra or [])
+    vocab = len(tokenizer)
+    for i in ids:
+        if not isinstance(i, int) or not 0 <= i < vocab:
+            raise ValueError(f"model.stop_token_ids: {i!r} is not a token id of the tokenizer (0..{vocab - 1})")
+    return list(dict.fromkeys(ids))
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -89,15 +118,25 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def export_policy(model: torch.nn.Module, tokenizer, out_dir: Path, write: bool = True) -> Path:
+def export_policy(
+    model: torch.nn.Module, tokenizer, out_dir: Path, write: bool = True, dtype: str | None = None
+) -> Path:
     """`save_pretrained` of the policy and tokenizer: loadable by `AutoModelForCausalLM` and vLLM.
 
     Sharded policies are gathered first, so every rank must call this; only `write=True` ranks write.
+    `dtype` (e.g. the run's `model.dtype`) is the dtype written, whatever the master weights are.
     """
     state = full_state_dict(model)
     if write:
+        if dtype is not None:
+            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, state_dict=state)
+        saved = model.config.dtype
+        model.config.dtype = DTYPES[dtype] if dtype is not None else saved
+        try:
+            model.save_pretrained(out_dir, state_dict=state)
+        finally:
+            model.config.dtype = saved
         tokenizer.save_pretrained(out_dir)
     return out_dir
 

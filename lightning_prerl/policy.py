@@ -21,17 +21,51 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
-from lightning_prerl.models import load_policy, load_tokenizer, resolve_start_token_id, shard_policy
+from lightning_prerl.models import DTYPES, load_policy, load_tokenizer, resolve_start_token_id, shard_policy
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.objectives.ops import token_logprobs_and_entropy
+from lightning_prerl.objectives.ops import head_logprobs
+
+
+def final_hidden_states(model: torch.nn.Module, ids, attn, pos, keep: int) -> torch.Tensor:
+    """(N, keep, H) final-norm hidden states of the last `keep` positions, via the model's own forward.
+
+    The root module is called (not its decoder), so FSDP2's hooks gather and reduce the root's
+    parameters; `logits_to_keep` with no index makes the model compute no logits at all.
+    """
+    no_logits = torch.empty(0, dtype=torch.long, device=ids.device)
+    out = model(
+        input_ids=ids,
+        attention_mask=attn,
+        position_ids=pos,
+        logits_to_keep=no_logits,
+        output_hidden_states=True,
+        use_cache=False,
+    )
+    return out.hidden_states[-1][:, -keep:]  # (N, keep, H)
+
+
+def output_head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """(V, H) weight of the output head as the forward pass just used it (tied or not).
+
+    Under FSDP2 the root keeps its parameters unsharded from forward to backward
+    (`models.shard_policy`), so this is the full weight and its gradient flows into the shards.
+    """
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise ValueError(f"{type(model).__name__} soft-caps its logits: chunked log-probs do not support it")
+    weight = model.get_output_embeddings().weight
+    if hasattr(weight, "full_tensor"):
+        raise RuntimeError("the output head is sharded after forward: shard the root with reshard_after_forward=False")
+    return weight
 
 
 def sequence_logprobs(
@@ -41,12 +75,14 @@ def sequence_logprobs(
     start_token_id: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    chunk_tokens: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (N, T) of the responses, with or without their prompts.
 
     conditional: [prompt (left-padded) | response], positions count real tokens from 0.
     marginal: [start token | response], the prompt removed entirely; positions restart at 0.
     Either way the EOS token of a finished response is scored (it is inside `response_mask`).
+    The logits are never materialised: the head runs chunk by chunk (`ops.head_logprobs`).
     """
     resp, resp_mask = batch.response_ids, batch.response_mask  # (N, T)
     n, t = resp.shape
@@ -61,9 +97,9 @@ def sequence_logprobs(
         pos = torch.arange(t + 1, device=resp.device).expand(n, -1)  # (N, 1 + T)
     else:
         raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=t + 1, use_cache=False)
-    logits = out.logits[:, :-1]  # (N, T, V): position j predicts response token j
-    return token_logprobs_and_entropy(logits, resp, temperature, with_entropy)
+    hidden = final_hidden_states(model, ids, attn, pos, t + 1)[:, :-1]  # (N, T, H): position j predicts token j
+    weight = output_head_weight(model)  # (V, H)
+    return head_logprobs(hidden, weight, resp, temperature, with_entropy, chunk_tokens)
 
 
 @dataclass
@@ -74,6 +110,22 @@ class BackwardResult:
     adv: torch.Tensor
     keep: torch.Tensor
     kept_tokens: torch.Tensor
+    entropy: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class MicroBatching:
+    """How a rollout batch is cut for forward/backward (the update does not depend on it).
+
+    Attributes:
+        size: samples per micro-batch (None: no limit).
+        max_tokens: padded tokens per micro-batch, verl's dynamic batch size (None: no limit).
+        chunk_tokens: rows of the output-head chunks (None: the library's choice).
+    """
+
+    size: int | None = None
+    max_tokens: int | None = None
+    chunk_tokens: int | None = None
 
 
 def backward_objective(
@@ -82,37 +134,46 @@ def backward_objective(
     batch: RolloutBatch,
     start_token_id: int,
     temperature: float = 1.0,
-    micro_batch_size: int | None = None,
+    micro: MicroBatching = MicroBatching(),
     reference: torch.nn.Module | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     world_size: int = 1,
     global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
+    global_max: Callable[[int], int] = lambda x: x,
 ) -> BackwardResult:
     """Accumulate the gradient of `objective` over a whole rollout batch, micro-batch by micro-batch.
 
     The token-mean denominator is the number of kept response tokens of the *whole* batch on all
-    ranks (`global_sum`), so the gradient does not depend on `micro_batch_size` or `world_size`
-    (DDP averages gradients over ranks, hence the `* world_size`).
+    ranks (`global_sum`), so the gradient does not depend on the micro-batching or `world_size`
+    (DDP and FSDP average gradients over ranks, hence the `* world_size`). Every rank runs the
+    same number of micro-batches (`global_max`), also when none of its tokens is kept.
     """
     adv, keep = objective.advantages(batch.rewards, batch.group_size)  # (N,), (N,)
     mask = batch.response_mask.float() * keep[:, None].float()  # (N, T)
     kept_tokens = global_sum(mask.sum())
     total = torch.zeros((), device=mask.device)
-    if kept_tokens <= 0:
+    if kept_tokens <= 0:  # the same on every rank: nobody runs a forward pass
         return BackwardResult(total, adv, keep, kept_tokens)
-    for rows, mb in batch.micro_batches(micro_batch_size):
+    entropy_sum = torch.zeros((), device=mask.device)
+    for rows, mb in batch.micro_batches(micro.size, micro.max_tokens, global_max):
+        mb_mask = mb.response_mask.float() * keep[rows, None].float()  # (n, T')
         logp, entropy = sequence_logprobs(
-            policy, mb, objective.space, start_token_id, temperature, objective.needs_entropy
-        )  # (n, T)
+            policy, mb, objective.space, start_token_id, temperature, objective.needs_entropy, micro.chunk_tokens
+        )  # (n, T'), (n, T') or None
         ref_logp = None
         if objective.needs_reference:
             with torch.no_grad():
-                ref_logp, _ = sequence_logprobs(reference, mb, objective.space, start_token_id, temperature)
-        token_loss = objective.token_loss(logp, logp.detach(), adv[rows], ref_logp, entropy)  # (n, T)
-        loss = (token_loss * mask[rows]).sum() / kept_tokens * world_size
+                ref_logp, _ = sequence_logprobs(
+                    reference, mb, objective.space, start_token_id, temperature, chunk_tokens=micro.chunk_tokens
+                )
+        token_loss = objective.token_loss(logp, logp.detach(), adv[rows], ref_logp, entropy)  # (n, T')
+        loss = (token_loss * mb_mask).sum() / kept_tokens * world_size
         backward(loss)
         total += loss.detach() / world_size
-    return BackwardResult(total, adv, keep, kept_tokens)
+        if entropy is not None:
+            entropy_sum += (entropy.detach() * mb_mask).sum()
+    entropy_mean = global_sum(entropy_sum) / kept_tokens if objective.needs_entropy else None
+    return BackwardResult(total, adv, keep, kept_tokens, entropy_mean)
 
 
 class PolicyModule(L.LightningModule):
@@ -121,13 +182,19 @@ class PolicyModule(L.LightningModule):
     Args:
         objective: the loss component (see `lightning_prerl.objectives`).
         model_path: local HF directory, or "toy" for the shipped toy policy.
-        dtype: parameter dtype of the policy.
+        dtype: compute dtype of forward/backward (bf16 autocast, or FSDP2's mixed-precision policy).
+        param_dtype: dtype of the policy's parameters and optimizer state (master weights). Lower
+            than float32 only when asked for: AdamW steps of lr 1e-6 mostly round away in bf16.
+        activation_checkpointing: recompute each transformer block in backward (long sequences).
         gguf_file: a GGUF file inside `model_path` to load instead of safetensors.
         start_token: token replacing the prompt in prompt-free scoring (None: BOS, else the chat
             template's first special token).
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
         max_grad_norm: gradient clipping by global norm (None: off).
         micro_batch_size: samples per forward/backward (None: the whole rollout batch).
+        micro_batch_tokens: padded tokens per forward/backward instead of (or besides) a fixed
+            count, as verl's dynamic batch size (None: off).
+        logprob_chunk_tokens: token rows per output-head chunk (None: the library's choice).
         temperature: logits temperature of training log-probs (match the rollout temperature).
         pass_k: k values for validation pass@k.
         transition, reflection: behaviour keyword lists.
@@ -138,6 +205,8 @@ class PolicyModule(L.LightningModule):
         objective: PolicyGradientObjective,
         model_path: str = "toy",
         dtype: str = "float32",
+        param_dtype: str = "float32",
+        activation_checkpointing: bool = False,
         gguf_file: str | None = None,
         start_token: str | None = None,
         lr: float = 1e-5,
@@ -146,6 +215,8 @@ class PolicyModule(L.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         micro_batch_size: int | None = None,
+        micro_batch_tokens: int | None = None,
+        logprob_chunk_tokens: int | None = None,
         temperature: float = 1.0,
         pass_k: tuple[int, ...] = (1,),
         transition: tuple[str, ...] = tuple(DEFAULT_TRANSITION),
@@ -156,6 +227,15 @@ class PolicyModule(L.LightningModule):
             raise ValueError(f"module.lr={lr}: must be > 0")
         if temperature <= 0:
             raise ValueError(f"module.temperature={temperature}: must be > 0 (greedy rollouts still score at 1)")
+        for key in ("dtype", "param_dtype"):
+            if locals()[key] not in DTYPES:
+                raise ValueError(f"model.{key}={locals()[key]!r}: expected one of {list(DTYPES)}")
+        if param_dtype != "float32":
+            warnings.warn(
+                f"model.param_dtype={param_dtype}: parameters and AdamW state in {param_dtype}; small updates "
+                f"(lr 1e-6) mostly round away. Keep float32 master weights unless this is what you want.",
+                stacklevel=2,
+            )
         self.save_hyperparameters(ignore=["objective"])
         self.automatic_optimization = False
         self.objective = objective
@@ -168,24 +248,30 @@ class PolicyModule(L.LightningModule):
         self.rollout_metrics = GenerationMetrics("rollout", (), transition, reflection)
 
     # -- models -------------------------------------------------------------------------------
-    def _load(self) -> torch.nn.Module:
-        return load_policy(self.hparams.model_path, self.hparams.dtype, self.hparams.gguf_file)
+    def _load(self, dtype: str) -> torch.nn.Module:
+        return load_policy(self.hparams.model_path, dtype, self.hparams.gguf_file)
 
     def configure_model(self) -> None:
         """Load the policy (and a reference if KL is on); under FSDP2 shard both over the mesh."""
         if self.policy is None:
-            self.policy = self._prepare(self._load())
+            policy = self._load(self.hparams.param_dtype)
+            if self.hparams.activation_checkpointing:
+                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.policy = self._prepare(policy, compute_dtype=self.hparams.dtype)
             self.policy.train()
         if self.objective.needs_reference and self.reference is None:
             self.reference = self._new_reference()
 
     def _new_reference(self) -> torch.nn.Module:
-        """A frozen base model, built and sharded like the policy, on the module's device."""
-        return self._frozen(self._prepare(self._load())).to(self.device)
+        """A frozen base model in the compute dtype (it needs no master weights), sharded like the policy."""
+        return self._frozen(self._prepare(self._load(self.hparams.dtype))).to(self.device)
 
-    def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
-        mesh = self.device_mesh  # set by ModelParallelStrategy (trainer=fsdp), else None
-        return shard_policy(model, mesh["data_parallel"]) if mesh is not None else model
+    def _prepare(self, model: torch.nn.Module, compute_dtype: str | None = None) -> torch.nn.Module:
+        """Under FSDP2 (trainer=fsdp) shard over the mesh, computing in `compute_dtype`."""
+        mesh = self.device_mesh  # set by ModelParallelStrategy, else None
+        if mesh is None:
+            return model
+        return shard_policy(model, mesh["data_parallel"], DTYPES[compute_dtype] if compute_dtype else None)
 
     @staticmethod
     def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -217,6 +303,15 @@ class PolicyModule(L.LightningModule):
                 ):
                     group["lr"] = base * factor(sched.last_epoch)
 
+    def on_fit_start(self) -> None:
+        t, hp = self.trainer, self.hparams
+        rank_zero_info(
+            f"run: accelerator={type(t.accelerator).__name__.removesuffix('Accelerator').lower()} "
+            f"devices={t.num_devices} nodes={t.num_nodes} world={t.world_size} strategy={type(t.strategy).__name__} "
+            f"precision={t.precision} compute={hp.dtype} params={hp.param_dtype} "
+            f"activation_checkpointing={hp.activation_checkpointing}"
+        )
+
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
@@ -234,8 +329,22 @@ class PolicyModule(L.LightningModule):
             value = self.trainer.strategy.reduce(value.float(), reduce_op="sum")
         return value
 
+    def _global_max(self, count: int) -> int:
+        if self.trainer.world_size == 1:
+            return count
+        return int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="max"))
+
+    def _grad_norm(self) -> torch.Tensor:
+        """Global L2 norm of the gradients (DTensor shards under FSDP2 are reduced over ranks)."""
+        grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        norm = torch.nn.utils.get_total_norm(grads)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
         t0 = time.perf_counter()
+        hp = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         result = backward_objective(
@@ -243,17 +352,19 @@ class PolicyModule(L.LightningModule):
             self.policy,
             batch,
             self.start_token_id,
-            self.hparams.temperature,
-            self.hparams.micro_batch_size,
+            hp.temperature,
+            MicroBatching(hp.micro_batch_size, hp.micro_batch_tokens, hp.logprob_chunk_tokens),
             reference=self.reference,
             backward=self.manual_backward,
             world_size=self.trainer.world_size,
             global_sum=self._global_sum,
+            global_max=self._global_max,
         )
         grad_norm = torch.zeros(())
-        if result.kept_tokens > 0 and self.hparams.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.hparams.max_grad_norm)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        if result.kept_tokens > 0:
+            grad_norm = self._grad_norm()
+            if hp.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
+                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
         # a batch with nothing to learn from (e.g. NSR with no mixed group) still counts as a step
         opt.step()
         sched.step()
@@ -273,6 +384,7 @@ class PolicyModule(L.LightningModule):
             "train/adv_abs_mean": result.adv.abs().mean(),
             "train/kept_tokens": result.kept_tokens,
             "train/lr": self.optimizers().param_groups[0]["lr"],
+            **({"train/entropy": result.entropy} if result.entropy is not None else {}),
             "objective/phase": float(self.phase),
             "rollout/reward_mean": batch.rewards.mean(),
             "rollout/mixed_groups": mixed,
@@ -286,6 +398,9 @@ class PolicyModule(L.LightningModule):
 
     # -- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
+        real = len(batch) - batch.padding_prompts * batch.group_size  # lockstep padding is never scored
+        if real < len(batch):
+            batch = batch.select(slice(0, real))
         self.val_metrics.update(
             batch.rewards.view(-1, batch.group_size), batch.response_mask.sum(1), batch.texts, batch.has_answer
         )

@@ -19,12 +19,14 @@ def make_datamodule(tokenizer, policy, **kwargs) -> RolloutDataModule:
         BoxedExactMatch(),
         toy_prompts("train", 50),
         toy_prompts("heldout", 6),
-        prompts_per_step=3,
-        samples_per_prompt=2,
-        sampling={"max_new_tokens": 12},
-        eval_samples=2,
-        eval_prompts_per_batch=4,
-        **kwargs,
+        **{
+            "prompts_per_step": 3,
+            "samples_per_prompt": 2,
+            "sampling": {"max_new_tokens": 12},
+            "eval_samples": 2,
+            "eval_prompts_per_batch": 4,
+            **kwargs,
+        },
     )
     dm.trainer = SimpleNamespace(
         lightning_module=SimpleNamespace(policy=policy), global_rank=0, world_size=1, global_step=0, current_epoch=0
@@ -68,16 +70,23 @@ def test_eval_batches_cover_the_held_out_set(tiny_model_dir, tokenizer):
     assert [len(b) for b in batches] == [4 * 2, 2 * 2]
 
 
-def test_prompts_over_the_length_limit_are_skipped_and_counted(tiny_model_dir, tokenizer):
-    from lightning_prerl.models import load_policy
+def test_prompts_over_the_length_limit_are_dropped_once_at_load(tiny_model_dir, tokenizer):
+    import pytest
 
-    dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)), max_prompt_tokens=10)
-    try:
-        next(iter(dm.train_dataloader()))
-    except RuntimeError as exc:
-        assert "max_prompt_tokens=10" in str(exc)
-    else:
-        raise AssertionError("every prompt is longer than 10 tokens: the batch must fail loudly")
+    from lightning_prerl.models import load_policy
+    from lightning_prerl.prompts import render_prompt
+
+    policy = load_policy(str(tiny_model_dir))
+    lengths = [len(render_prompt(tokenizer, p)) for p in toy_prompts("train", 50)]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the prompts are longer
+    dm = make_datamodule(tokenizer, policy, max_prompt_tokens=limit)
+    dm.setup("fit")
+    assert dm.dropped_prompts["train"] == sum(n > limit for n in lengths) > 0
+    assert all(len(render_prompt(tokenizer, p)) <= limit for p in dm.train_prompts)
+    batch = dm.train_batch(0)  # a full batch of kept prompts: no rank ever draws fewer
+    assert len(batch) == 3 * 2 and batch.stats["rollout/dropped_prompts"] == dm.dropped_prompts["train"]
+    with pytest.raises(ValueError, match="max_prompt_tokens=10: every train prompt is longer"):
+        make_datamodule(tokenizer, policy, max_prompt_tokens=10).setup("fit")
 
 
 def test_load_prompts_reads_each_answer_format(tmp_path):
@@ -141,3 +150,42 @@ def test_hf_engine_samples_the_policy_itself_not_the_checkpoint_defaults(tiny_mo
         engine_logp[i, : len(lps)] = torch.tensor(lps)
     assert torch.allclose(engine_logp * resp_mask, logp * resp_mask, atol=1e-4)
     assert (logp * resp_mask).min() < -1.0  # real sampling: unlikely tokens were drawn (top_k=1 would forbid it)
+
+
+def _on_rank(dm: RolloutDataModule, rank: int, world: int) -> RolloutDataModule:
+    dm.trainer = SimpleNamespace(**{**vars(dm.trainer), "global_rank": rank, "world_size": world})
+    return dm
+
+
+def test_global_batch_is_split_over_ranks_with_the_same_samples(tiny_model_dir, tokenizer):
+    """prompts_per_step is global: 2 ranks draw the 1-process batch's prompts, in halves, and the
+    seeded engine gives them the same completions (a sample depends on its prompt's seed only)."""
+    import pytest
+
+    from lightning_prerl.models import load_policy
+
+    policy = load_policy(str(tiny_model_dir))
+    whole = make_datamodule(tokenizer, policy, prompts_per_step=4).train_batch(1)
+    halves = [_on_rank(make_datamodule(tokenizer, policy, prompts_per_step=4), r, 2).train_batch(1) for r in (0, 1)]
+    assert whole.texts == halves[0].texts + halves[1].texts
+    assert torch.equal(whole.rewards, torch.cat([h.rewards for h in halves]))
+    assert len(set(whole.texts)) > 1  # sampled, not greedy
+    with pytest.raises(ValueError, match="prompts_per_step=3 does not divide by the world size 2"):
+        _on_rank(make_datamodule(tokenizer, policy), 0, 2).setup("fit")
+
+
+def test_every_held_out_prompt_is_scored_once_over_uneven_shards(tiny_model_dir, tokenizer):
+    from lightning_prerl.models import load_policy
+
+    policy = load_policy(str(tiny_model_dir))
+    world, seen, calls = 4, [], set()
+    for rank in range(world):  # 6 held-out prompts over 4 ranks: shards of 2, 2, 1 (+1 repeat), 1 (+1 repeat)
+        dm = _on_rank(make_datamodule(tokenizer, policy), rank, world)
+        batches = list(dm.val_dataloader())
+        calls.add(len(batches))
+        for b in batches:
+            assert len(b) == 2 * 2  # same shard length on every rank: the same generate calls
+            real = len(b) // b.group_size - b.padding_prompts
+            seen += b.texts[: real * b.group_size : b.group_size]
+    assert calls == {1}
+    assert len(seen) == 6

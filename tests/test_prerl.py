@@ -12,7 +12,7 @@ import torch
 from lightning_prerl.alignment import gradient_alignment
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective as PG
-from lightning_prerl.policy import NSRPreRL, PreRL, PSRPreRL, backward_objective, sequence_logprobs
+from lightning_prerl.policy import MicroBatching, NSRPreRL, PreRL, PSRPreRL, backward_objective, sequence_logprobs
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 LENGTHS = [2, 3, 1, 2, 1, 2, 3, 4]
@@ -134,7 +134,7 @@ def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
     seen = []
     handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     try:
-        backward_objective(NSR_PRERL, policy, batch, start, micro_batch_size=2)
+        backward_objective(NSR_PRERL, policy, batch, start, micro=MicroBatching(size=2))
     finally:
         handle.remove()
     assert len(seen) == 2  # one forward per micro-batch, none conditional

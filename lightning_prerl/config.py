@@ -77,6 +77,7 @@ def validate_config(cfg: DictConfig) -> None:
                 f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
                 f"pass@k needs at least k samples per prompt"
             )
+    _precision(cfg.model.dtype, cfg.model.get("param_dtype", "float32"))  # raises on a compute dtype we cannot train in
     strategy = cfg.trainer.get("strategy")
     tp = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, DictConfig) else 1
     if tp != 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -131,12 +132,11 @@ def export_policy(
         if dtype is not None:
             state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved = model.config.dtype
-        model.config.dtype = DTYPES[dtype] if dtype is not None else saved
-        try:
-            model.save_pretrained(out_dir, state_dict=state)
-        finally:
-            model.config.dtype = saved
+        model.save_pretrained(out_dir, state_dict=state)
+        if dtype is not None:  # save_pretrained records the live parameters' dtype: record the one written
+            config = copy.deepcopy(model.config)
+            config.dtype = DTYPES[dtype]
+            config.save_pretrained(out_dir)
         tokenizer.save_pretrained(out_dir)
     return out_dir
 

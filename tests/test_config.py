@@ -98,6 +98,10 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         (["module.pass_k=[1,4]"], "module.pass_k contains 4 > data.eval_samples=2"),
         (["trainer.max_steps=0"], "trainer.max_steps=0"),
         (["rollout=vllm", "rollout.max_model_len=100"], "rollout.max_model_len=100 < data.sampling.max_new_tokens"),
+        (["trainer=fsdp", "trainer.strategy.tensor_parallel_size=2"], "tensor_parallel_size=2: only 1 is supported"),
+        (["trainer=ddp", "data.prompts_per_step=3"], "prompts_per_step=3 does not divide by the world size 2"),
+        (["trainer=fsdp", "trainer.num_nodes=2", "data.prompts_per_step=6"], "does not divide by the world size 4"),
+        (["model.dtype=float16"], "model.dtype=float16: fp16 compute needs loss scaling"),
     ],
 )
 def test_bad_values_fail_before_compute_naming_the_key(overrides, message):
@@ -137,3 +141,41 @@ def test_unknown_group_options_are_named_with_the_allowed_ones():
         check_group_choices(["objective=grpo,nope"], CONF)
     with pytest.raises(ConfigError, match=r"rollout='vlm'"):
         check_group_choices(["rollout=vlm"], CONF)
+
+
+@pytest.mark.parametrize("name", ["paper_dsrl_qwen3_4b", "paper_grpo_qwen3_4b"])
+def test_paper_presets_resolve_for_eight_gpus(name, tiny_model_dir, data_root):
+    """The paper's run on 8 GPUs: FSDP2 over all 8 ranks, 128 prompts x 8 samples per step in all
+    (16 prompts per GPU), float32 master weights with bf16 compute, activation checkpointing, bf16 vLLM."""
+    cfg = compose_cfg(f"experiment={name}", "trainer.devices=8", f"data_root={data_root}", model_dir=tiny_model_dir)
+    validate_config(cfg)
+    t = cfg.trainer
+    assert t.strategy._target_.endswith("ModelParallelStrategy") and t.accelerator == "auto"
+    assert (t.strategy.data_parallel_size, t.strategy.tensor_parallel_size) == (8, 1)
+    assert t.precision == "32-true"  # compute dtype through FSDP2's MixedPrecisionPolicy
+    module = cfg.module
+    assert (module.dtype, module.param_dtype, module.activation_checkpointing) == ("bfloat16", "float32", True)
+    assert (cfg.data.prompts_per_step, cfg.data.samples_per_prompt) == (128, 8)
+    assert cfg.module.lr == 1e-6 and cfg.module.weight_decay == 0.01 and cfg.module.max_grad_norm == 1.0
+    lengths = (cfg.data.sampling.max_new_tokens, cfg.data.max_prompt_tokens, cfg.rollout.max_model_len)
+    assert lengths == (8192, 1024, 9216)
+    assert cfg.rollout.dtype == "bfloat16" and t.max_steps == 348
+    if name == "paper_dsrl_qwen3_4b":
+        assert cfg.objective.switch_step == 19 and cfg.objective.warmup.samples == "negative"
+        assert cfg.objective.main.eps_high == 0.2 and cfg.objective.warmup.lr_scale == 1.0
+    else:
+        assert (cfg.objective.eps_low, cfg.objective.eps_high, cfg.objective.clip_c) == (0.2, 0.28, 10.0)
+
+
+def test_distributed_trainers_use_the_gpus_when_present_else_two_cpu_processes(monkeypatch):
+    import torch
+
+    for name in ("ddp", "fsdp"):
+        cfg = compose_cfg(f"trainer={name}")
+        assert cfg.trainer.accelerator == "auto" and cfg.trainer.devices == 2  # no CUDA here: 2 gloo processes
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+        assert compose_cfg(f"trainer={name}").trainer.devices == 8
+        monkeypatch.undo()
+    assert compose_cfg("model.dtype=bfloat16").trainer.precision == "bf16-mixed"
+    assert compose_cfg("model.dtype=bfloat16", "model.param_dtype=bfloat16").trainer.precision == "32-true"

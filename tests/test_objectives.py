@@ -80,3 +80,27 @@ def test_objective_rejects_bad_values_with_the_key():
         PolicyGradientObjective(clip_c=0.5)
     with pytest.raises(ValueError, match=r"objective.kl_coef=-1"):
         PolicyGradientObjective(kl_coef=-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_chunked_head_logprobs_and_entropy_equal_the_full_logits(temperature):
+    """`head_logprobs` (never holding (N, T, V)) = log-softmax / entropy of the whole logits, to 1e-5,
+    with gradients, for chunk sizes that do and do not divide N*T."""
+    from lightning_prerl.objectives.ops import head_logprobs, token_logprobs_and_entropy
+
+    torch.manual_seed(0)
+    n, t, h, v = 3, 37, 32, 5000
+    hidden = torch.randn(n, t, h, requires_grad=True)  # (N, T, H)
+    weight = (0.2 * torch.randn(v, h)).requires_grad_()  # (V, H)
+    targets = torch.randint(0, v, (n, t))  # (N, T)
+    ref_logp, ref_ent = token_logprobs_and_entropy(hidden @ weight.T, targets, temperature, True)  # (N, T)
+    ref_grads = torch.autograd.grad(ref_logp.sum() + 0.1 * ref_ent.sum(), (hidden, weight))
+    for chunk in (None, 7, 64):
+        logp, _ = head_logprobs(hidden, weight, targets, temperature, False, chunk)
+        assert torch.allclose(logp, ref_logp, atol=1e-5, rtol=0)
+        logp, ent = head_logprobs(hidden, weight, targets, temperature, True, chunk)
+        assert torch.allclose(logp, ref_logp, atol=1e-5, rtol=0)
+        assert torch.allclose(ent, ref_ent, atol=1e-5, rtol=0)
+        grads = torch.autograd.grad(logp.sum() + 0.1 * ent.sum(), (hidden, weight))
+        for g, ref in zip(grads, ref_grads, strict=True):
+            assert torch.allclose(g, ref, atol=1e-5, rtol=1e-4)

@@ -125,3 +125,66 @@ def test_kl_term_enters_the_loss(policy, tokenizer, tiny_model_dir):
     mask = batch.response_mask.float()
     expected = ((logp - ref) * mask).sum() / mask.sum()
     assert result.loss.item() == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_final_hidden_states_are_the_normed_ones_the_head_reads(tiny_model_dir):
+    """The log-prob path takes `hidden_states[-1]` of the model's own forward as the head's input; for
+    Qwen3 (the toy) and Llama (SmolLM2's architecture) that is the final-norm output."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_prerl.models import load_policy
+    from lightning_prerl.policy import final_hidden_states, output_head_weight
+
+    llama = LlamaForCausalLM(
+        LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    )
+    for model in (load_policy(str(tiny_model_dir)), llama):
+        ids = torch.randint(3, 100, (2, 9))
+        attn, pos = torch.ones_like(ids), torch.arange(9).expand(2, -1)
+        hidden = final_hidden_states(model, ids, attn, pos, keep=4)  # (2, 4, H)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -4:]  # (2, 4, V)
+        assert torch.allclose(hidden @ output_head_weight(model).T, logits, atol=1e-5)
+
+
+def _length_parity(prompt, completion: str) -> float:
+    return float(len(completion) % 2 == 0)
+
+
+@pytest.mark.parametrize(("param_dtype", "low", "high"), [("float32", 0.99, 1.0), ("bfloat16", 0.0, 0.2)])
+def test_one_adamw_step_at_lr_1e6_moves_the_weights_only_with_fp32_masters(tiny_model_dir, param_dtype, low, high):
+    """bf16 compute over float32 master weights (Lightning bf16-mixed): one AdamW step at lr 1e-6 changes
+    >= 99 % of the weights. Pure bf16 weights (asked for explicitly) lose most of that step in rounding."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_prerl.config import _precision
+    from lightning_prerl.datamodule import RolloutDataModule
+    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.rollout.hf import HFEngine
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pure-bf16 warning is the point of the second case
+        module = CondRL(model_path=str(tiny_model_dir), dtype="bfloat16", param_dtype=param_dtype, lr=1e-6)
+    module.hparams.weight_decay = 0.0  # only the gradient step moves the weights
+    dm = RolloutDataModule(
+        module.tokenizer, HFEngine, _length_parity, toy_prompts("train", 16), None, 4, 4, {"max_new_tokens": 16}
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision=_precision("bfloat16", param_dtype),
+        max_steps=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        inference_mode=False,
+    )
+    module.configure_model()
+    before = {k: v.detach().clone() for k, v in module.policy.state_dict().items()}
+    trainer.fit(module, datamodule=dm)
+    assert all(p.dtype == getattr(torch, param_dtype) for p in module.policy.parameters())
+    after = module.policy.state_dict()
+    changed = sum(int((after[k] != before[k]).sum()) for k in before)
+    total = sum(v.numel() for v in before.values())
+    assert low <= changed / total <= high, changed / total

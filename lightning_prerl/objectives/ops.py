@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+LOGITS_CHUNK_BYTES = 512 * 2**20  # float32 logits of one output-head chunk (`head_logprobs`)
+
 
 def ppo_clip_loss(
     logp: torch.Tensor,
@@ -111,13 +113,18 @@ def head_logprobs(
     -log p, logits recomputed chunk by chunk in backward, float32 accumulation for bf16 inputs).
     The entropy has no library kernel: chunks of `chunk_tokens` rows run under activation
     checkpointing, so forward keeps no logits and backward recomputes one chunk at a time.
-    Temperature scales the hidden states (logits / tau = (h / tau) W^T).
+    Temperature scales the hidden states (logits / tau = (h / tau) W^T). Under autocast both
+    operands are cast to the autocast dtype, as autocast does for the model's own head (the final
+    norm hands back float32 when its weight is a float32 master weight).
 
     Args:
         hidden: (N, T, H) final hidden states that predict `targets` (after the final norm).
-        weight: (V, H) output-head weight, unsharded (cast to `hidden`'s dtype, as autocast would).
+        weight: (V, H) output-head weight, unsharded.
         targets: (N, T) token ids.
-        chunk_tokens: rows per chunk (None: the library's choice; 1024 for the entropy path).
+        chunk_tokens: rows per chunk. None: as many rows as fit 512 MiB of float32 logits (883 rows
+            at a 151,936-token vocabulary; the whole batch for small vocabularies). torch's own
+            automatic choice is far smaller (4 rows at T = 1,024 on CPU): each chunk re-reads the
+            whole weight, and that made it 7x slower than the unchunked head (benchmarks/logprob_memory.py).
 
     Returns:
         logp (N, T) float32 and entropy (N, T) float32 or None.
@@ -126,15 +133,17 @@ def head_logprobs(
     flat = hidden.reshape(n * t, h)  # (N*T, H)
     if temperature != 1.0:
         flat = flat / temperature
+    if torch.is_autocast_enabled(flat.device.type):
+        flat = flat.to(torch.get_autocast_dtype(flat.device.type))
     weight = weight.to(flat.dtype)  # (V, H)
     tgt = targets.reshape(n * t)  # (N*T,)
+    size = chunk_tokens or max(256, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
     if not with_entropy:
-        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_tokens)
+        options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=min(size, n * t))
         nll = torch.nn.functional.linear_cross_entropy(flat, weight, tgt, reduction="none", options=options)
         return -nll.float().view(n, t), None  # (N, T)
     from torch.utils.checkpoint import checkpoint
 
-    size = chunk_tokens or 1024
     logps, entropies = [], []
     for start in range(0, n * t, size):
         rows = slice(start, start + size)

@@ -1,0 +1,141 @@
+"""CUDA-only checks: bf16 compute over float32 master weights, FSDP2 on one GPU, log-prob head memory.
+
+Every test is marked `gpu` and skipped without CUDA (`pytest -m gpu` selects them on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from test_policy import make_batch
+
+from lightning_prerl.batch import RolloutBatch
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+# FSDP2 gathers bf16 parameters and computes every op in bf16 (norms included), the reference is
+# float32 throughout: bf16 keeps 8 mantissa bits (relative step 2^-8 ~ 0.4 %), so logits over two
+# tiny layers drift by about a hundredth (the same check on CPU/gloo: max 0.016 at |logp| <= 5).
+# Bound on |logp_fsdp - logp_fp32| per scored token, ~6x that:
+BF16_ATOL, BF16_RTOL = 0.05, 0.01
+# Head memory at T = 8192, V = 151,936, H = 1024 in bf16: the weight's gradient is V*H*2 bytes
+# (0.29 GiB), the input's gradient 16 MiB, one float32 weight-gradient accumulator (0.58 GiB) and one
+# chunk's float32 logits and their gradient (the default chunk holds 512 MiB of logits: ~0.55 GiB
+# measured on CPU), about 1.4 GiB in all. One full (T, V) bf16 logits tensor alone is 2.32 GiB, and its
+# float32 softmax twice that, so the unchunked path cannot pass.
+HEAD_EXTRA_BOUND_GIB = 1.75
+
+
+def to_device(batch: RolloutBatch, device) -> RolloutBatch:
+    moved = {f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch) if f.type == "torch.Tensor"}
+    return dataclasses.replace(batch, **moved)
+
+
+def test_bf16_step_keeps_float32_master_weights_and_moves_them(tiny_model_dir, tokenizer):
+    from lightning_prerl.policy import CondRL, backward_objective
+
+    module = CondRL(model_path=str(tiny_model_dir), dtype="bfloat16", lr=1e-6)
+    module.configure_model()
+    policy = module.policy.cuda()
+    opt = module.configure_optimizers()["optimizer"]  # the module's own AdamW, lr 1e-6
+    before = [p.detach().clone() for p in policy.parameters()]
+    batch = to_device(make_batch(tokenizer), "cuda")
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = backward_objective(module.objective, policy, batch, module.start_token_id)
+    opt.step()
+    torch.cuda.synchronize()
+
+    assert torch.isfinite(result.loss)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in policy.parameters())
+    changed = sum(int((p.detach() != b).sum()) for p, b in zip(policy.parameters(), before, strict=True))
+    total = sum(b.numel() for b in before)
+    # an lr 1e-6 step is ~1e-6 per weight: visible in float32, it would round away in bf16
+    assert changed / total >= 0.99, f"only {changed}/{total} weights changed"
+
+
+def _fsdp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=rank, world_size=1)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import DTensor
+
+        from lightning_prerl.models import load_policy, load_tokenizer, shard_policy
+        from lightning_prerl.policy import sequence_logprobs
+
+        batch = to_device(make_batch(load_tokenizer(model_dir)), "cuda")
+        with torch.no_grad():
+            reference, _ = sequence_logprobs(load_policy(model_dir).cuda(), batch, "conditional", 0)  # (N, T)
+        model = shard_policy(load_policy(model_dir).cuda(), init_device_mesh("cuda", (1,)), torch.bfloat16)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        logp, _ = sequence_logprobs(model, batch, "conditional", 0)  # (N, T)
+        mask = batch.response_mask.float()  # (N, T)
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        opt.step()
+        torch.cuda.synchronize()
+        params = list(model.parameters())
+        torch.save(
+            {
+                "loss": loss.item(),
+                "all_dtensor": all(isinstance(p, DTensor) for p in params),
+                "dtypes": sorted({str(p.to_local().dtype) for p in params}),
+                "grads_finite": all(bool(torch.isfinite(p.grad.to_local()).all()) for p in params),
+                "logp": logp.detach().float().cpu(),
+                "reference": reference.cpu(),
+                "mask": batch.response_mask.bool().cpu(),
+            },
+            out,
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_one_gpu_trains_in_bf16_over_float32_shards(tiny_model_dir, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_fsdp_worker, args=(port, str(tiny_model_dir), str(out)), nprocs=1, join=True)
+    r = torch.load(out, weights_only=True)
+    assert math.isfinite(r["loss"])
+    assert r["all_dtensor"] and r["dtypes"] == ["torch.float32"] and r["grads_finite"]
+    logp, reference, mask = r["logp"][r["mask"]], r["reference"][r["mask"]], r["mask"]
+    assert mask.any()
+    err = (logp - reference).abs()
+    assert bool((err <= BF16_ATOL + BF16_RTOL * reference.abs()).all()), f"max |dlogp| {err.max():.4f}"
+    assert err.max() > 0  # the comparison really ran in bf16
+
+
+def test_head_logprobs_peak_memory_at_8192_tokens():
+    from lightning_prerl.objectives.ops import head_logprobs
+
+    torch.manual_seed(0)
+    t, v, h = 8192, 151_936, 1024
+    weight = (torch.randn(v, h, device="cuda") * h**-0.5).to(torch.bfloat16).requires_grad_()  # (V, H)
+    hidden = torch.randn(1, t, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # (1, T, H)
+    targets = torch.randint(0, v, (1, t), device="cuda")  # (1, T)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated()
+
+    logp, _ = head_logprobs(hidden, weight, targets)  # (1, T)
+    logp.sum().backward()
+    torch.cuda.synchronize()
+
+    extra_gib = (torch.cuda.max_memory_allocated() - baseline) / 2**30
+    assert torch.isfinite(logp).all() and weight.grad is not None and hidden.grad is not None
+    assert extra_gib < HEAD_EXTRA_BOUND_GIB, f"head log-probs + backward took {extra_gib:.2f} GiB above the inputs"

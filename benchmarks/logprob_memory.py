@@ -157,7 +157,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=151_936)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=1, help="torch threads in each child")
-    ap.add_argument("--chunk-tokens", type=int, default=None, help="new path's rows per chunk (default: 512 MiB of logits)")
+    ap.add_argument(
+        "--chunk-tokens", type=int, default=None, help="new path's rows per chunk (default: 512 MiB of logits)"
+    )
     ap.add_argument("--old-at-8192", action="store_true", help="also run the full-logits path at T >= 8192")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "logprob_memory.json")
     ap.add_argument("--child", nargs=2, metavar=("PATH", "T"), help=argparse.SUPPRESS)

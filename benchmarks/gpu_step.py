@@ -33,7 +33,7 @@ import torch
 
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.policy import MicroBatching, backward_objective, final_hidden_states
+from lightning_prerl.update import MicroBatching, backward_objective, final_hidden_states
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 
 from lightning_prerl.batch import RolloutBatch
-from lightning_prerl.policy import sequence_logprobs
+from lightning_prerl.update import sequence_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -128,9 +128,9 @@ def test_hf_engine_samples_the_policy_itself_not_the_checkpoint_defaults(tiny_mo
 
     from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
     from lightning_prerl.models import load_policy
-    from lightning_prerl.policy import sequence_logprobs
     from lightning_prerl.prompts import render_prompt
     from lightning_prerl.rollout.engine import SamplingConfig
+    from lightning_prerl.update import sequence_logprobs
 
     policy = load_policy(str(tiny_model_dir))
     policy.generation_config.top_k = 1

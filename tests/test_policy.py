@@ -7,7 +7,8 @@ import torch
 
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.policy import CondRL, MicroBatching, PolicyModule, backward_objective, sequence_logprobs
+from lightning_prerl.policy import CondRL, PolicyModule
+from lightning_prerl.update import MicroBatching, backward_objective, sequence_logprobs
 
 
 def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> RolloutBatch:
@@ -133,7 +134,7 @@ def test_final_hidden_states_are_the_normed_ones_the_head_reads(tiny_model_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_prerl.models import load_policy
-    from lightning_prerl.policy import final_hidden_states, output_head_weight
+    from lightning_prerl.update import final_hidden_states, output_head_weight
 
     llama = LlamaForCausalLM(
         LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)

@@ -12,7 +12,8 @@ import torch
 from lightning_prerl.alignment import gradient_alignment
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective as PG
-from lightning_prerl.policy import MicroBatching, NSRPreRL, PreRL, PSRPreRL, backward_objective, sequence_logprobs
+from lightning_prerl.policy import NSRPreRL, PreRL, PSRPreRL
+from lightning_prerl.update import MicroBatching, backward_objective, sequence_logprobs
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 LENGTHS = [2, 3, 1, 2, 1, 2, 3, 4]

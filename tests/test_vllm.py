@@ -62,7 +62,7 @@ def test_greedy_parity_before_and_after_a_real_optimizer_step_and_sync(setup):
 
 def test_vllm_logprobs_match_the_policy(setup):
     from lightning_prerl.batch import RolloutBatch
-    from lightning_prerl.policy import sequence_logprobs
+    from lightning_prerl.update import sequence_logprobs
 
     tok, policy, engine, prompts = setup
     engine.sync(policy)

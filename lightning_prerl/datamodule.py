@@ -65,6 +65,7 @@ class RolloutDataModule(L.LightningDataModule):
         eval_sampling: evaluation sampling fields (default: the training ones).
         eval_prompts_per_batch: held-out prompts generated per validation batch.
         reward_timeout_s: per-completion reward limit (None: in-process, no limit).
+        reward_workers: reward processes when `reward_timeout_s` is set (None: the cores available).
         max_prompt_tokens: longer prompts are dropped at load time and counted (None: no limit).
         seed: base of the per-prompt sampling seeds (`sampling.seed` overrides it).
         shuffle_seed: seed of the per-pass prompt order (None: file order).
@@ -86,6 +87,7 @@ class RolloutDataModule(L.LightningDataModule):
         eval_sampling: dict | None = None,
         eval_prompts_per_batch: int = 100,
         reward_timeout_s: float | None = None,
+        reward_workers: int | None = None,
         max_prompt_tokens: int | None = None,
         shuffle_seed: int | None = 0,
         template_kwargs: dict | None = None,
@@ -105,7 +107,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self._engine_arg = engine
         self.engine: RolloutEngine | None = None
-        self.scorer = RewardScorer(reward, timeout_s=reward_timeout_s)
+        self.scorer = RewardScorer(reward, timeout_s=reward_timeout_s, workers=reward_workers)
         self.train_prompts, self.shuffle_seed = train_prompts, shuffle_seed
         self.train_set: PromptSet | None = None
         self.eval_prompts = eval_prompts or []

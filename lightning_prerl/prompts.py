@@ -1,8 +1,14 @@
-"""Prompt sets (the toy world, JSONL/parquet math datasets) and their chat-template rendering."""
+"""Prompt sets (the toy world, JSONL/parquet math datasets) and their chat-template rendering.
+
+`load_prompts` turns a bad data file into one-line errors that name the file, the line or record, the
+field and the value, and skips (and counts) a record with no usable question or ground truth.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import re
 from pathlib import Path
@@ -11,6 +17,7 @@ from lightning_prerl.rewards import Prompt, last_boxed
 from lightning_prerl.toyworld import generate_problems
 
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+log = logging.getLogger(__name__)
 
 
 class PromptSet:
@@ -54,31 +61,126 @@ def toy_prompts(
     return [Prompt(p.question, str(p.answer), source=f"toy/{split}") for p in problems]
 
 
-def _answer_of(record: dict, answer_key: str, answer_format: str) -> str | None:
-    value = record.get(answer_key)
-    if isinstance(value, list):
-        value = value[0] if value else None
-    if isinstance(value, dict):  # verl parquet: reward_model.ground_truth.target
-        value = value.get("ground_truth", value)
-        value = value.get("target") if isinstance(value, dict) else value
+def _show(value) -> str:
+    """A value for a one-line message: its type and repr, cut short (a field may hold a whole book)."""
+    text = repr(value)
+    return f"{type(value).__name__}: {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _question_of(record: dict, key: str) -> tuple[str | None, str | None]:
+    """(question, None), or (None, why the record has no usable question)."""
+    if key not in record:
+        return None, f"'{key}' is missing"
+    value = record[key]
+    if isinstance(value, list):  # verl parquet: [{"role": "user", "content": ...}]
+        user = [m for m in value if isinstance(m, dict) and m.get("role") == "user"]
+        if not user:
+            return None, f"'{key}' is a list with no user message ({_show(value)})"
+        value = user[0].get("content")
     if value is None:
-        return None
+        return None, f"'{key}' is null"
+    if not isinstance(value, str):  # str(42) would be a question nobody wrote
+        return None, f"'{key}' is not text ({_show(value)})"
+    if not value.strip():
+        return None, f"'{key}' is empty"
+    return value, None
+
+
+def _answer_of(record: dict, key: str, answer_format: str) -> tuple[str | None, str | None]:
+    """(ground truth, None), or (None, why the record has no usable ground truth)."""
+    if key not in record:
+        return None, f"'{key}' is missing"
+    value = record[key]
+    if isinstance(value, list):
+        if not value:
+            return None, f"'{key}' is an empty list"
+        value = value[0]
+    if isinstance(value, dict):  # verl parquet: reward_model.ground_truth.target
+        inner = value.get("ground_truth", value)
+        inner = inner.get("target") if isinstance(inner, dict) else inner
+        if inner is None:
+            return None, f"'{key}' is a dict with no ground_truth or target ({_show(value)})"
+        value = inner
+    if value is None:
+        return None, f"'{key}' is null"
+    if isinstance(value, float) and not math.isfinite(value):  # pandas writes a missing value as NaN
+        return None, f"'{key}' is {value}"
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None, f"'{key}' is not text or a number ({_show(value)})"
     text = str(value).strip()
     if answer_format == "gsm8k":
         m = re.search(r"####\s*(.+)$", text)
-        return m.group(1).strip().replace(",", "") if m else None
-    if answer_format == "boxed":
-        return last_boxed(text)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return text or None
+        if not m:
+            return None, f"'{key}' has no '#### <answer>' line ({_show(value)})"
+        text = m.group(1).strip().replace(",", "")
+    elif answer_format == "boxed":
+        boxed = last_boxed(text)
+        if boxed is None:
+            return None, f"'{key}' has no closed \\boxed{{}} ({_show(value)})"
+        text = boxed
+    elif isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    if not text.strip():
+        return None, f"'{key}' is empty"
+    return text, None
 
 
-def _question_of(record: dict, question_key: str) -> str | None:
-    value = record.get(question_key)
-    if isinstance(value, list):  # verl parquet: [{"role": "user", "content": ...}]
-        value = next((m.get("content") for m in value if isinstance(m, dict) and m.get("role") == "user"), None)
-    return str(value) if value else None
+class LoadedPrompts(list):
+    """The prompts of a file (a plain list to its callers) plus `skipped`: records left out for want of a
+    usable question or answer."""
+
+    def __init__(self, prompts: list[Prompt], skipped: int = 0):
+        super().__init__(prompts)
+        self.skipped = skipped
+
+
+def _decode(file: Path, data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        bad = data[exc.start : exc.end]
+        raise ValueError(f"{file}: line {line}: not UTF-8 at byte {exc.start} ({exc.reason}: {bad!r})") from None
+    return text.removeprefix("\ufeff")  # a byte-order mark (Windows tools) is not part of the first record
+
+
+def _json_lines(file: Path, text: str) -> list[tuple[str, object]]:
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 or \x1c raw, which splitlines() breaks on
+    records = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            hint = " (read as JSON lines: the file does not start with '[')" if file.suffix == ".json" else ""
+            raise ValueError(f"{file}: line {n}: not valid JSON ({exc.msg}: column {exc.colno}){hint}") from None
+        except RecursionError:
+            raise ValueError(f"{file}: line {n}: not valid JSON (nested too deeply)") from None
+    return records
+
+
+def _read_records(file: Path) -> list[tuple[str, object]]:
+    """(position, record) pairs: "line N" (1-based) for JSON lines, "record N (0-based)" otherwise."""
+    if file.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(file).to_pylist()
+        except Exception as exc:  # ArrowInvalid / OSError: not parquet, truncated, or empty
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"{file}: not a readable parquet file ({reason})") from None
+        return [(f"record {i} (0-based)", row) for i, row in enumerate(rows)]
+    text = _decode(file, file.read_bytes())
+    if file.suffix != ".json" or not text.lstrip().startswith("["):
+        return _json_lines(file, text)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: line {exc.lineno}: not valid JSON ({exc.msg}: column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{file}: not valid JSON (nested too deeply)") from None
+    return [(f"record {i} (0-based)", row) for i, row in enumerate(rows)]
 
 
 def load_prompts(
@@ -91,6 +193,15 @@ def load_prompts(
 ) -> list[Prompt]:
     """Reads a JSONL, JSON-array or parquet file of problems.
 
+    A problem is never scored without a ground truth. A record with no usable answer (missing, null,
+    NaN, empty, or not in `answer_format`) or no usable question (missing, null, empty, not text) is
+    skipped and counted: one warning names the file, the count and the first 5 positions, and the result's
+    `skipped` holds the count. If none is usable, or more than half are not, the load stops instead (a wrong
+    key or format, not messy data), and so does a key that no record has. A file that cannot be read as
+    records (not UTF-8, not JSON, not parquet, a record that is not an object, no records) stops the load.
+    Every error is one line naming the file, the position (JSON lines: "line N", 1-based; JSON array or
+    parquet: "record N (0-based)"), the field and the value.
+
     Args:
         path: the file.
         question_key: field with the problem text (or verl's chat-message list).
@@ -99,30 +210,55 @@ def load_prompts(
         system: optional system message for every prompt.
         limit: keep the first `limit` records.
 
+    Returns:
+        a `LoadedPrompts` list (with `.skipped`).
+
     Raises:
-        FileNotFoundError / ValueError naming the file, the record and the field.
+        FileNotFoundError / ValueError, in one line.
     """
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"data answer_format={answer_format!r}: expected one of {list(ANSWER_FORMATS)}")
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompt file {file} does not exist")
-    if file.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        records = pq.read_table(file).to_pylist()
-    elif file.suffix == ".json":
-        records = json.loads(file.read_text())
-    else:
-        records = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-    out = []
-    for i, rec in enumerate(records[:limit] if limit else records):
-        question, answer = _question_of(rec, question_key), _answer_of(rec, answer_key, answer_format)
-        if question is None or answer is None:
-            missing = question_key if question is None else answer_key
-            raise ValueError(f"{file}: record {i} has no usable '{missing}' field (keys: {sorted(rec)})")
-        out.append(Prompt(question, answer, source=file.parent.name, system=system))
-    return out
+    records = _read_records(file)
+    records = records[:limit] if limit else records
+    if not records:
+        raise ValueError(f"{file}: no records (the file is empty or holds only blank lines or [])")
+    for pos, rec in records:
+        if not isinstance(rec, dict):
+            raise ValueError(f"{file}: {pos}: not a JSON object ({_show(rec)})")
+    for key, arg in ((question_key, "question_key"), (answer_key, "answer_key")):
+        if not any(key in rec for _, rec in records):
+            keys = sorted(set().union(*(rec for _, rec in records)))
+            shown = keys if len(keys) <= 20 else [*keys[:20], "..."]
+            raise ValueError(
+                f"{file}: record 0 has no usable '{key}' field, nor does any other: no record has the key '{key}' "
+                f"(the records have {shown}); check data {arg}"
+            )
+    kept, skipped = [], []
+    for pos, rec in records:
+        (question, q_why), (answer, a_why) = _question_of(rec, question_key), _answer_of(rec, answer_key, answer_format)
+        if q_why or a_why:
+            skipped.append(f"{pos}: " + ", ".join(w for w in (q_why, a_why) if w))
+        else:
+            kept.append(Prompt(question, answer, source=file.parent.name, system=system))
+    first = "; ".join(skipped[:5])
+    if not kept or 2 * len(skipped) > len(records):
+        raise ValueError(
+            f"{file}: {len(skipped)} of {len(records)} records have no usable question or answer, too many for "
+            f"messy data: check question_key/answer_key/answer_format (first: {first})"
+        )
+    if skipped:
+        log.warning(
+            "%s: skipped %d of %d records with no usable question or answer (never scored without a ground "
+            "truth); first: %s",
+            file,
+            len(skipped),
+            len(records),
+            first,
+        )
+    return LoadedPrompts(kept, skipped=len(skipped))
 
 
 def render_prompt(tokenizer, prompt: Prompt, template_kwargs: dict | None = None) -> list[int]:

@@ -8,18 +8,22 @@ completion. Rewards that can tell whether a completion *has* a final answer at a
 a run: a reward that raises, returns a non-finite value, or runs past `timeout_s` scores 0 and is
 counted. Hangs are only recoverable in a separate process, so with a timeout the calls run in a
 `pebble` process pool whose stuck worker is killed and replaced (math-verify's own timeouts use
-`signal.alarm`, which works in a worker's main thread but not in a thread pool).
+`signal.alarm`, which works in a worker's main thread but not in a thread pool). The answer
+extraction behind format validity runs in the same pool call, so a hang there is one timeout too.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 BOXED = re.compile(r"\\boxed\{")
+BRACES = re.compile(r"[{}]")
+MESSAGE_CHARS = 300  # an error message may quote a 1 MB completion; the log needs only its head
 
 
 @dataclass(frozen=True)
@@ -40,16 +44,26 @@ RewardFn = Callable[[Prompt, str], float]
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces, or None."""
-    starts = [m.end() for m in BOXED.finditer(text)]
-    for start in reversed(starts):
-        depth, i = 1, start
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start : i - 1]
-    return None
+    """Content of the last `\\boxed{...}` with balanced braces, or None.
+
+    One left-to-right pass matches every brace with a stack, so the cost is linear in the text: rescanning
+    from each `\\boxed{` was quadratic, seconds for a completion that repeats an unclosed `\\boxed{`.
+    """
+    boxes = {m.end() - 1 for m in BOXED.finditer(text)}  # positions of each box's opening brace
+    if not boxes:
+        return None
+    stack: list[int] = []
+    last: tuple[int, int] | None = None  # (open, close) of the latest-opening box that closes
+    for m in BRACES.finditer(text):
+        i = m.start()
+        if text[i] == "{":
+            stack.append(i)
+        elif stack:  # a stray "}" closes nothing
+            j = stack.pop()
+            # boxes close in any order (a closed box can hold a later-opening one): keep the latest opener
+            if j in boxes and (last is None or j > last[0]):
+                last = (j, i)
+    return None if last is None else text[last[0] + 1 : last[1]]
 
 
 class BoxedExactMatch:
@@ -103,6 +117,10 @@ class ScoreResult:
     messages: list[str] = field(default_factory=list)
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:MESSAGE_CHARS]
+
+
 def _score_one(reward_fn: RewardFn, prompt: Prompt, completion: str) -> float:
     value = float(reward_fn(prompt, completion))
     if not math.isfinite(value):
@@ -120,19 +138,43 @@ def _has_answer(extract: Callable[[str], str | None] | None, completion: str) ->
         return None
 
 
+def _check_and_score(reward_fn: RewardFn, prompt: Prompt, completion: str) -> tuple[bool | None, float, str | None]:
+    """(has_answer, reward, error message or None) of one completion.
+
+    One call does both so that, in the pool, a hang in either is a single timeout; the error comes back as
+    text because an exception raised in a worker may not survive pickling.
+    """
+    has = _has_answer(getattr(reward_fn, "extract_answer", None), completion)
+    try:
+        return has, _score_one(reward_fn, prompt, completion), None
+    except Exception as exc:  # a bad completion must never stop the run
+        return has, 0.0, _describe(exc)
+
+
+def available_cores() -> int:
+    """This process's share of the CPU cores: its affinity mask (a container's or a Slurm job's share)
+    divided by the ranks on this node (`LOCAL_WORLD_SIZE`), so 8 GPU ranks do not each start a pool
+    as large as the whole node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 class RewardScorer:
     """Scores completions with a reward, turning exceptions and hangs into a counted 0.
 
     Args:
         reward_fn: the reward callable (must be picklable when `timeout_s` is set).
-        timeout_s: per-completion limit; None scores in-process with no limit.
-        workers: processes in the pool when `timeout_s` is set.
+        timeout_s: per-completion limit on answer extraction plus reward; None runs both in-process with
+            no limit (an extractor that raises still only makes `has_answer` None).
+        workers: processes in the pool when `timeout_s` is set (None: the cores available).
     """
 
-    def __init__(self, reward_fn: RewardFn, timeout_s: float | None = None, workers: int = 1):
+    def __init__(self, reward_fn: RewardFn, timeout_s: float | None = None, workers: int | None = None):
+        if workers is not None and workers < 1:
+            raise ValueError(f"reward workers={workers}: must be >= 1 (or None for the cores available)")
         self.reward_fn = reward_fn
         self.timeout_s = timeout_s
-        self.workers = workers
+        self.workers = workers if workers is not None else available_cores()
         self._pool = None
 
     def _get_pool(self):
@@ -143,6 +185,7 @@ class RewardScorer:
 
             # spawn: a forked child would inherit the trainer's threads and OpenMP state
             ctx = multiprocessing.get_context("spawn")
+            # pebble kills a worker whose task timed out and starts a fresh one in the same pool
             self._pool = ProcessPool(max_workers=self.workers, context=ctx)
         return self._pool
 
@@ -162,32 +205,35 @@ class RewardScorer:
         return {**self.__dict__, "_pool": None}
 
     def score(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> ScoreResult:
-        """Scores `completions[i]` against `prompts[i]`; never raises for a bad completion."""
-        extract = getattr(self.reward_fn, "extract_answer", None)
-        result = ScoreResult(
-            rewards=[0.0] * len(completions),
-            has_answer=[_has_answer(extract, c) for c in completions],
-        )
+        """Scores `completions[i]` against `prompts[i]`; never raises for a bad completion.
+
+        A timed-out or crashed call scores 0 with `has_answer` None (unknown) and is counted.
+        """
+        pairs = list(zip(prompts, completions, strict=True))
+        result = ScoreResult(rewards=[0.0] * len(pairs), has_answer=[None] * len(pairs))
+        timed_out: set[int] = set()
         if self.timeout_s is None:
-            for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+            outcomes = [_check_and_score(self.reward_fn, p, c) for p, c in pairs]
+        else:
+            pool = self._get_pool()
+            futures = [
+                pool.schedule(_check_and_score, args=(self.reward_fn, p, c), timeout=self.timeout_s) for p, c in pairs
+            ]
+            outcomes = []
+            for i, fut in enumerate(futures):
                 try:
-                    result.rewards[i] = _score_one(self.reward_fn, p, c)
-                except Exception as exc:  # a bad completion must never stop the run
+                    outcomes.append(fut.result())
+                except FutureTimeout:
+                    timed_out.add(i)
+                    outcomes.append((None, 0.0, f"timeout after {self.timeout_s}s"))
+                except Exception as exc:  # the worker died, or the result did not pickle
+                    outcomes.append((None, 0.0, _describe(exc)))
+        for i, (has, value, error) in enumerate(outcomes):
+            result.has_answer[i], result.rewards[i] = has, value
+            if error is not None:
+                result.messages.append(error)  # in completion order
+                if i in timed_out:
+                    result.timeouts += 1
+                else:
                     result.errors += 1
-                    result.messages.append(f"{type(exc).__name__}: {exc}")
-            return result
-        pool = self._get_pool()
-        futures = [
-            pool.schedule(_score_one, args=(self.reward_fn, p, c), timeout=self.timeout_s)
-            for p, c in zip(prompts, completions, strict=True)
-        ]
-        for i, fut in enumerate(futures):
-            try:
-                result.rewards[i] = fut.result()
-            except FutureTimeout:
-                result.timeouts += 1
-                result.messages.append(f"timeout after {self.timeout_s}s")
-            except Exception as exc:
-                result.errors += 1
-                result.messages.append(f"{type(exc).__name__}: {exc}")
         return result

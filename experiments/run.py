@@ -21,9 +21,11 @@ def main(cfg: DictConfig) -> float | None:
     from lightning_prerl.compose import build_run
 
     run = build_run(cfg)
-    if cfg.eval_before_training and cfg.ckpt_path is None:
+    if cfg.eval_before_training and run.ckpt_path is None:
         run.trainer.validate(run.module, datamodule=run.datamodule)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
+    if run.module.fault is not None:
+        sys.exit(run.module.fault)
     accuracy = run.trainer.callback_metrics.get("val/accuracy")
     return None if accuracy is None else float(accuracy)  # the value Hydra sweepers optimise
 

@@ -1,7 +1,9 @@
-"""Callbacks: end-of-run export and report (the DSRL objective switch lives in `dsrl.py`)."""
+"""Callbacks and logging: end-of-run export and report, a CSV logger that survives resumes (the DSRL
+objective switch lives in `dsrl.py`, resume state in `checkpoints.py`)."""
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -50,3 +52,33 @@ class RunReport(L.Callback):
         if metrics.is_file():
             plot_run(metrics, self.out_png, self.title)
             log.info("run report: %s", self.out_png)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a run resumed in its own directory keeps its history.
+
+    CSVLogger deletes an existing metrics.csv when it starts. `resume_from(step)` keeps the rows the
+    interrupted run logged before the checkpointed step and drops the rest (the checkpoint of step k
+    is written before step k's evaluation and step k+1's training, which the resumed run logs again).
+    So an interrupted and resumed run ends with the same metrics.csv as an uninterrupted one, bar the
+    wall-clock `time/*` columns.
+    """
+
+    _kept: list[dict] | None = None
+
+    def resume_from(self, step: int) -> None:
+        path = Path(self.log_dir) / "metrics.csv"
+        if not path.is_file():
+            return
+        with open(path, newline="") as fh:
+            self._kept = [row for row in csv.DictReader(fh) if int(row["step"]) < step]
+
+    @property
+    def experiment(self):
+        writer = super().experiment
+        if self._kept:
+            kept, self._kept = self._kept, None
+            writer.metrics_keys = sorted({k for row in kept for k in row})
+            writer.metrics = [{k: v for k, v in row.items() if v not in ("", None)} for row in kept]
+            writer.save()
+        return writer

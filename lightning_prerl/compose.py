@@ -6,6 +6,7 @@ compute -- a bad value, a missing file, an unknown option -- becomes one `Config
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from dataclasses import dataclass
@@ -16,8 +17,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_prerl.callbacks import ResumableCSVLogger
+from lightning_prerl.checkpoints import CheckpointError, RunState, check_checkpoint, checkpoint_step, newest_checkpoint
 from lightning_prerl.config import ConfigError, validate_config
-from lightning_prerl.models import stop_token_ids
+from lightning_prerl.models import resolve_model_path, stop_token_ids
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,12 +32,30 @@ class Run:
     module: L.LightningModule
     datamodule: L.LightningDataModule
     trainer: L.Trainer
+    ckpt_path: str | None = None  # the checkpoint to resume from (`ckpt_path=auto` resolved)
+
+
+def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
+    """(checkpoint path, its global step) for `cfg.ckpt_path`, checked before any model is loaded."""
+    if cfg.ckpt_path is None:
+        return None, 0
+    if cfg.ckpt_path == "auto":
+        path = newest_checkpoint(Path(cfg.run_dir))
+        if path is None:
+            log.info("ckpt_path=auto: no complete checkpoint in %s, starting fresh", cfg.run_dir)
+            return None, 0
+    else:
+        path = Path(cfg.ckpt_path)
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    check_checkpoint(path, resolve_model_path(cfg.model.path), objective)
+    return str(path), checkpoint_step(path)
 
 
 def build_run(cfg: DictConfig) -> Run:
     """Validate `cfg`, then instantiate everything; exits with one line on a config mistake."""
     try:
         validate_config(cfg)
+        ckpt_path, resume_step = resolve_checkpoint(cfg)
         objective = instantiate(cfg.objective)
         # a schedule (DSRL) is a callback that owns the objective of each phase
         schedule = objective if isinstance(objective, L.Callback) else None
@@ -43,7 +66,7 @@ def build_run(cfg: DictConfig) -> Run:
         engine = instantiate(cfg.rollout, stop_token_ids=stops)
         build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
         datamodule = build_data(tokenizer=module.tokenizer, engine=engine)
-    except (ConfigError, InstantiationException, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, CheckpointError, InstantiationException, ValueError, FileNotFoundError) as exc:
         sys.exit(f"config error: {' '.join(str(exc).split())}")
 
     # post-step checkpoints are what we want; one rollout batch per epoch is what we mean
@@ -57,6 +80,10 @@ def build_run(cfg: DictConfig) -> Run:
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + ([schedule] if schedule else [])
+    callbacks.append(RunState(OmegaConf.to_container(cfg.objective, resolve=True)))
     loggers = [instantiate(lg) for lg in cfg.logger.values() if lg]
+    for lg in loggers:
+        if ckpt_path is not None and isinstance(lg, ResumableCSVLogger):
+            lg.resume_from(resume_step)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    return Run(module, datamodule, trainer)
+    return Run(module, datamodule, trainer, ckpt_path)

@@ -120,9 +120,22 @@ class DSRLSwitch(L.Callback):
         log.info("DSRL: %s -> %s at step %d (%s)", self.warmup.name, self.main.name, self.switched_at, reason)
 
     # -- checkpoint state ---------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.main.needs_reference or self.warmup.needs_reference:
+            # built with the policy in `configure_model`, so a sharded (FSDP2) checkpoint has its shards
+            # to restore into, whichever side of the switch it was written on
+            pl_module.reference_needed = True
+
     def state_dict(self) -> dict:
-        return {"switched_at": self.switched_at, "best": self._best, "stale": self._stale}
+        return {
+            "switched_at": self.switched_at,
+            "best": self._best,
+            "stale": self._stale,
+            "plateaued": self._plateaued,
+            "switch_step": self.switch_step,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.switched_at = state_dict["switched_at"]
         self._best, self._stale = state_dict["best"], state_dict["stale"]
+        self._plateaued = state_dict.get("plateaued", False)

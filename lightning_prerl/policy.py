@@ -19,10 +19,12 @@ step, old log-probs equal the detached current ones (ratio 1 at the step).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -33,6 +35,8 @@ from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, Gene
 from lightning_prerl.models import DTYPES, load_policy, load_tokenizer, resolve_start_token_id, shard_policy
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.update import BackwardResult, MicroBatching, backward_objective
+
+log = logging.getLogger(__name__)
 
 
 class PolicyModule(L.LightningModule):
@@ -50,6 +54,9 @@ class PolicyModule(L.LightningModule):
             template's first special token).
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
         max_grad_norm: gradient clipping by global norm (None: off).
+        max_bad_steps: a step whose loss or gradient is not finite is skipped (weights and optimizer
+            state untouched, counted in `train/skipped_steps`); this many in a row stop the run, with
+            a checkpoint of the weights from before the fault.
         micro_batch_size: samples per forward/backward (None: the whole rollout batch).
         micro_batch_tokens: padded tokens per forward/backward instead of (or besides) a fixed
             count, as verl's dynamic batch size (None: off).
@@ -73,6 +80,7 @@ class PolicyModule(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
+        max_bad_steps: int = 3,
         micro_batch_size: int | None = None,
         micro_batch_tokens: int | None = None,
         logprob_chunk_tokens: int | None = None,
@@ -99,6 +107,9 @@ class PolicyModule(L.LightningModule):
         self.automatic_optimization = False
         self.objective = objective
         self.phase = 0
+        self.skipped_steps, self.bad_in_row = 0, 0
+        self.fault: str | None = None  # set when the run stopped on non-finite steps
+        self.reference_needed = False  # a later phase (DSRL) needs the reference: build it up front
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.tokenizer = load_tokenizer(model_path, gguf_file)
@@ -118,7 +129,7 @@ class PolicyModule(L.LightningModule):
                 policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self.policy = self._prepare(policy, compute_dtype=self.hparams.dtype)
             self.policy.train()
-        if self.objective.needs_reference and self.reference is None:
+        if (self.objective.needs_reference or self.reference_needed) and self.reference is None:
             self.reference = self._new_reference()
 
     def _new_reference(self) -> torch.nn.Module:
@@ -171,6 +182,25 @@ class PolicyModule(L.LightningModule):
             f"activation_checkpointing={hp.activation_checkpointing}"
         )
 
+    def on_train_start(self) -> None:
+        """A resumed run first evaluates, if an evaluation was due at the checkpointed step.
+
+        Checkpoints are written at the end of a step's training batch, before that step's held-out
+        evaluation; without this the resumed run would skip it and lose a point of the curve.
+        """
+        t = self.trainer
+        every, step = t.check_val_every_n_epoch, t.global_step
+        if t.ckpt_path is None or not every or step == 0 or step % every or not t.datamodule.eval_prompts:
+            return
+        for i, batch in enumerate(t.datamodule.val_dataloader()):
+            self.validation_step(batch, i)
+        self.on_validation_epoch_end()
+        from lightning_prerl.dsrl import DSRLSwitch  # its metric trigger observes every evaluation
+
+        for callback in t.callbacks:
+            if isinstance(callback, DSRLSwitch):
+                callback.on_validation_end(t, self)
+
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
@@ -184,8 +214,8 @@ class PolicyModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.trainer.world_size > 1:
-            value = self.trainer.strategy.reduce(value.float(), reduce_op="sum")
+        if self.trainer.world_size > 1:  # a copy: the all-reduce works in place
+            value = self.trainer.strategy.reduce(value.detach().float().clone(), reduce_op="sum")
         return value
 
     def _global_max(self, count: int) -> int:
@@ -202,7 +232,7 @@ class PolicyModule(L.LightningModule):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
-        t0 = time.perf_counter()
+        t0, step = time.perf_counter(), self.trainer.global_step
         hp = self.hparams
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
@@ -221,28 +251,52 @@ class PolicyModule(L.LightningModule):
         )
         grad_norm = torch.zeros(())
         if result.kept_tokens > 0:
-            grad_norm = self._grad_norm()
+            grad_norm = self._grad_norm()  # global: every rank takes the same decision below
+            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self._global_sum(result.loss)))
+            if not finite:
+                self._skip_bad_step(opt)
+                self._log_step(step, batch, result, grad_norm, time.perf_counter() - t0)
+                return result.loss
             if hp.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
                 self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+        self.bad_in_row = 0
         # a batch with nothing to learn from (e.g. NSR with no mixed group) still counts as a step
         opt.step()
         sched.step()
-        self._log_step(batch, result, grad_norm, time.perf_counter() - t0)
+        self._log_step(step, batch, result, grad_norm, time.perf_counter() - t0)
         return result.loss
 
-    def _log_step(self, batch: RolloutBatch, result: BackwardResult, grad_norm, train_time: float) -> None:
+    def _skip_bad_step(self, opt) -> None:
+        """A non-finite loss or gradient: no optimizer step; too many in a row stop the run."""
+        opt.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_in_row += 1
+        step = self.trainer.global_step
+        log.warning("non-finite loss or gradient at step %d: step skipped (%d in a row)", step, self.bad_in_row)
+        if self.bad_in_row >= self.hparams.max_bad_steps:
+            path = Path(self.trainer.default_root_dir) / "checkpoints" / f"fault-step{step:06d}.ckpt"
+            self.trainer.save_checkpoint(path)  # the weights are still those from before the fault
+            self.fault = (
+                f"run stopped: {self.bad_in_row} steps in a row had a non-finite loss or gradient "
+                f"(module.max_bad_steps={self.hparams.max_bad_steps}) at step {step}; weights from before "
+                f"the fault: {path}"
+            )
+            self.trainer.should_stop = True
+
+    def _log_step(self, step: int, batch: RolloutBatch, result: BackwardResult, grad_norm, train_time: float) -> None:
         g = batch.group_size
         grouped = batch.rewards.view(-1, g)  # (B, G)
         mixed = (grouped.max(1).values > grouped.min(1).values).float().mean()
         lengths = batch.response_mask.sum(1)  # (N,)
         self.rollout_metrics.update(grouped, lengths, batch.texts, batch.has_answer)
         stats = {
-            "train/loss": self._global_sum(result.loss),  # each rank holds its share of the global token mean
+            "train/loss": result.loss * self.trainer.world_size,  # a rank's share of the global mean; x W then mean
             "train/grad_norm": grad_norm,
             "train/kept_samples": result.keep.float().mean(),
             "train/adv_abs_mean": result.adv.abs().mean(),
             "train/kept_tokens": result.kept_tokens,
             "train/lr": self.optimizers().param_groups[0]["lr"],
+            "train/skipped_steps": float(self.skipped_steps),
             **({"train/entropy": result.entropy} if result.entropy is not None else {}),
             "objective/phase": float(self.phase),
             "rollout/reward_mean": batch.rewards.mean(),
@@ -252,8 +306,16 @@ class PolicyModule(L.LightningModule):
         }
         stats.update(self.rollout_metrics.compute())
         self.rollout_metrics.reset()
-        stats = {k: torch.as_tensor(v, dtype=torch.float32, device=self.device) for k, v in stats.items()}
-        self.log_dict(stats, on_step=True, on_epoch=False, sync_dist=self.trainer.world_size > 1, batch_size=len(batch))
+        keys = list(stats)
+        values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.device) for k in keys])  # (K,)
+        if self.trainer.world_size > 1:
+            values = self.trainer.strategy.reduce(values, reduce_op="mean")  # one all-reduce for every stat
+        row = dict(zip(keys, values.tolist(), strict=True))
+        # written now, inside the step: the step's checkpoint (saved at batch end) never precedes its row
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(row, step=step)
+        self.log_dict(row, on_step=True, on_epoch=False, logger=False, batch_size=len(batch))  # callbacks, progress
 
     # -- evaluation ---------------------------------------------------------------------------
     def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
@@ -277,12 +339,15 @@ class PolicyModule(L.LightningModule):
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["objective"] = {"config": asdict(self.objective), "phase": self.phase}
+        checkpoint["faults"] = {"skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("objective")
         if saved is not None:
             self.objective = PolicyGradientObjective(**saved["config"])
             self.phase = saved["phase"]
+        faults = checkpoint.get("faults", {})
+        self.skipped_steps, self.bad_in_row = faults.get("skipped_steps", 0), faults.get("bad_in_row", 0)
         state = checkpoint.get("state_dict")
         if self.reference is None and isinstance(state, dict) and any(k.startswith("reference.") for k in state):
             self.reference = self._new_reference()

@@ -21,6 +21,7 @@ DSRL = [
     "data.samples_per_prompt=4",
     "data.sampling.max_new_tokens=48",
     "callbacks.checkpoint.every_n_train_steps=1",
+    "callbacks.checkpoint.save_top_k=-1",
 ]
 
 

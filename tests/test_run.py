@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
     "trainer.max_steps=3",
+    "objective.switch_step=2",  # the default DSRL switches within the 3 steps
     "trainer.check_val_every_n_epoch=3",
     "data.prompts_per_step=4",
     "data.samples_per_prompt=4",

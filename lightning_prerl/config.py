@@ -1,23 +1,24 @@
 """Checks on the composed Hydra config, run before anything is loaded or computed.
 
-Each failure is one line naming the key, the value and what is allowed.
+Types and ranges of every key are declared in `schema.py`; this adds the contradictions between
+keys and the config resolvers of conf/trainer. Each failure is one line naming the key, the value
+and what is allowed.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from lightning_prerl.models import resolve_model_path
+from lightning_prerl.schema import DSRL, ConfigError, RunConfig, validate_schema
 
 GROUP_ADVANTAGES = ("grpo", "group_mean")
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run."""
 
 
 def _devices(cpu_processes: int) -> int:
@@ -44,40 +45,31 @@ for _name, _fn in (("lp.devices", _devices), ("lp.mul", lambda a, b: int(a) * in
         OmegaConf.register_new_resolver(_name, _fn)
 
 
-def _world_size(trainer: DictConfig) -> int | None:
-    devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-    return devices * nodes if isinstance(devices, int) else None
-
-
-def _objectives(node: DictConfig) -> list[DictConfig]:
-    """The loss configs inside an objective node (one, or the phases of a schedule)."""
-    if "space" in node:
-        return [node]
-    return [v for v in node.values() if isinstance(v, DictConfig) and "space" in v]
-
-
-def validate_config(cfg: DictConfig) -> None:
-    """Raises ConfigError on the first value that cannot work."""
-    data = cfg.data
-    g = data.samples_per_prompt
-    if g < 1:
-        raise ConfigError(f"data.samples_per_prompt={g}: must be >= 1")
-    for key in ("prompts_per_step", "eval_samples"):
-        if data[key] < 1:
-            raise ConfigError(f"data.{key}={data[key]}: must be >= 1")
-    for obj in _objectives(cfg.objective):
+def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
+    """Values that are each allowed but cannot work together."""
+    data, g = run.data, run.data.samples_per_prompt
+    phases = [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
+    for obj in phases:
         if g == 1 and obj.advantage in GROUP_ADVANTAGES:
             raise ConfigError(
                 f"data.samples_per_prompt=1 with objective advantage '{obj.advantage}': group advantages "
                 f"need >= 2 samples per prompt (or use objective advantage 'signed')"
             )
-    for k in cfg.module.pass_k:
+    for k in run.module.pass_k:
         if k > data.eval_samples:
             raise ConfigError(
                 f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
                 f"pass@k needs at least k samples per prompt"
             )
-    _precision(cfg.model.dtype, cfg.model.get("param_dtype", "float32"))  # raises on a compute dtype we cannot train in
+    if isinstance(run.objective, DSRL):
+        switch, max_steps = run.objective.switch_step, run.trainer.max_steps
+        if switch is None and run.objective.monitor is None:
+            raise ConfigError("objective.switch_step=null with objective.monitor=null: DSRL would never switch")
+        if switch is not None and switch >= max_steps and run.objective.monitor is None:
+            raise ConfigError(
+                f"objective.switch_step={switch} >= trainer.max_steps={max_steps}: DSRL would never leave its "
+                f"warm-up (for the warm-up objective alone use objective={run.objective.warmup.name})"
+            )
     strategy = cfg.trainer.get("strategy")
     tp = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, DictConfig) else 1
     if tp != 1:
@@ -85,29 +77,41 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.strategy.tensor_parallel_size={tp}: only 1 is supported (the loss normaliser and the "
             f"rollout split assume pure data parallelism); shard with FSDP2 over data_parallel_size instead"
         )
-    world = _world_size(cfg.trainer)
+    world = run.trainer.devices * run.trainer.num_nodes if isinstance(run.trainer.devices, int) else None
     if world is not None and data.prompts_per_step % world:
         raise ConfigError(
             f"data.prompts_per_step={data.prompts_per_step} does not divide by the world size {world} "
             f"(trainer.devices x trainer.num_nodes): it is the global number of prompts per step"
         )
-    max_steps = cfg.trainer.get("max_steps")
-    if max_steps is None or max_steps < 1:
-        raise ConfigError(f"trainer.max_steps={max_steps}: must be >= 1")
-    budget = data.sampling.max_new_tokens + (data.get("max_prompt_tokens") or 0)
-    max_len = cfg.rollout.get("max_model_len")
+    budget = data.sampling.max_new_tokens + (data.max_prompt_tokens or 0)
+    max_len = run.rollout.max_model_len
     if max_len is not None and max_len < budget:
         raise ConfigError(
             f"rollout.max_model_len={max_len} < data.sampling.max_new_tokens + data.max_prompt_tokens = {budget}: "
             f"the engine could not hold a full prompt and completion"
         )
-    temperature = data.sampling.temperature
-    if temperature < 0:
-        raise ConfigError(f"data.sampling.temperature={temperature}: must be >= 0")
+
+
+def validate_config(cfg: DictConfig) -> RunConfig:
+    """The config checked against the schema (`schema.py`: every key's type and range), then for
+    contradictions between keys; raises ConfigError with one line on the first problem."""
+    _precision(cfg.model.dtype, cfg.model.get("param_dtype", "float32"))  # its message says why fp16 cannot train
     try:
-        resolve_model_path(cfg.model.path)
+        resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as exc:
+        raise ConfigError(f"{exc.full_key}=???: required (set it on the command line)") from None
+    except InterpolationResolutionError as exc:
+        missing = re.search(r"Missing mandatory value: (\S+)", str(exc))
+        if missing:
+            raise ConfigError(f"{missing.group(1)}=???: required (set it on the command line)") from None
+        raise ConfigError(" ".join(str(exc).split())[:300]) from None
+    run = validate_schema(resolved)
+    _contradictions(run, cfg)
+    try:
+        resolve_model_path(run.model.path)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+    return run
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from lightning_prerl.rewards import Prompt, last_boxed
 from lightning_prerl.toyworld import generate_problems
 
-ANSWER_FORMATS = ("plain", "gsm8k", "boxed")
+ANSWER_FORMATS = ("plain", "gsm8k", "boxed", "latex")
 log = logging.getLogger(__name__)
 
 
@@ -94,7 +94,8 @@ def _answer_of(record: dict, key: str, answer_format: str) -> tuple[str | None, 
     if isinstance(value, list):
         if not value:
             return None, f"'{key}' is an empty list"
-        value = value[0]
+        # OlympiadBench lists every answer of a multi-answer problem; elsewhere the first one counts
+        value = ", ".join(map(str, value)) if answer_format == "latex" else value[0]
     if isinstance(value, dict):  # verl parquet: reward_model.ground_truth.target
         inner = value.get("ground_truth", value)
         inner = inner.get("target") if isinstance(inner, dict) else inner
@@ -113,6 +114,8 @@ def _answer_of(record: dict, key: str, answer_format: str) -> tuple[str | None, 
         if not m:
             return None, f"'{key}' has no '#### <answer>' line ({_show(value)})"
         text = m.group(1).strip().replace(",", "")
+    elif answer_format == "latex":  # OlympiadBench: "$x^2$" (or "$1$, $2$") -> x^2 ("1, 2")
+        text = ", ".join(part.strip().strip("$").strip() for part in text.split("$, $"))
     elif answer_format == "boxed":
         boxed = last_boxed(text)
         if boxed is None:
@@ -206,7 +209,8 @@ def load_prompts(
         path: the file.
         question_key: field with the problem text (or verl's chat-message list).
         answer_key: field with the ground truth (verl's `reward_model` dict is understood).
-        answer_format: "plain", "gsm8k" (text after '####') or "boxed" (last \\boxed{} of the field).
+        answer_format: "plain", "gsm8k" (text after '####'), "boxed" (last \\boxed{} of the field) or
+            "latex" (LaTeX in `$...$`, a list joined with ", ": OlympiadBench).
         system: optional system message for every prompt.
         limit: keep the first `limit` records.
 

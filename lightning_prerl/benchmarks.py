@@ -1,0 +1,87 @@
+"""The paper's evaluation benchmarks, by name: presets in conf/benchmark/*.yaml, files under data_root.
+
+A preset declares the benchmark's file (relative to `data_root`), question field, answer field and
+answer format (`prompts.ANSWER_FORMATS`); every benchmark is asked with the paper's system prompt.
+Nothing is downloaded: a missing file fails in one line naming the path and `data_root`. Prompts keep
+their benchmark's name in `Prompt.source`, which per-benchmark metrics group by.
+
+`decontaminate` drops training problems whose normalised text appears in a benchmark (DAPO-Math-17k
+holds 5 MATH-500, 6 AMC23 and 5 OlympiadBench problems verbatim).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lightning_prerl.prompts import load_prompts
+from lightning_prerl.rewards import Prompt
+
+PAPER_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "conf" / "benchmark"
+log = logging.getLogger(__name__)
+
+
+def benchmark_names() -> list[str]:
+    return sorted(p.stem for p in BENCHMARK_DIR.glob("*.yaml"))
+
+
+def benchmark_spec(name: str, data_root: str) -> dict:
+    """The resolved preset of `name` (path made absolute against `data_root`)."""
+    if name not in benchmark_names():
+        raise ValueError(f"benchmark {name!r} is not a preset: choose from {benchmark_names()}")
+    node = OmegaConf.merge({"data_root": str(data_root)}, OmegaConf.load(BENCHMARK_DIR / f"{name}.yaml"))
+    spec = OmegaConf.to_container(node, resolve=True)
+    spec.pop("data_root")
+    return spec
+
+
+def load_benchmark(
+    name: str, data_root: str, limit: int | None = None, system: str | None = PAPER_SYSTEM
+) -> list[Prompt]:
+    """The problems of benchmark `name` (the first `limit` of them), tagged with its name."""
+    spec = benchmark_spec(name, data_root)
+    path = Path(spec["path"])
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"benchmark {name}: {path} does not exist (data_root={data_root}; place the file there or set data_root)"
+        )
+    prompts = load_prompts(
+        str(path), spec["question_key"], spec["answer_key"], spec["answer_format"], system=system, limit=limit
+    )
+    return [replace(p, source=name) for p in prompts]
+
+
+def benchmark_suite(names: list[str], data_root: str, limit: int | None = None) -> list[Prompt]:
+    """Several benchmarks as one held-out list (Hydra target of `data.eval_prompts`)."""
+    if not names:
+        raise ValueError("benchmark suite: no benchmark named")
+    return [p for name in names for p in load_benchmark(name, data_root, limit)]
+
+
+def normalise(text: str) -> str:
+    """Problem text for exact-match comparison: no `$`, no whitespace, lower case."""
+    return re.sub(r"\s+", "", text.replace("$", "")).lower()
+
+
+def decontaminate(train: list[Prompt], names: list[str], data_root: str) -> list[Prompt]:
+    """`train` without the problems whose normalised text appears in the benchmarks `names`."""
+    if not names:
+        return train
+    seen: dict[str, str] = {}
+    for name in names:
+        for p in load_benchmark(name, data_root):
+            seen.setdefault(normalise(p.question), name)
+    kept, dropped = [], {}
+    for p in train:
+        hit = seen.get(normalise(p.question))
+        if hit is None:
+            kept.append(p)
+        else:
+            dropped[hit] = dropped.get(hit, 0) + 1
+    log.info("decontamination: dropped %d training problems found in %s", len(train) - len(kept), dropped or names)
+    return kept

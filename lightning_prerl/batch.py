@@ -25,6 +25,7 @@ class RolloutBatch:
         group_size: G; groups are contiguous blocks of G samples.
         texts: N decoded completions (behaviour metrics).
         has_answer: N flags: does the completion hold a parseable final answer (None: unknown).
+        sources: N names of the set each sample's prompt came from (the benchmark, for per-benchmark metrics).
         stats: counters and timings of the data path (`rollout/...`, `time/...`), logged by the module.
         padding_prompts: trailing prompts that only keep ranks in lockstep (uneven evaluation
             shards): generated like the others, never scored into metrics.
@@ -38,6 +39,7 @@ class RolloutBatch:
     group_size: int
     texts: list[str] = field(default_factory=list)
     has_answer: list[bool | None] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     padding_prompts: int = 0
 
@@ -73,6 +75,7 @@ class RolloutBatch:
             group_size=group,
             texts=self.texts[rows],
             has_answer=self.has_answer[rows],
+            sources=self.sources[rows],
             stats={},
             padding_prompts=0,
         )

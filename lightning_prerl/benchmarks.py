@@ -16,8 +16,10 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
+from lightning_prerl.metrics import GenerationMetrics
 from lightning_prerl.prompts import load_prompts
 from lightning_prerl.rewards import Prompt
 
@@ -85,3 +87,36 @@ def decontaminate(train: list[Prompt], names: list[str], data_root: str) -> list
             dropped[hit] = dropped.get(hit, 0) + 1
     log.info("decontamination: dropped %d training problems found in %s", len(train) - len(kept), dropped or names)
     return kept
+
+
+class BenchmarkMetrics(torch.nn.ModuleDict):
+    """One `GenerationMetrics` per benchmark preset among `prompts` (keys `val/<name>/...`).
+
+    Built from the whole held-out list, not a rank's shard, so every rank holds the same metrics
+    and makes the same collective calls when they are computed. (`record`, not `update`: that name
+    is ModuleDict's own.)
+    """
+
+    def __init__(self, prompts: list[Prompt], pass_k, transition, reflection):
+        names = sorted({p.source for p in prompts} & set(benchmark_names()))
+        super().__init__({n: GenerationMetrics(f"val/{n}", tuple(pass_k), transition, reflection) for n in names})
+
+    def record(self, rewards: torch.Tensor, lengths: torch.Tensor, texts, has_answer, sources) -> None:
+        """rewards (B, G), lengths (B*G,), and per-sample texts, has_answer, sources."""
+        g = rewards.shape[1]
+        for name, metrics in self.items():
+            rows = [i for i, source in enumerate(sources) if source == name]  # whole groups of g
+            if rows:
+                metrics.update(
+                    rewards.reshape(-1)[rows].view(-1, g),
+                    lengths[rows],
+                    [texts[i] for i in rows],
+                    [has_answer[i] for i in rows],
+                )
+
+    def compute(self, global_count) -> dict[str, float]:
+        return {k: v for metrics in self.values() for k, v in metrics.compute(global_count).items()}
+
+    def reset(self) -> None:
+        for metrics in self.values():
+            metrics.reset()

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
+from lightning_prerl.benchmarks import decontaminate
 from lightning_prerl.prompts import PromptSet, render_prompt
 from lightning_prerl.rewards import Prompt, RewardFn, RewardScorer
 from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig, derive_seed
@@ -67,6 +68,9 @@ class RolloutDataModule(L.LightningDataModule):
         reward_timeout_s: per-completion reward limit (None: in-process, no limit).
         reward_workers: reward processes when `reward_timeout_s` is set (None: the cores available).
         max_prompt_tokens: longer prompts are dropped at load time and counted (None: no limit).
+        decontaminate: benchmark presets whose problems are dropped from the training prompts
+            (normalised exact match), counted and logged.
+        data_root: where the benchmark files of `decontaminate` live.
         seed: base of the per-prompt sampling seeds (`sampling.seed` overrides it).
         shuffle_seed: seed of the per-pass prompt order (None: file order).
         template_kwargs: extra `apply_chat_template` arguments (e.g. enable_thinking: false).
@@ -91,6 +95,8 @@ class RolloutDataModule(L.LightningDataModule):
         max_prompt_tokens: int | None = None,
         shuffle_seed: int | None = 0,
         template_kwargs: dict | None = None,
+        decontaminate: list[str] | None = None,
+        data_root: str = ".",
         seed: int = 0,
         name: str = "data",
     ):
@@ -112,6 +118,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.train_set: PromptSet | None = None
         self.eval_prompts = eval_prompts or []
         self.seed = seed
+        self.decontaminate, self.data_root = list(decontaminate or []), data_root
         self.prompts_per_step = prompts_per_step
         self.samples_per_prompt = samples_per_prompt
         self.sampling = SamplingConfig(**(sampling or {}))
@@ -121,7 +128,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.template_kwargs = template_kwargs or {}
         self._rendered: dict[Prompt, list[int]] = {}
-        self.dropped_prompts = {"train": 0, "eval": 0}
+        self.dropped_prompts = {"train": 0, "eval": 0, "contaminated": 0}
         self._synced_at: int | None = None
 
     # -- engine -------------------------------------------------------------------------------
@@ -144,7 +151,9 @@ class RolloutDataModule(L.LightningDataModule):
 
     def _load_prompts(self) -> None:
         if self.train_set is None:
-            self.train_prompts = self._length_filter(self.train_prompts, "train")
+            kept = decontaminate(self.train_prompts, self.decontaminate, self.data_root)
+            self.dropped_prompts["contaminated"] = len(self.train_prompts) - len(kept)
+            self.train_prompts = self._length_filter(kept, "train")
             self.eval_prompts = self._length_filter(self.eval_prompts, "eval")
             self.train_set = PromptSet(self.train_prompts, self.shuffle_seed)
 
@@ -222,6 +231,7 @@ class RolloutDataModule(L.LightningDataModule):
             group_size=n,
             texts=texts,
             has_answer=scored.has_answer,
+            sources=[p.source for p in repeated],
             padding_prompts=padding_prompts,
             stats={
                 "rollout/reward_errors": float(scored.errors),

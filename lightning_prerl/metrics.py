@@ -1,14 +1,15 @@
 """torchmetrics for RL on reasoning: accuracy, unbiased pass@k, length, format, behaviour keywords.
 
 All of them accumulate across batches and ranks (torchmetrics syncs their states), so an
-evaluation split over many batches or processes reports one exact number.
+evaluation split over many batches or processes reports one exact number. Majority voting (maj@k:
+`answer_groups`, `majority_winner`, `majority_correct`) is plain Python: it needs the answers themselves.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchmetrics import MeanMetric, Metric
@@ -173,13 +174,15 @@ class GenerationMetrics(torch.nn.Module):
         self.reflection.update(texts)
         self.thoughts.update(texts)
 
-    def compute(self) -> dict[str, float]:
+    def compute(self, global_count: Callable[[int], int] = lambda count: count) -> dict[str, float]:
+        """The metrics under `prefix`. `global_count` turns this rank's update count into the largest
+        over ranks: whether a metric is computed (a collective) must be the same decision everywhere."""
         p = self.prefix
         out = {f"{p}/accuracy": self.accuracy.compute(), f"{p}/response_length": self.length.compute()}
-        if self.format_valid.update_count:
+        if global_count(int(self.format_valid.update_count)):
             out[f"{p}/format_valid"] = self.format_valid.compute()
         for k, metric in self.pass_k.items():
-            if metric.update_count:
+            if global_count(int(metric.update_count)):
                 out[f"{p}/pass@{k}"] = metric.compute()
         for name, metric in (("transition", self.transition), ("reflection", self.reflection)):
             values = metric.compute()
@@ -193,3 +196,64 @@ class GenerationMetrics(torch.nn.Module):
         for m in self.modules():
             if isinstance(m, Metric):
                 m.reset()
+
+
+def answer_groups(answers: Sequence[str | None], equivalent: Callable[[str, str], bool]) -> list[int | None]:
+    """Group id of each sample's final answer; equivalent answers share an id, None has no answer.
+
+    A new answer joins the first existing group (in order of creation) whose first answer it is
+    `equivalent` to, else it opens a new group. Sample i's id depends only on samples before it,
+    so the ids of the first k samples are the ids of `answers[:k]` (maj@k for every k in one pass).
+
+    Args:
+        answers: extracted final answers in sample order (None: the sample has none).
+        equivalent: `(group's first answer, new answer) -> bool`.
+    Returns:
+        one id per sample (0, 1, ... in order of first appearance) or None.
+    """
+    heads: list[str] = []  # the first answer of each group
+    ids: list[int | None] = []
+    for answer in answers:
+        if answer is None:
+            ids.append(None)
+            continue
+        match = next((g for g, head in enumerate(heads) if head == answer or equivalent(head, answer)), None)
+        if match is None:
+            heads.append(answer)
+            match = len(heads) - 1
+        ids.append(match)
+    return ids
+
+
+def majority_winner(groups: Sequence[int | None]) -> int | None:
+    """Index of the earliest sample of the most voted group; ties go to the group seen first.
+
+    Samples without an answer (None) do not vote; None when no sample voted.
+    """
+    votes: dict[int, int] = {}
+    first: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        if g is not None:
+            votes[g] = votes.get(g, 0) + 1
+            first.setdefault(g, i)
+    if not votes:
+        return None
+    best = max(votes.values())
+    return min(first[g] for g, v in votes.items() if v == best)
+
+
+def majority_correct(
+    answers: Sequence[str | None], correct: Sequence[bool], equivalent: Callable[[str, str], bool]
+) -> bool:
+    """maj@k of one problem: is the majority answer of these k samples right?
+
+    Args:
+        answers: the k samples' extracted final answers (None: no answer, no vote).
+        correct: the k samples' verdicts (reward > 0.5); the winning group is judged by its
+            earliest sample's verdict.
+        equivalent: answer equivalence (math-verify in the evaluator).
+    Returns:
+        False when no sample has an answer.
+    """
+    winner = majority_winner(answer_groups(answers, equivalent))
+    return winner is not None and bool(correct[winner])

@@ -31,6 +31,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.benchmarks import BenchmarkMetrics
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
 from lightning_prerl.models import DTYPES, load_policy, load_tokenizer, resolve_start_token_id, shard_policy
 from lightning_prerl.objectives import PolicyGradientObjective
@@ -110,6 +111,8 @@ class PolicyModule(L.LightningModule):
         self.skipped_steps, self.bad_in_row = 0, 0
         self.fault: str | None = None  # set when the run stopped on non-finite steps
         self.reference_needed = False  # a later phase (DSRL) needs the reference: build it up front
+        self.benchmark_metrics: BenchmarkMetrics | None = None  # built at the first evaluation
+        self.eval_k = 1
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.tokenizer = load_tokenizer(model_path, gguf_file)
@@ -318,17 +321,32 @@ class PolicyModule(L.LightningModule):
         self.log_dict(row, on_step=True, on_epoch=False, logger=False, batch_size=len(batch))  # callbacks, progress
 
     # -- evaluation ---------------------------------------------------------------------------
+    def _benchmark_metrics(self) -> BenchmarkMetrics:
+        """`val/<benchmark>/...` metrics for the benchmark presets among the held-out prompts."""
+        if self.benchmark_metrics is None:
+            prompts = getattr(getattr(self.trainer, "datamodule", None), "eval_prompts", None) or []
+            hp = self.hparams
+            self.benchmark_metrics = BenchmarkMetrics(prompts, hp.pass_k, hp.transition, hp.reflection).to(self.device)
+        return self.benchmark_metrics
+
     def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
         real = len(batch) - batch.padding_prompts * batch.group_size  # lockstep padding is never scored
         if real < len(batch):
             batch = batch.select(slice(0, real))
-        self.val_metrics.update(
-            batch.rewards.view(-1, batch.group_size), batch.response_mask.sum(1), batch.texts, batch.has_answer
-        )
+        g = batch.group_size
+        self.eval_k = g
+        rewards, lengths = batch.rewards.view(-1, g), batch.response_mask.sum(1)  # (B, G), (B*G,)
+        self.val_metrics.update(rewards, lengths, batch.texts, batch.has_answer)
+        self._benchmark_metrics().record(rewards, lengths, batch.texts, batch.has_answer, batch.sources)
 
     def on_validation_epoch_end(self) -> None:
-        values = {k: v for k, v in self.val_metrics.compute().items() if not math.isnan(v)}
+        values = self.val_metrics.compute(self._global_max)
         self.val_metrics.reset()
+        values.update(self._benchmark_metrics().compute(self._global_max))
+        self._benchmark_metrics().reset()
+        for key in [k for k in values if k.endswith("/accuracy")]:  # avg@k: mean accuracy over k samples
+            values[key.removesuffix("accuracy") + f"avg@{self.eval_k}"] = values[key]
+        values = {k: v for k, v in values.items() if not math.isnan(v)}
         # logged against optimizer steps done (0 before training), the x-axis of rollout metrics too
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             for logger in self.trainer.loggers:

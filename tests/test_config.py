@@ -14,7 +14,7 @@ from lightning_prerl.config import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "recipe")  # recipes: via experiments
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("recipe", "benchmark"))  # see below
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,16 @@ def data_root(tmp_path_factory) -> Path:
     (root / "math500").mkdir()
     (root / "math500" / "test.jsonl").write_text(
         "\n".join(json.dumps({"problem": f"Half of {2 * i}?", "answer": str(i)}) for i in range(3))
+    )
+    for name in ("aime24", "amc23"):  # Qwen2.5-Math layout
+        (root / name).mkdir()
+        (root / name / "test.jsonl").write_text(json.dumps({"id": 0, "problem": "2+2?", "answer": "4"}))
+    (root / "aime25").mkdir()  # verl parquet
+    pq.write_table(
+        pa.Table.from_pylist(
+            [{"prompt": [{"role": "user", "content": "3+3?"}], "reward_model": {"ground_truth": {"target": "6"}}}]
+        ),
+        root / "aime25" / "test.parquet",
     )
     (root / "gsm8k").mkdir()
     for split in ("train", "test"):

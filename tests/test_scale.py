@@ -87,9 +87,10 @@ def test_paper_dsrl_preset_in_miniature_on_two_fsdp_processes(qwen3_mini_dir, tm
         "data.prompts_per_step=4",
         "data.samples_per_prompt=4",
         "data.sampling.max_new_tokens=96",
-        "data.max_prompt_tokens=160",
+        "data.max_prompt_tokens=400",
         "+data.train_prompts.limit=400",
-        "+data.eval_prompts.limit=3",  # 3 held-out prompts on 2 ranks: one shard is padded
+        "data.eval_prompts.names=[aime24,amc23,math500]",  # aime25 is not in ../shared/data
+        "data.eval_prompts.limit=1",  # 3 held-out prompts on 2 ranks: one shard is padded
         "data.eval_samples=2",
         "module.pass_k=[1,2]",
         "module.micro_batch_size=4",
@@ -110,6 +111,8 @@ def test_paper_dsrl_preset_in_miniature_on_two_fsdp_processes(qwen3_mini_dir, tm
     assert any(0 < t < 1 for t in truncated)  # some completions stopped at a Qwen3 stop id, some ran out
     assert float(next(r for r in rows if r.get("rollout/dropped_prompts"))["rollout/dropped_prompts"]) > 0
     assert steps_with(rows, "val/accuracy") == [0, 3]
+    for name in ("aime24", "amc23", "math500"):  # per benchmark, also on the rank that holds none of it
+        assert steps_with(rows, f"val/{name}/avg@2") == [0, 3]
     import json
 
     exported = json.loads((run_dir / "policy" / "config.json").read_text())

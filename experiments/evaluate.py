@@ -34,28 +34,14 @@ HELDOUT = "heldout"
 
 
 def _settings(cfg: DictConfig) -> dict:
-    """The `eval:` keys, checked; exits with one line on a bad value."""
-    ev = OmegaConf.to_container(cfg.get("eval") or {}, resolve=True)
-    names, k, limit = ev.get("benchmarks"), ev.get("samples"), ev.get("limit")
-    temperature, policies = ev.get("temperature"), ev.get("policies")
-    problems = []
-    if isinstance(names, str):
-        names = [names]
-    if not names or not isinstance(names, list):
-        problems.append(f"eval.benchmarks={names}: name at least one benchmark preset")
-    if not isinstance(k, int) or k < 1:
-        problems.append(f"eval.samples={k}: must be an integer >= 1")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        problems.append(f"eval.limit={limit}: must be null or an integer >= 1")
-    if temperature is not None and (not isinstance(temperature, int | float) or temperature < 0):
-        problems.append(f"eval.temperature={temperature}: must be null or >= 0")
-    if isinstance(policies, str):
-        policies = [policies]
-    if policies is not None and (not isinstance(policies, list) or not policies):
-        problems.append(f"eval.policies={policies}: must be null or a non-empty list of policy paths")
-    if problems:
-        sys.exit(f"config error: {problems[0]}")
-    return {"benchmarks": names, "samples": k, "limit": limit, "temperature": temperature, "policies": policies}
+    """The `eval:` keys (types and ranges declared in `lightning_prerl/schema.py`); one line on a bad value."""
+    from lightning_prerl.config import ConfigError, validate_config
+
+    try:
+        run = validate_config(cfg)
+    except ConfigError as exc:
+        sys.exit(f"config error: {exc}")
+    return run.eval.model_dump(include={"benchmarks", "samples", "limit", "temperature", "policies"})
 
 
 def _load_suites(cfg: DictConfig, settings: dict) -> dict[str, list]:

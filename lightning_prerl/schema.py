@@ -125,6 +125,16 @@ class Trainer(_Node):
     num_nodes: PosInt = 1
 
 
+class Eval(_Node):
+    """`experiments/evaluate.py`'s keys."""
+
+    benchmarks: Annotated[list[str], Field(min_length=1)]
+    samples: PosInt
+    limit: PosInt | None
+    temperature: NonNeg | None
+    policies: Annotated[list[str], Field(min_length=1)] | None
+
+
 def _objective_kind(value: Any) -> str:
     return "dsrl" if isinstance(value, dict) and "warmup" in value else "single"
 
@@ -142,6 +152,7 @@ class RunConfig(_Node):
     data: Data
     rollout: Rollout
     trainer: Trainer
+    eval: Eval | None = None
 
 
 def _allowed(error: dict) -> str:

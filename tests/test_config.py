@@ -129,6 +129,8 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         (["module.activation_checkpointing=maybe"], "module.activation_checkpointing='maybe': input should be a valid"),
         (["objective=grpo", "objective.clip_c=1"], "objective.clip_c=1: must be > 1"),
         (["model=hf_local"], "model.path=???: required"),
+        (["eval.samples=0"], "eval.samples=0: must be >= 1"),
+        (["eval.benchmarks=[]"], "eval.benchmarks=[]: must not be empty"),
         # contradictions between keys
         (["objective.switch_step=60"], "objective.switch_step=60 >= trainer.max_steps=60: DSRL would never leave"),
         (["objective.switch_step=null"], "objective.switch_step=null with objective.monitor=null: DSRL would never"),

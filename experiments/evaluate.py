@@ -85,12 +85,12 @@ def evaluate_policy(cfg: DictConfig, suites: dict[str, list | None], settings: d
     """Generate and score `settings["samples"]` samples per problem of every benchmark with `cfg`'s policy."""
     import torch
 
+    from lightning_prerl.batch import truncated_flags
     from lightning_prerl.compose import build_run
     from lightning_prerl.evaluation import (
         BenchmarkSamples,
         MathEquivalence,
         benchmark_metrics,
-        truncated_flags,
         unparsable_ground_truths,
     )
     from lightning_prerl.rewards import MathVerifyReward, RewardScorer

@@ -6,7 +6,7 @@ T response tokens (right-padded).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -135,3 +135,17 @@ def pad_left(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
     """Token rows -> left-padded ids (R, W) and mask (R, W): prompts end at the last column."""
     ids, mask = pad_right([r[::-1] for r in rows], pad)
     return ids.flip(1), mask.flip(1)
+
+
+def truncated_flags(response_ids: torch.Tensor, response_mask: torch.Tensor, stop_ids: Sequence[int]) -> list[bool]:
+    """Per completion: did it end without a stop token (empty, or cut at the token budget)?
+
+    Args:
+        response_ids: (N, T) right-padded completions.
+        response_mask: (N, T) 1 on generated tokens.
+        stop_ids: the engine's stop token ids.
+    """
+    lengths = response_mask.sum(1)  # (N,)
+    last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) last real token
+    stopped = torch.isin(last, torch.tensor(list(stop_ids), dtype=last.dtype)) & (lengths > 0)  # (N,)
+    return (~stopped).tolist()

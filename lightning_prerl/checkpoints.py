@@ -67,11 +67,9 @@ def _step_of(path: Path) -> int:
 
 def is_complete(path: Path) -> bool:
     """A checkpoint file that loads, or a sharded directory whose final `meta.pt` was written."""
-    if path.is_dir():
-        return (path / ".metadata").is_file() and (path / META).is_file()
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+        _load_head(path)
+    except CheckpointError:
         return False
     return True
 
@@ -100,13 +98,9 @@ def _load_head(path: Path) -> dict:
         raise CheckpointError(f"checkpoint {path}: cannot be read ({first}); truncated or not a checkpoint") from None
 
 
-def checkpoint_step(path: Path) -> int:
-    """The global step a checkpoint was written at."""
-    return int(_load_head(Path(path))["global_step"])
-
-
-def check_checkpoint(path: Path, model_dir: Path, objective: dict) -> None:
-    """Fail in one line unless `path` is a complete checkpoint of this model and objective config."""
+def check_checkpoint(path: Path, model_dir: Path, objective: dict) -> int:
+    """The global step of `path`; fails in one line unless it is a complete checkpoint of this model
+    and objective config."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path}: does not exist")
     head = _load_head(path)
@@ -124,6 +118,7 @@ def check_checkpoint(path: Path, model_dir: Path, objective: dict) -> None:
         raise CheckpointError(
             f"checkpoint {path}: written for another model (embedding {saved['embedding']}, model.path has {want})"
         )
+    return int(head["global_step"])
 
 
 def _differences(a, b, prefix: str = "objective") -> list[str]:

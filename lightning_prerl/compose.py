@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prerl.callbacks import ResumableCSVLogger
-from lightning_prerl.checkpoints import CheckpointError, RunState, check_checkpoint, checkpoint_step, newest_checkpoint
+from lightning_prerl.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
 from lightning_prerl.config import ConfigError, validate_config
 from lightning_prerl.models import resolve_model_path, stop_token_ids
 
@@ -47,8 +47,7 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
     else:
         path = Path(cfg.ckpt_path)
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
-    check_checkpoint(path, resolve_model_path(cfg.model.path), objective)
-    return str(path), checkpoint_step(path)
+    return str(path), check_checkpoint(path, resolve_model_path(cfg.model.path), objective)
 
 
 def build_run(cfg: DictConfig) -> Run:

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
+from lightning_prerl.batch import RolloutBatch, pad_left, pad_right, truncated_flags
 from lightning_prerl.benchmarks import decontaminate
 from lightning_prerl.prompts import PromptSet, render_prompt
 from lightning_prerl.rewards import Prompt, RewardFn, RewardScorer
@@ -220,8 +220,7 @@ class RolloutDataModule(L.LightningDataModule):
         pad = self.tokenizer.pad_token_id
         prompt_ids, prompt_mask = pad_left([x for x in ids for _ in range(n)], pad)
         response_ids, response_mask = pad_right(gen.completions, pad)
-        stop = set(engine.stop_token_ids)
-        truncated = sum(1 for c in gen.completions if not c or c[-1] not in stop)
+        truncated = sum(truncated_flags(response_ids, response_mask, engine.stop_token_ids))
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,

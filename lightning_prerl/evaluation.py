@@ -37,20 +37,6 @@ def pass_ks(samples: int) -> list[int]:
     return ks + ([samples] if ks and ks[-1] != samples else [])
 
 
-def truncated_flags(response_ids: torch.Tensor, response_mask: torch.Tensor, stop_ids: Sequence[int]) -> list[bool]:
-    """Per completion: did it end without a stop token (empty, or cut at the token budget)?
-
-    Args:
-        response_ids: (N, T) right-padded completions.
-        response_mask: (N, T) 1 on generated tokens.
-        stop_ids: the engine's stop token ids.
-    """
-    lengths = response_mask.sum(1)  # (N,)
-    last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) last real token
-    stopped = torch.isin(last, torch.tensor(list(stop_ids), dtype=last.dtype)) & (lengths > 0)  # (N,)
-    return (~stopped).tolist()
-
-
 class MathEquivalence:
     """`(a, b) -> bool`: math-verify equivalence of two extracted answers, each parsed once.
 

@@ -61,7 +61,7 @@ class PolicyModule(L.LightningModule):
         micro_batch_size: samples per forward/backward (None: the whole rollout batch).
         micro_batch_tokens: padded tokens per forward/backward instead of (or besides) a fixed
             count, as verl's dynamic batch size (None: off).
-        logprob_chunk_tokens: token rows per output-head chunk (None: the library's choice).
+        logprob_chunk_tokens: token rows per output-head chunk (None: 512 MiB of float32 logits).
         temperature: logits temperature of training log-probs (match the rollout temperature).
         pass_k: k values for validation pass@k.
         transition, reflection: behaviour keyword lists.

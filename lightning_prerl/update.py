@@ -114,7 +114,7 @@ class MicroBatching:
     Attributes:
         size: samples per micro-batch (None: no limit).
         max_tokens: padded tokens per micro-batch, verl's dynamic batch size (None: no limit).
-        chunk_tokens: rows of the output-head chunks (None: the library's choice).
+        chunk_tokens: rows of the output-head chunks (None: `ops.head_logprobs`' 512 MiB default).
     """
 
     size: int | None = None

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_prerl.batch import truncated_flags
 from lightning_prerl.evaluation import (
     BenchmarkSamples,
     MathEquivalence,
@@ -21,7 +22,6 @@ from lightning_prerl.evaluation import (
     format_table,
     pass_ks,
     plot_pass_at_k,
-    truncated_flags,
     unparsable_ground_truths,
     write_csv,
     write_json,

@@ -13,7 +13,9 @@ chat-template options and `max_new_tokens` of the data config, the seeds. Benchm
 math-verify on the last \\boxed{} (`MathVerifyReward`), in the data config's reward pool.
 
 Writes into the Hydra run dir: evaluation.json (everything, per problem too), evaluation.csv (one row
-per policy and benchmark), pass_at_k.png, and prints the table.
+per policy and benchmark), pass_at_k.png, and prints the table. Behaviour: transition and reflection
+thoughts per response (SEAL's taxonomy, conf/behavior/seal.yaml; `behavior=broad` for whole-word lists)
+and, with several policies, their ratio to the first policy's (`*_thoughts_ratio`, the paper's "N x").
 """
 
 from __future__ import annotations
@@ -171,7 +173,7 @@ def evaluate_policy(cfg: DictConfig, suites: dict[str, list | None], settings: d
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> list[dict]:
-    from lightning_prerl.evaluation import format_table, plot_pass_at_k, write_csv, write_json
+    from lightning_prerl.evaluation import add_thought_ratios, format_table, plot_pass_at_k, write_csv, write_json
     from lightning_prerl.models import resolve_model_path
 
     settings = _settings(cfg)
@@ -189,6 +191,8 @@ def main(cfg: DictConfig) -> list[dict]:
             policy_cfg.model.path = str(path)
         results += evaluate_policy(policy_cfg, suites, settings)
         gc.collect()  # the previous policy and engine go before the next ones load
+    if len(policies) > 1:
+        add_thought_ratios(results)  # the paper's "N x" thoughts of each policy vs the first
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {
@@ -201,6 +205,7 @@ def main(cfg: DictConfig) -> list[dict]:
         "max_new_tokens": results[0]["sampling"]["max_new_tokens"],
         "template_kwargs": OmegaConf.to_container(cfg.data, resolve=True).get("template_kwargs") or {},
         "seed": cfg.seed,
+        "behavior": OmegaConf.to_container(cfg.behavior, resolve=True),
     }
     write_json({"config": summary, "results": results}, out / "evaluation.json")
     write_csv(results, out / "evaluation.csv")

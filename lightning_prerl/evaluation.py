@@ -6,7 +6,9 @@ per problem: avg@k (mean correctness), unbiased pass@j and maj@j for j = 1, 2, 4
 k itself), mean response length in tokens, the truncation rate (completions that ended without a
 stop token), format validity (share of completions with an extracted final answer), the behaviour
 rates of `GenerationMetrics`, and the problems whose ground truth math-verify cannot parse (they
-stay in the denominator and can never be scored correct: listed, never a silent 0).
+stay in the denominator and can never be scored correct: listed, never a silent 0). Across policies:
+the ratio of each policy's transition and reflection thoughts per response to the first policy's
+(`add_thought_ratios`, the paper's "14.89x / 6.54x" statistic).
 """
 
 from __future__ import annotations
@@ -168,6 +170,26 @@ def benchmark_metrics(
     return metrics, details
 
 
+def add_thought_ratios(results: Sequence[dict]) -> Sequence[dict]:
+    """The paper's "N x" behaviour statistic: each policy's mean transition and reflection thoughts per
+    response divided by the first policy's on the same benchmark.
+
+    Adds `transition_thoughts_ratio` and `reflection_thoughts_ratio` to every result's metrics (1.0
+    for the first policy; None where the first policy's mean is 0). Results are the evaluator's
+    dicts (policy, benchmark, metrics); the first policy is the policy of the first result.
+    """
+    base: dict[str, dict] = {}
+    for r in results:
+        if r["policy"] == results[0]["policy"]:
+            base.setdefault(r["benchmark"], dict(r["metrics"]))
+    for r in results:
+        for kind in ("transition", "reflection"):
+            reference = base[r["benchmark"]][f"{kind}_thoughts"]
+            ratio = r["metrics"][f"{kind}_thoughts"] / reference if reference else None
+            r["metrics"][f"{kind}_thoughts_ratio"] = ratio
+    return results
+
+
 # -- outputs ------------------------------------------------------------------------------------
 def _row(result: dict) -> dict:
     head = {key: result[key] for key in ("policy", "benchmark", "problems", "samples")}
@@ -202,18 +224,30 @@ def write_json(report: dict, path: Path) -> Path:
 
 
 def format_table(results: Sequence[dict]) -> str:
-    """The results as an aligned Markdown table: one row per (policy, benchmark)."""
+    """The results as an aligned Markdown table: one row per (policy, benchmark).
+
+    `transition/resp` / `reflection/resp`: mean thoughts of that kind per response; with `add_thought_ratios`,
+    `transition x` / `reflection x`: those means relative to the first policy's (`-`: its mean is 0).
+    """
     several = len({r["policy"] for r in results}) > 1 or len({r["benchmark"] for r in results}) < len(results)
+    ratios = all("transition_thoughts_ratio" in r["metrics"] for r in results)
     k = results[0]["samples"]
     ks = pass_ks(k)
     header = (["policy"] if several else []) + ["benchmark", "problems", f"avg@{k}"]
     header += [f"pass@{j}" for j in ks] + [f"maj@{k}", "length", "truncated", "format", "unparsable"]
+    header += ["transition/resp", "reflection/resp"] + (["transition x", "reflection x"] if ratios else [])
     rows = []
     for r in results:
         m = r["metrics"]
         cells = ([r["policy"]] if several else []) + [r["benchmark"], str(r["problems"]), f"{m[f'avg@{k}']:.3f}"]
         cells += [f"{m[f'pass@{j}']:.3f}" for j in ks] + [f"{m[f'maj@{k}']:.3f}", f"{m['response_length']:.1f}"]
         cells += [f"{m['truncated']:.3f}", f"{m['format_valid']:.3f}", str(m["unparsable_ground_truths"])]
+        cells += [f"{m['transition_thoughts']:.3f}", f"{m['reflection_thoughts']:.3f}"]
+        if ratios:
+            cells += [
+                "-" if m[f"{kind}_thoughts_ratio"] is None else f"{m[f'{kind}_thoughts_ratio']:.2f}x"
+                for kind in ("transition", "reflection")
+            ]
         rows.append(cells)
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
 

@@ -3,6 +3,11 @@
 All of them accumulate across batches and ranks (torchmetrics syncs their states), so an
 evaluation split over many batches or processes reports one exact number. Majority voting (maj@k:
 `answer_groups`, `majority_winner`, `majority_correct`) is plain Python: it needs the answers themselves.
+
+Behaviour keywords (`KeywordRate`, `ThoughtCounts`) are case-insensitive regular expressions
+searched in the lower-cased text. A plain phrase is therefore a substring ("'s correct" matches
+"that's correct", "verify" matches "verifying"), `^phrase` only matches at the start of a thought
+(a blank-line segment), and `\\bword\\b` a whole word.
 """
 
 from __future__ import annotations
@@ -14,27 +19,56 @@ from collections.abc import Callable, Sequence
 import torch
 from torchmetrics import MeanMetric, Metric
 
-DEFAULT_TRANSITION = [
-    "but",
-    "however",
-    "alternatively",
-    "instead",
-    "on the other hand",
+# SEAL's thought taxonomy (Chen et al. 2025, arXiv 2504.07986), as its code classifies thoughts:
+# `generate_index` in hidden_analysis.py of github.com/VITA-Group/SEAL (read in the identical copies
+# Andwwy/SEAL, Zemelee/SEAL and esther119/SEAL). `switch_prefix` / `check_prefix` ("Alternatively",
+# "Wait") are tested with str.startswith on the thought, hence `^`; the other words with `in`.
+# "think differenly" is SEAL's own spelling (sic), kept verbatim: it never matches "think differently".
+SEAL_TRANSITION = [
+    "^alternatively",
+    "think differenly",
     "another way",
     "another approach",
-    "think differently",
+    "another method",
+    "another solution",
+    "another strategy",
+    "another technique",
 ]
-DEFAULT_REFLECTION = [
-    "wait",
+SEAL_REFLECTION = [
+    "^wait",
     "verify",
-    "check",
-    "let me",
-    "double-check",
     "make sure",
     "hold on",
     "think again",
+    "'s correct",
+    "'s incorrect",
+    "let me check",
     "seems right",
 ]
+# The broader whole-word lists this project used before (`behavior=broad`).
+BROAD_TRANSITION = [
+    r"\bbut\b",
+    r"\bhowever\b",
+    r"\balternatively\b",
+    r"\binstead\b",
+    r"\bon the other hand\b",
+    r"\banother way\b",
+    r"\banother approach\b",
+    r"\bthink differently\b",
+]
+BROAD_REFLECTION = [
+    r"\bwait\b",
+    r"\bverify\b",
+    r"\bcheck\b",
+    r"\blet me\b",
+    r"\bdouble-check\b",
+    r"\bmake sure\b",
+    r"\bhold on\b",
+    r"\bthink again\b",
+    r"\bseems right\b",
+]
+DEFAULT_TRANSITION = SEAL_TRANSITION
+DEFAULT_REFLECTION = SEAL_REFLECTION
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -68,16 +102,33 @@ class PassAtK(Metric):
 
 
 def keyword_pattern(keywords: Sequence[str]) -> re.Pattern:
-    """Case-insensitive whole-word alternation, longest keyword first ("let me check" before "let me")."""
-    words = sorted({k.lower() for k in keywords}, key=len, reverse=True)
-    return re.compile(r"(?<![a-z])(?:" + "|".join(re.escape(w) for w in words) + r")(?![a-z])", re.IGNORECASE)
+    """One case-insensitive alternation of the keyword regexes, longest first ("let me check" before "let me")."""
+    words = sorted(dict.fromkeys(keywords), key=len, reverse=True)
+    for word in words:
+        try:
+            re.compile(word)
+        except re.error as exc:
+            raise ValueError(f"behaviour keyword {word!r} is not a regular expression: {exc}") from None
+    return re.compile("|".join(f"(?:{w})" for w in words), re.IGNORECASE)
+
+
+def split_thoughts(text: str) -> list[str]:
+    """The blank-line segments of a response, each stripped as SEAL strips it (spaces, then newlines).
+
+    SEAL cuts the token sequence at every token that contains "\\n\\n" (the tokenizer's "ĊĊ"); on
+    text that is a cut at every run of two or more newlines. The first segment (the text before the
+    first cut) is included here; `ThoughtCounts` drops it, as SEAL does.
+    """
+    return [segment.strip(" ").strip("\n") for segment in re.split(r"\n{2,}", text)]
 
 
 class KeywordRate(Metric):
     """Behaviour counter: how often responses use a family of keywords (e.g. reflection words).
 
-    compute() returns {"rate": share of responses with at least one hit,
-    "per_response": mean number of hits per response}.
+    Hits are the non-overlapping matches of the family's alternation (`keyword_pattern`) in each
+    blank-line segment of the lower-cased response (`split_thoughts`, the first segment included), so
+    a `^` keyword counts where a segment starts with it. compute() returns {"rate": share of
+    responses with at least one hit, "per_response": mean number of hits per response}.
     """
 
     full_state_update = False
@@ -91,7 +142,7 @@ class KeywordRate(Metric):
             self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def count(self, text: str) -> int:
-        return len(self.pattern.findall(text))
+        return sum(len(self.pattern.findall(segment.lower())) for segment in split_thoughts(text))
 
     def update(self, texts: Sequence[str]) -> None:
         counts = [self.count(t) for t in texts]
@@ -105,12 +156,23 @@ class KeywordRate(Metric):
 
 
 class ThoughtCounts(Metric):
-    """SEAL-style thought classification (most likely the taxonomy behind the paper's 14.89x / 6.54x; unverified).
+    """Transition and reflection thoughts per response, classified as SEAL's code classifies them.
 
-    Each response is split into thoughts at blank lines; a thought containing a transition
-    keyword is a transition thought, else one containing a reflection keyword is a reflection
-    thought, else an execution thought. compute() returns the mean number of transition and
-    reflection thoughts per response.
+    Source: `generate_index` in hidden_analysis.py of SEAL (Chen et al. 2025, arXiv 2504.07986,
+    github.com/VITA-Group/SEAL; read in its copies Andwwy/SEAL, Zemelee/SEAL, esther119/SEAL):
+    - thoughts: the response is cut at every "\\n\\n" token; each thought is the text after a cut up to
+      the next cut (or the end), stripped of spaces then newlines. The text before the first cut is
+      no thought (SEAL anchors each thought at the "\\n\\n" token in front of it), so a response
+      without a blank line has no thoughts. SEAL restricts this to the <think> block for
+      DeepSeek-R1 models and takes the whole text otherwise; here it is always the whole response.
+    - classification, in this order on the lower-cased thought: reflection if any reflection keyword
+      is found, else transition if any transition keyword is found, else execution. (Reflection is
+      checked first in SEAL's code; the EasySteer replication, replications/seal/data_construction.ipynb
+      of github.com/xiaoooobai/EasySteer, checks transition first and matches "wait" and
+      "alternatively" anywhere: a different rule.)
+    With `SEAL_TRANSITION` / `SEAL_REFLECTION` this is SEAL's rule exactly (plain keywords: substring,
+    `^` keywords: str.startswith). Whether the PreRL paper's 14.89x / 6.54x used this code is not
+    stated there. compute() returns the mean number of transition and reflection thoughts per response.
     """
 
     full_state_update = False
@@ -121,13 +183,24 @@ class ThoughtCounts(Metric):
         for name in ("transition_thoughts", "reflection_thoughts", "responses"):
             self.add_state(name, default=torch.tensor(0.0), dist_reduce_fx="sum")
 
+    def classify(self, text: str) -> list[str]:
+        """The kind of each thought of one response: transition, reflection or execution."""
+        kinds = []
+        for thought in split_thoughts(text)[1:]:
+            thought = thought.lower()
+            if self.reflection.search(thought):
+                kinds.append("reflection")
+            elif self.transition.search(thought):
+                kinds.append("transition")
+            else:
+                kinds.append("execution")
+        return kinds
+
     def update(self, texts: Sequence[str]) -> None:
         for text in texts:
-            for thought in re.split(r"\n\s*\n", text):
-                if self.transition.search(thought):
-                    self.transition_thoughts += 1
-                elif self.reflection.search(thought):
-                    self.reflection_thoughts += 1
+            kinds = self.classify(text)
+            self.transition_thoughts += kinds.count("transition")
+            self.reflection_thoughts += kinds.count("reflection")
         self.responses += len(texts)
 
     def compute(self) -> dict[str, torch.Tensor]:

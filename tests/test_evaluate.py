@@ -18,6 +18,7 @@ from lightning_prerl.batch import truncated_flags
 from lightning_prerl.evaluation import (
     BenchmarkSamples,
     MathEquivalence,
+    add_thought_ratios,
     benchmark_metrics,
     format_table,
     pass_ks,
@@ -91,7 +92,16 @@ def hand_made_samples() -> BenchmarkSamples:
         answers=["1/2", "3", "0.5", None, "7", "8", None, "8"],
         lengths=[10, 20, 30, 40, 5, 5, 5, 5],
         truncated=[False, False, True, False, False, False, False, True],
-        texts=["Wait, so 1/2", "3", "but 0.5", "", "7", "Let me check: 8", "", "8"],
+        texts=[
+            "Wait, so 1/2",
+            "3",
+            "but 0.5\n\nAlternatively, 0.5",
+            "",
+            "7",
+            "Let me check: 8\n\nWait, 8 it is",
+            "",
+            "8",
+        ],
     )
 
 
@@ -109,12 +119,13 @@ def test_benchmark_metrics_match_hand_computed_values(equivalent):
         "truncated": 2 / 8,
         "format_valid": 6 / 8,
         "unparsable_ground_truths": 1,
-        "transition_rate": 1 / 8,  # "but"
+        # SEAL's lists (the default): "but" is none; "Alternatively" and "Wait" count where a segment starts
+        "transition_rate": 1 / 8,  # "Alternatively"
         "transition_per_response": 1 / 8,
-        "reflection_rate": 2 / 8,  # "Wait"; "Let me" + "check"
+        "reflection_rate": 2 / 8,  # "Wait"; "Let me check" + "Wait"
         "reflection_per_response": 3 / 8,
-        "transition_thoughts": 1 / 8,
-        "reflection_thoughts": 2 / 8,
+        "transition_thoughts": 1 / 8,  # thoughts follow a blank line: "Alternatively, 0.5"
+        "reflection_thoughts": 1 / 8,  # "Wait, 8 it is" ("Wait, so 1/2" starts no thought)
     }
     assert metrics.keys() == expected.keys()
     for key, value in expected.items():
@@ -134,6 +145,7 @@ def test_benchmark_metrics_reject_samples_that_are_not_whole_problems(equivalent
 def hand_made_results() -> list[dict]:
     metrics = {"avg@2": 0.25, "pass@1": 0.25, "pass@2": 0.5, "maj@1": 0.25, "maj@2": 0.25}
     metrics |= {"response_length": 12.5, "truncated": 0.125, "format_valid": 0.75, "unparsable_ground_truths": 1}
+    metrics |= {"transition_thoughts": 0.5, "reflection_thoughts": 0.25}
     base = {"benchmark": "aime24", "problems": 4, "samples": 2, "metrics": metrics, "seconds": 1.234}
     better = {**metrics, "avg@2": 0.5, "pass@1": 0.5, "pass@2": 0.75}
     return [{**base, "policy": "base"}, {**base, "policy": "trained", "metrics": better}]
@@ -155,10 +167,49 @@ def test_table_has_a_policy_column_only_for_several_policies_and_the_figure_is_a
     results = hand_made_results()
     table = format_table(results).splitlines()
     assert table[0].split("|")[1:4] == [" policy  ", " benchmark ", " problems "]
-    assert table[3].replace(" ", "") == "|trained|aime24|4|0.500|0.500|0.750|0.250|12.5|0.125|0.750|1|"
+    assert table[3].replace(" ", "") == "|trained|aime24|4|0.500|0.500|0.750|0.250|12.5|0.125|0.750|1|0.500|0.250|"
     assert format_table(results[:1]).splitlines()[0].startswith("| benchmark |")
     png = plot_pass_at_k(results, tmp_path / "pass_at_k.png").read_bytes()
     assert png.startswith(PNG) and len(png) < 200_000
+
+
+def test_thought_ratios_of_two_hand_written_policies(equivalent, tmp_path):
+    """The paper's "N x": mean transition / reflection thoughts per response, each policy over the first."""
+    base_texts = [
+        "Start.\n\nAlternatively, use x.\n\nWait, check.",  # transition 1, reflection 1
+        "Start.\n\nDone.",  # none
+    ]
+    trained_texts = [
+        "Go.\n\nAnother way: y.\n\nAnother method: z.\n\nAlternatively, w.",  # transition 3
+        "Go.\n\nWait.\n\nHold on.\n\nLet me check it.\n\nThat's correct.",  # reflection 4
+    ]
+    quiet = ["Go.\n\nx = 1.", "Go.\n\nWait, that's it."]  # reflection 1; a base with no reflection below
+    results = []
+    for policy, texts in (("base", base_texts), ("trained", trained_texts)):
+        for bench, chosen in (("hand", texts), ("quiet", quiet if policy == "base" else trained_texts)):
+            samples = BenchmarkSamples(bench, 2, ["1"], [1, 0], ["1", "2"], [5, 5], [False, False], chosen)
+            metrics, _ = benchmark_metrics(samples, equivalent)
+            results.append({"policy": policy, "benchmark": bench, "problems": 1, "samples": 2, "metrics": metrics})
+    add_thought_ratios(results)
+    ratio = {(r["policy"], r["benchmark"]): r["metrics"] for r in results}
+    # base: transition 1/2, reflection 1/2 ; trained: transition 3/2, reflection 4/2
+    assert ratio["base", "hand"]["transition_thoughts"] == pytest.approx(0.5)
+    assert ratio["trained", "hand"]["reflection_thoughts"] == pytest.approx(2.0)
+    assert ratio["base", "hand"]["transition_thoughts_ratio"] == pytest.approx(1.0)
+    assert ratio["trained", "hand"]["transition_thoughts_ratio"] == pytest.approx(3.0)
+    assert ratio["trained", "hand"]["reflection_thoughts_ratio"] == pytest.approx(4.0)
+    # quiet: base transition 0 -> no ratio ; reflection 1/2 -> trained 2.0 / 0.5
+    assert ratio["trained", "quiet"]["transition_thoughts_ratio"] is None
+    assert ratio["trained", "quiet"]["reflection_thoughts_ratio"] == pytest.approx(4.0)
+    table = format_table(results).splitlines()
+    assert table[0].split("|")[-3:-1] == [" transition x ", " reflection x "]
+    assert table[4].replace(" ", "").endswith("|1.500|2.000|3.00x|4.00x|")  # trained, hand
+    assert table[5].replace(" ", "").endswith("|1.500|2.000|-|4.00x|")  # trained, quiet
+    with open(write_csv(results, tmp_path / "evaluation.csv"), newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["policy"], r["benchmark"]) for r in rows][2] == ("trained", "hand")
+    assert float(rows[2]["transition_thoughts_ratio"]) == 3.0 and float(rows[2]["reflection_thoughts_ratio"]) == 4.0
+    assert rows[3]["transition_thoughts_ratio"] == "" and float(rows[3]["reflection_thoughts_ratio"]) == 4.0
 
 
 # -- the real script ---------------------------------------------------------------------------------
@@ -183,7 +234,7 @@ def check_outputs(run_dir: Path) -> tuple[dict, list[dict]]:
     for row, result in zip(rows, results, strict=True):
         m, k, detail = result["metrics"], result["samples"], result["problems_detail"]
         for key, value in m.items():
-            assert float(row[key]) == pytest.approx(value), key
+            assert row[key] == "" if value is None else float(row[key]) == pytest.approx(value), key
         ks = pass_ks(k)
         assert m["pass@1"] == pytest.approx(m[f"avg@{k}"])
         assert all(m[f"pass@{a}"] <= m[f"pass@{b}"] + 1e-12 for a, b in zip(ks, ks[1:], strict=False))

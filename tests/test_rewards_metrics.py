@@ -5,11 +5,20 @@ from __future__ import annotations
 import random
 import re
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from lightning_prerl.metrics import GenerationMetrics, KeywordRate, PassAtK, pass_at_k
+from lightning_prerl.metrics import (
+    SEAL_REFLECTION,
+    SEAL_TRANSITION,
+    GenerationMetrics,
+    KeywordRate,
+    PassAtK,
+    pass_at_k,
+    split_thoughts,
+)
 from lightning_prerl.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer, last_boxed
 
 
@@ -153,7 +162,7 @@ def test_pass_at_k_by_hand():
 
 
 def test_keyword_rate_counts_whole_words_longest_first():
-    metric = KeywordRate(["wait", "let me", "let me check", "but"])
+    metric = KeywordRate([r"\bwait\b", r"\blet me\b", r"\blet me check\b", r"\bbut\b"])
     metric.update(["Wait, let me check: 1+1=2.", "Butter is not a transition.", "but no; but yes"])
     # response 1: "Wait" + "let me check" (one hit, not two) ; response 2: none ; response 3: 2
     out = metric.compute()
@@ -161,18 +170,75 @@ def test_keyword_rate_counts_whole_words_longest_first():
     assert out["rate"].item() == pytest.approx(2 / 3)
 
 
-def test_thought_counts_classify_each_blank_line_segment_once():
+def test_keyword_rate_plain_keywords_are_substrings_and_caret_keywords_start_a_segment():
+    metric = KeywordRate(SEAL_REFLECTION)
+    metric.update(["Wait, that's correct.\n\nWAIT again; let me check. We wait.", "Butter", "We wait.\nWait."])
+    # 1: "^wait" + "'s correct" | "^wait" + "let me check" (the last "wait" starts no segment) = 4
+    # 2: none ; 3: a single newline starts no segment: none
+    out = metric.compute()
+    assert out["per_response"].item() == pytest.approx(4 / 3) and out["rate"].item() == pytest.approx(1 / 3)
+    assert KeywordRate(["but"]).count("Butter, but") == 2  # substring: the rule of SEAL's lists
+    with pytest.raises(ValueError, match="not a regular expression"):
+        KeywordRate(["("])
+
+
+def test_split_thoughts_cuts_at_runs_of_newlines_and_strips_like_seal():
+    assert split_thoughts("a\n\nb\n\n\n c \n\nd\n \ne") == ["a", "b", "c", "d\n \ne"]
+    assert split_thoughts("one line") == ["one line"]
+
+
+SEAL_RESPONSE = (
+    "To solve it, first add. Wait, is that all?\n\n"  # before the first cut: no thought
+    "Wait, 2+2=4.\n\n"  # reflection ("^wait")
+    "Alternatively, we can verify by counting.\n\n"  # reflection: checked before transition
+    "So that's correct.\n\n"  # reflection ("'s correct" after a letter)
+    "Let me try another approach: count on fingers.\n\n"  # transition
+    "ANOTHER WAY: HOLD ON.\n\n"  # reflection (upper case; "hold on" wins over "another way")
+    "We wait here; we think differently.\n\n"  # execution: "wait" mid-thought, "think differenly" (sic)
+    "Let me\n\ncheck it, then hold\n\non.\n\n"  # three thoughts, no keyword spans a blank line
+    "The answer is 4."  # execution
+)
+
+
+def test_thought_counts_classify_as_seals_code():
     from lightning_prerl.metrics import ThoughtCounts
 
-    metric = ThoughtCounts(["alternatively", "but"], ["wait", "check"])
-    metric.update(
-        [
-            "Step 1.\n\nWait, check it.\n\nAlternatively, wait: redo.",  # reflection, then transition (first)
-            "No thoughts here.",
-        ]
-    )
-    out = metric.compute()
-    assert out["transition"].item() == pytest.approx(0.5) and out["reflection"].item() == pytest.approx(0.5)
+    metric = ThoughtCounts(SEAL_TRANSITION, SEAL_REFLECTION)
+    kinds = metric.classify(SEAL_RESPONSE)
+    assert kinds == ["reflection", "reflection", "reflection", "transition", "reflection"] + ["execution"] * 5
+    assert metric.classify("Wait, a first paragraph is no thought.") == []
+    assert metric.classify("a\n\nAlternatively, b.\n\nc\n\n\n   \n\nWe verifying it; hold one.") == [
+        "transition",  # "^alternatively"
+        "execution",
+        "execution",  # "   " (a whitespace-only segment between two cuts)
+        "reflection",  # substrings: "verify" in "verifying", "hold on" in "hold one"
+    ]
+    metric.update([SEAL_RESPONSE, "Only one paragraph. Wait.", "x\n\nanother method\n\nanother strategy"])
+    out = metric.compute()  # transition 1 + 0 + 2, reflection 4 + 0 + 0 over 3 responses
+    assert out["transition"].item() == pytest.approx(3 / 3) and out["reflection"].item() == pytest.approx(4 / 3)
+
+
+def test_the_defaults_are_seals_lists_and_the_config_groups_hold_the_same_lists():
+    from hydra import compose, initialize_config_dir
+
+    from lightning_prerl import metrics
+
+    assert metrics.DEFAULT_TRANSITION == SEAL_TRANSITION and metrics.DEFAULT_REFLECTION == SEAL_REFLECTION
+    assert "'s correct" in SEAL_REFLECTION and "^alternatively" in SEAL_TRANSITION
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        default = compose("config", overrides=["run_dir=/tmp/unused"])
+        broad = compose("config", overrides=["run_dir=/tmp/unused", "behavior=broad"])
+    assert list(default.module.transition) == SEAL_TRANSITION
+    assert list(default.module.reflection) == SEAL_REFLECTION
+    assert list(broad.module.transition) == metrics.BROAD_TRANSITION
+    assert list(broad.module.reflection) == metrics.BROAD_REFLECTION
+    m = GenerationMetrics("val", transition=broad.module.transition, reflection=broad.module.reflection)
+    m.update(torch.zeros(2, 1), torch.ones(2), ["Butter.\n\nBut wait, check.", "x\n\nInstead, y."], [None, None])
+    out = m.compute()  # whole words: "But" + "Instead" ; "wait" + "check" ; thoughts: reflection first
+    assert out["val/transition_per_response"] == pytest.approx(1.0)
+    assert out["val/reflection_per_response"] == pytest.approx(1.0)
+    assert out["val/transition_thoughts"] == pytest.approx(0.5) and out["val/reflection_thoughts"] == pytest.approx(0.5)
 
 
 def test_generation_metrics_bundle():
@@ -180,7 +246,7 @@ def test_generation_metrics_bundle():
     m.update(
         torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
         torch.tensor([3, 5, 7, 9]),
-        ["a", "but b", "wait", "c"],
+        ["a", "x\n\nbut b", "wait", "c"],  # a thought follows a blank line (SEAL): "wait" alone is none
         [True, True, False, None],
     )
     out = m.compute()

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 
+RESPONSE_ALIGNED = ("rollout_logprobs", "loss_mask", "is_weights", "old_logprobs")  # (N, T) like response_ids
+OPTIONAL_ROWS = ("sample_mask", "advantages", *RESPONSE_ALIGNED)
+
 
 @dataclass
 class RolloutBatch:
@@ -29,6 +32,16 @@ class RolloutBatch:
         stats: counters and timings of the data path (`rollout/...`, `time/...`), logged by the module.
         padding_prompts: trailing prompts that only keep ranks in lockstep (uneven evaluation
             shards): generated like the others, never scored into metrics.
+        sample_mask: (N,) bool, False for samples that count in their group's advantage but never
+            enter a loss (`data.overlong: mask`, dynamic-sampling fill groups); None: all enter.
+        rollout_logprobs: (N, T) the engine's own log-probs of the response tokens (0 on padding),
+            when it returned them: rollout-vs-trainer mismatch and its correction.
+        advantages: (N,) per-sample advantages, set by `update.prepare` before the first update.
+        loss_mask: (N, T) float, the tokens the loss counts (response, kept samples, correction
+            masks), set by `update.prepare`.
+        is_weights: (N, T) truncated importance weights of the rollout correction (None: off).
+        old_logprobs: (N, T) log-probs before the first update in the active objective's space
+            (None: the update is the batch's only one, and they equal the detached current ones).
     """
 
     prompt_ids: torch.Tensor
@@ -42,6 +55,12 @@ class RolloutBatch:
     sources: list[str] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     padding_prompts: int = 0
+    sample_mask: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
+    old_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -50,9 +69,14 @@ class RolloutBatch:
         n = self.rewards.shape[0]
         if n % self.group_size:
             raise ValueError(f"batch of {n} samples is not whole groups of {self.group_size}")
-        for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask"):
-            if getattr(self, f).shape[0] != n:
-                raise ValueError(f"{f} has {getattr(self, f).shape[0]} rows, rewards has {n}")
+        for f in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", *OPTIONAL_ROWS):
+            value = getattr(self, f)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"{f} has {value.shape[0]} rows, rewards has {n}")
+        for f in RESPONSE_ALIGNED:
+            value = getattr(self, f)
+            if value is not None and value.shape != self.response_ids.shape:
+                raise ValueError(f"{f} has shape {tuple(value.shape)}, response_ids {tuple(self.response_ids.shape)}")
 
     def select(self, rows: slice) -> RolloutBatch:
         """Rows `rows` of every per-sample tensor, trimmed to their own longest prompt and response.
@@ -60,13 +84,18 @@ class RolloutBatch:
         Micro-batching: groups may be cut, stats are dropped, and padding columns that no selected
         row uses are removed (prompts are left-padded, responses right-padded).
         """
-        tensors = {f.name: getattr(self, f.name)[rows] for f in fields(self) if f.type == "torch.Tensor"}
+        tensors = {
+            f.name: getattr(self, f.name)[rows]
+            for f in fields(self)
+            if f.type.startswith("torch.Tensor") and getattr(self, f.name) is not None
+        }
         p_used = max(1, int(tensors["prompt_mask"].sum(1).max()))
         t_used = max(1, int(tensors["response_mask"].sum(1).max()))
         for name in ("prompt_ids", "prompt_mask"):
             tensors[name] = tensors[name][:, -p_used:]  # (n, P') the last P' columns
-        for name in ("response_ids", "response_mask"):
-            tensors[name] = tensors[name][:, :t_used]  # (n, T') the first T' columns
+        for name in ("response_ids", "response_mask", *RESPONSE_ALIGNED):
+            if name in tensors:
+                tensors[name] = tensors[name][:, :t_used]  # (n, T') the first T' columns
         n = tensors["rewards"].shape[0]
         group = self.group_size if n % self.group_size == 0 else 1
         return replace(
@@ -79,6 +108,23 @@ class RolloutBatch:
             stats={},
             padding_prompts=0,
         )
+
+    def split(self, parts: int) -> list[RolloutBatch]:
+        """`parts` consecutive mini-batches of whole groups (PPO mini-batches), each trimmed.
+
+        The data module orders each rank's prompts so that mini-batch i of every rank holds its
+        share of the global mini-batch i: an update sees the same prompts on any world size.
+        """
+        groups = len(self) // self.group_size
+        if groups % parts:
+            raise ValueError(
+                f"module.mini_batches={parts}: this rank's {groups} prompts do not split evenly "
+                f"(data.prompts_per_step / world size must divide by it)"
+            )
+        if parts == 1:
+            return [self]
+        rows = len(self) // parts
+        return [self.select(slice(i * rows, (i + 1) * rows)) for i in range(parts)]
 
     def micro_batches(
         self,
@@ -149,3 +195,75 @@ def truncated_flags(response_ids: torch.Tensor, response_mask: torch.Tensor, sto
     last = response_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)  # (N,) last real token
     stopped = torch.isin(last, torch.tensor(list(stop_ids), dtype=last.dtype)) & (lengths > 0)  # (N,)
     return (~stopped).tolist()
+
+
+def take_groups(batch: RolloutBatch, groups: Sequence[int]) -> RolloutBatch:
+    """Groups `groups` (indices into the B groups, in that order) of a batch, at its full widths.
+
+    Stats are kept as they are and padding prompts dropped: the caller knows what the rows mean.
+    """
+    g = batch.group_size
+    rows = torch.tensor([i * g + j for i in groups for j in range(g)], dtype=torch.long)  # (n,) n = len(groups) * G
+    tensors = {
+        f.name: getattr(batch, f.name)[rows]
+        for f in fields(batch)
+        if f.type.startswith("torch.Tensor") and getattr(batch, f.name) is not None
+    }
+    pick = rows.tolist()
+    return replace(
+        batch,
+        **tensors,
+        texts=[batch.texts[i] for i in pick] if batch.texts else [],
+        has_answer=[batch.has_answer[i] for i in pick] if batch.has_answer else [],
+        sources=[batch.sources[i] for i in pick] if batch.sources else [],
+        padding_prompts=0,
+    )
+
+
+def concat_batches(batches: Sequence[RolloutBatch], pad: int) -> RolloutBatch:
+    """Batches of one group size stacked row-wise, groups kept contiguous and in order.
+
+    Prompts are left-padded and responses right-padded with `pad` (masks and response-aligned
+    tensors with 0) to the widest part. A `sample_mask` missing from some parts counts as all
+    True there; any other optional tensor must be present in all parts or in none. Stats are the
+    first part's (the caller merges them).
+    """
+    g = batches[0].group_size
+    if any(b.group_size != g for b in batches):
+        raise ValueError(f"cannot concatenate group sizes {sorted({b.group_size for b in batches})}")
+    p_width = max(b.prompt_ids.shape[1] for b in batches)
+    t_width = max(b.response_ids.shape[1] for b in batches)
+
+    def left(x: torch.Tensor, value: int) -> torch.Tensor:  # (n, P) -> (n, p_width)
+        return torch.nn.functional.pad(x, (p_width - x.shape[1], 0), value=value)
+
+    def right(x: torch.Tensor, value: float) -> torch.Tensor:  # (n, T) -> (n, t_width)
+        return torch.nn.functional.pad(x, (0, t_width - x.shape[1]), value=value)
+
+    tensors = {
+        "prompt_ids": torch.cat([left(b.prompt_ids, pad) for b in batches]),  # (N, P)
+        "prompt_mask": torch.cat([left(b.prompt_mask, 0) for b in batches]),  # (N, P)
+        "response_ids": torch.cat([right(b.response_ids, pad) for b in batches]),  # (N, T)
+        "response_mask": torch.cat([right(b.response_mask, 0) for b in batches]),  # (N, T)
+        "rewards": torch.cat([b.rewards for b in batches]),  # (N,)
+    }
+    if any(b.sample_mask is not None for b in batches):
+        tensors["sample_mask"] = torch.cat(  # (N,)
+            [b.sample_mask if b.sample_mask is not None else torch.ones(len(b), dtype=torch.bool) for b in batches]
+        )
+    for name in OPTIONAL_ROWS:
+        present = [getattr(b, name) is not None for b in batches]
+        if name == "sample_mask" or not any(present):
+            continue
+        if not all(present):
+            raise ValueError(f"cannot concatenate batches where only some have {name}")
+        parts = [getattr(b, name) for b in batches]
+        tensors[name] = torch.cat([right(x, 0) for x in parts] if name in RESPONSE_ALIGNED else parts)
+    return replace(
+        batches[0],
+        **tensors,
+        texts=[t for b in batches for t in b.texts],
+        has_answer=[h for b in batches for h in b.has_answer],
+        sources=[s for b in batches for s in b.sources],
+        padding_prompts=0,
+    )

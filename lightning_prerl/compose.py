@@ -64,7 +64,7 @@ def build_run(cfg: DictConfig) -> Run:
         stops = stop_token_ids(module.tokenizer, cfg.model.path, cfg.model.gguf_file, cfg.model.get("stop_token_ids"))
         engine = instantiate(cfg.rollout, stop_token_ids=stops)
         build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
-        datamodule = build_data(tokenizer=module.tokenizer, engine=engine)
+        datamodule = build_data(tokenizer=module.tokenizer, engine=engine, mini_batches=cfg.module.mini_batches)
     except (ConfigError, CheckpointError, InstantiationException, ValueError, FileNotFoundError) as exc:
         sys.exit(f"config error: {' '.join(str(exc).split())}")
 

@@ -83,6 +83,13 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
             f"data.prompts_per_step={data.prompts_per_step} does not divide by the world size {world} "
             f"(trainer.devices x trainer.num_nodes): it is the global number of prompts per step"
         )
+    if data.overlong == "penalty" and (data.overlong_buffer or 0) > data.sampling.max_new_tokens:
+        raise ConfigError(
+            f"data.overlong_buffer={data.overlong_buffer} > data.sampling.max_new_tokens="
+            f"{data.sampling.max_new_tokens}: the overlong penalty interval must fit in the generation budget"
+        )
+    if data.overlong == "penalty" and data.overlong_buffer is None:
+        raise ConfigError("data.overlong_buffer=null with data.overlong=penalty: set the penalty interval in tokens")
     budget = data.sampling.max_new_tokens + (data.max_prompt_tokens or 0)
     max_len = run.rollout.max_model_len
     if max_len is not None and max_len < budget:
@@ -90,6 +97,48 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
             f"rollout.max_model_len={max_len} < data.sampling.max_new_tokens + data.max_prompt_tokens = {budget}: "
             f"the engine could not hold a full prompt and completion"
         )
+
+
+def _update_contradictions(run: RunConfig, cfg: DictConfig) -> None:
+    """Several updates per rollout batch, rollout correction and sampling truncation."""
+    module, sampling = run.module, run.data.sampling
+    updates = module.ppo_epochs * module.mini_batches
+    if updates > 1:  # Lightning counts optimizer steps: these must fall between rollout batches
+        steps = {"trainer.max_steps": run.trainer.max_steps}
+        if isinstance(run.objective, DSRL):
+            steps["objective.switch_step"] = run.objective.switch_step
+        for name, callback in (cfg.get("callbacks") or {}).items():
+            if isinstance(callback, DictConfig):
+                for key in ("every_n_train_steps", "every_n_steps"):
+                    steps[f"callbacks.{name}.{key}"] = callback.get(key)
+        for key, value in steps.items():
+            if isinstance(value, int) and value > 0 and value % updates:
+                raise ConfigError(
+                    f"{key}={value} is not a multiple of module.ppo_epochs x module.mini_batches = {updates}: "
+                    f"steps count optimizer steps, and a rollout batch makes {updates} of them"
+                )
+    world = run.trainer.devices * run.trainer.num_nodes if isinstance(run.trainer.devices, int) else 1
+    if run.data.prompts_per_step % (world * module.mini_batches):
+        raise ConfigError(
+            f"data.prompts_per_step={run.data.prompts_per_step} does not divide by world size {world} x "
+            f"module.mini_batches={module.mini_batches}: each rank's mini-batches hold whole prompt groups"
+        )
+    engine_logprobs = run.rollout.return_logprobs
+    fix = module.rollout_correction
+    if (fix.tis or fix.mask) and not engine_logprobs:
+        raise ConfigError(
+            f"module.rollout_correction (tis={fix.tis}, mask={fix.mask}) needs the engine's log-probs: "
+            f"rollout.return_logprobs=false (rollout=vllm returns them; the transformers engine with true)"
+        )
+    if sampling.top_p < 1 or sampling.top_k is not None:
+        vllm = str(cfg.rollout.get("_target_", "")).endswith("VLLMEngine")
+        if not (vllm and engine_logprobs and (fix.tis or fix.mask)):
+            raise ConfigError(
+                f"data.sampling.top_p={sampling.top_p}, top_k={sampling.top_k}: rollouts would come from a "
+                f"truncated distribution while training scores the full softmax (silently off-policy); keep "
+                f"top_p=1.0 and top_k=null, or correct it with rollout=vllm and module.rollout_correction.tis "
+                f"or .mask (vLLM's log-probs see the truncation)"
+            )
 
 
 def validate_config(cfg: DictConfig) -> RunConfig:
@@ -107,6 +156,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(" ".join(str(exc).split())[:300]) from None
     run = validate_schema(resolved)
     _contradictions(run, cfg)
+    _update_contradictions(run, cfg)
     try:
         resolve_model_path(run.model.path)
     except FileNotFoundError as exc:

@@ -13,6 +13,11 @@ Ranks move in lockstep: prompts longer than `max_prompt_tokens` are dropped once
 are loaded, by the same rule on every rank (counted and logged); held-out prompts are split so
 that each is scored exactly once over all ranks, shorter shards padded with repeats that are
 generated (same number of `generate` calls everywhere) but never scored.
+
+Training batches then pass through DAPO's shaping (`shaping.py`): overlong responses masked or
+penalised, and with dynamic sampling, flat groups replaced by groups of extra prompts. Extra prompts
+come from a second prompt stream, shuffled apart from the main one, at positions that depend only on
+(epoch, round, rank), and every rank runs the same number of rounds.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from lightning_prerl.benchmarks import decontaminate
 from lightning_prerl.prompts import PromptSet, render_prompt
 from lightning_prerl.rewards import Prompt, RewardFn, RewardScorer
 from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig, derive_seed
+from lightning_prerl.shaping import OverlongShaping, sample_informative
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +81,15 @@ class RolloutDataModule(L.LightningDataModule):
         shuffle_seed: seed of the per-pass prompt order (None: file order).
         template_kwargs: extra `apply_chat_template` arguments (e.g. enable_thinking: false).
         name: label of the data set in logs and reports.
+        overlong: truncated training samples: "keep", "mask" (never in a loss) or "penalty"
+            (DAPO's soft overlong punishment added to the reward).
+        overlong_buffer: the punishment interval before `sampling.max_new_tokens` (penalty only).
+        overlong_factor: the punishment at `sampling.max_new_tokens`.
+        dynamic_sampling: drop groups whose rewards are all equal and generate extra prompts in
+            their place (DAPO's dynamic sampling).
+        max_extra_rounds: at most this many extra rounds of b prompts per rank and step.
+        mini_batches: the policy's PPO mini-batches per pass (`module.mini_batches`): orders each
+            rank's prompts so that its i-th mini-batch is its share of the global i-th one.
     """
 
     def __init__(
@@ -99,6 +114,12 @@ class RolloutDataModule(L.LightningDataModule):
         data_root: str = ".",
         seed: int = 0,
         name: str = "data",
+        overlong: str = "keep",
+        overlong_buffer: int | None = None,
+        overlong_factor: float = 1.0,
+        dynamic_sampling: bool = False,
+        max_extra_rounds: int = 4,
+        mini_batches: int = 1,
     ):
         super().__init__()
         for key, value in (
@@ -109,6 +130,8 @@ class RolloutDataModule(L.LightningDataModule):
         ):
             if value < 1:
                 raise ValueError(f"data.{key}={value}: must be >= 1")
+        if max_extra_rounds < 0:
+            raise ValueError(f"data.max_extra_rounds={max_extra_rounds}: must be >= 0")
         self.name = name
         self.tokenizer = tokenizer
         self._engine_arg = engine
@@ -116,6 +139,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.scorer = RewardScorer(reward, timeout_s=reward_timeout_s, workers=reward_workers)
         self.train_prompts, self.shuffle_seed = train_prompts, shuffle_seed
         self.train_set: PromptSet | None = None
+        self.extra_set: PromptSet | None = None  # dynamic sampling's extra prompts
         self.eval_prompts = eval_prompts or []
         self.seed = seed
         self.decontaminate, self.data_root = list(decontaminate or []), data_root
@@ -123,6 +147,9 @@ class RolloutDataModule(L.LightningDataModule):
         self.samples_per_prompt = samples_per_prompt
         self.sampling = SamplingConfig(**(sampling or {}))
         self.eval_sampling = SamplingConfig(**(eval_sampling or asdict(self.sampling)))
+        self.overlong = OverlongShaping(overlong, self.sampling.max_new_tokens, overlong_buffer, overlong_factor)
+        self.dynamic_sampling, self.max_extra_rounds = dynamic_sampling, max_extra_rounds
+        self.mini_batches = mini_batches
         self.eval_samples = eval_samples
         self.eval_prompts_per_batch = eval_prompts_per_batch
         self.max_prompt_tokens = max_prompt_tokens
@@ -142,10 +169,11 @@ class RolloutDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Check the global batch against the world size; drop over-long prompts (same on every rank)."""
         _, world = self._rank_world()
-        if self.prompts_per_step % world:
+        if self.prompts_per_step % (world * self.mini_batches):
             raise ValueError(
-                f"data.prompts_per_step={self.prompts_per_step} does not divide by the world size {world}: "
-                f"it is the global number of prompts per step, split evenly over ranks"
+                f"data.prompts_per_step={self.prompts_per_step} does not divide by the world size {world} x "
+                f"module.mini_batches={self.mini_batches}: it is the global number of prompts per step, split "
+                f"evenly over ranks and mini-batches"
             )
         self._load_prompts()
 
@@ -156,6 +184,7 @@ class RolloutDataModule(L.LightningDataModule):
             self.train_prompts = self._length_filter(kept, "train")
             self.eval_prompts = self._length_filter(self.eval_prompts, "eval")
             self.train_set = PromptSet(self.train_prompts, self.shuffle_seed)
+            self.extra_set = PromptSet(self.train_prompts, derive_seed(self.shuffle_seed, "train_extra"))
 
     def _length_filter(self, prompts: list[Prompt], split: str) -> list[Prompt]:
         if self.max_prompt_tokens is None or not prompts:
@@ -198,9 +227,16 @@ class RolloutDataModule(L.LightningDataModule):
         return [derive_seed(base, purpose, step, pos) for pos in positions]
 
     def make_batch(
-        self, prompts: list[Prompt], n: int, sampling: SamplingConfig, seeds: list[int], padding_prompts: int = 0
+        self,
+        prompts: list[Prompt],
+        n: int,
+        sampling: SamplingConfig,
+        seeds: list[int],
+        padding_prompts: int = 0,
+        logprobs: bool = False,
     ) -> RolloutBatch:
-        """Generate n samples per prompt with the current policy, decode, score, pack."""
+        """Generate n samples per prompt with the current policy, decode, score, pack; `logprobs`: keep
+        the engine's sampling log-probs when it returns them (`rollout.return_logprobs`)."""
         t0 = time.perf_counter()
         engine = self._get_engine()
         step = self.trainer.global_step if self.trainer is not None else 0
@@ -209,7 +245,7 @@ class RolloutDataModule(L.LightningDataModule):
             self._synced_at = step
         t_sync = time.perf_counter()
         ids = [self._render(p) for p in prompts]
-        gen = engine.generate(ids, n, sampling, seeds=seeds)
+        gen = engine.generate(ids, n, sampling, logprobs and getattr(engine, "return_logprobs", False), seeds)
         t_gen = time.perf_counter()
         texts = self.tokenizer.batch_decode(gen.completions, skip_special_tokens=True)
         repeated = [p for p in prompts for _ in range(n)]
@@ -221,6 +257,11 @@ class RolloutDataModule(L.LightningDataModule):
         prompt_ids, prompt_mask = pad_left([x for x in ids for _ in range(n)], pad)
         response_ids, response_mask = pad_right(gen.completions, pad)
         truncated = sum(truncated_flags(response_ids, response_mask, engine.stop_token_ids))
+        engine_logp = None
+        if gen.logprobs is not None:
+            engine_logp = torch.zeros(response_ids.shape)  # (N, T), 0 on padding
+            for i, row in enumerate(gen.logprobs):
+                engine_logp[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
         return RolloutBatch(
             prompt_ids=prompt_ids,
             prompt_mask=prompt_mask,
@@ -232,6 +273,7 @@ class RolloutDataModule(L.LightningDataModule):
             has_answer=scored.has_answer,
             sources=[p.source for p in repeated],
             padding_prompts=padding_prompts,
+            rollout_logprobs=engine_logp,
             stats={
                 "rollout/reward_errors": float(scored.errors),
                 "rollout/reward_timeouts": float(scored.timeouts),
@@ -244,14 +286,73 @@ class RolloutDataModule(L.LightningDataModule):
         )
 
     def train_batch(self, epoch: int) -> RolloutBatch:
-        """This rank's slice of the global rollout batch of epoch `epoch`."""
+        """This rank's slice of the global rollout batch of epoch `epoch`, shaped for training."""
         self._load_prompts()
         rank, world = self._rank_world()
+        positions = self.train_positions(epoch, rank, world)
+        prompts = [
+            p
+            for start in positions[:: self._per_mini(world)]
+            for p in self.train_set.take(start, self._per_mini(world))
+        ]
+        batch = self._train_round(prompts, self._seeds("train", 0, positions))
+        if self.dynamic_sampling:
+            batch = sample_informative(
+                batch,
+                lambda r: self._extra_round(epoch, r),
+                self.max_extra_rounds,
+                self._any_rank,
+                world,
+                self.tokenizer.pad_token_id,
+                self.overlong.verifier_rewards,
+            )
+        batch.stats.update(self.overlong.stats(batch, self._truncated(batch), world))
+        return batch
+
+    def _per_mini(self, world: int) -> int:
+        return self.prompts_per_step // world // self.mini_batches
+
+    def train_positions(self, epoch: int, rank: int, world: int) -> list[int]:
+        """Positions in the prompt stream of rank `rank`'s prompts in epoch `epoch`.
+
+        The epoch owns positions [epoch * B, (epoch + 1) * B). With M = `mini_batches` PPO mini-batches,
+        global mini-batch i is the i-th run of B / M positions and rank r takes the r-th of W equal
+        slices of each: the rank's mini-batch i is its share of global mini-batch i, so every update
+        sees the same prompts on any world size (M = 1: the r-th of W slices of the epoch).
+        """
+        per_mini, step = self._per_mini(world), self.prompts_per_step // self.mini_batches
+        firsts = [epoch * self.prompts_per_step + i * step + rank * per_mini for i in range(self.mini_batches)]
+        return [first + j for first in firsts for j in range(per_mini)]
+
+    def extra_positions(self, epoch: int, round: int) -> list[int]:
+        """Positions in the extra prompt stream of this rank's extra round `round` (1, 2, ...) of
+        epoch `epoch`: each (epoch, round) owns a block of `prompts_per_step` positions, split over
+        ranks like the main stream, so extra prompts never depend on a resume or on other epochs."""
+        rank, world = self._rank_world()
         b = self.prompts_per_step // world
-        start = epoch * self.prompts_per_step + rank * b  # position in the prompt stream
-        prompts = self.train_set.take(start, b)
-        seeds = self._seeds("train", 0, list(range(start, start + b)))
-        return self.make_batch(prompts, self.samples_per_prompt, self.sampling, seeds)
+        start = (epoch * self.max_extra_rounds + round - 1) * self.prompts_per_step + rank * b
+        return list(range(start, start + b))
+
+    def _extra_round(self, epoch: int, round: int) -> RolloutBatch:
+        positions = self.extra_positions(epoch, round)
+        prompts = self.extra_set.take(positions[0], len(positions))
+        return self._train_round(prompts, self._seeds("train_extra", 0, positions))
+
+    def _train_round(self, prompts: list[Prompt], seeds: list[int]) -> RolloutBatch:
+        batch = self.make_batch(prompts, self.samples_per_prompt, self.sampling, seeds, logprobs=True)
+        return self.overlong.apply(batch, self._truncated(batch))
+
+    def _truncated(self, batch: RolloutBatch) -> torch.Tensor:
+        """(N,) bool: samples that ended without a stop token."""
+        flags = truncated_flags(batch.response_ids, batch.response_mask, self._get_engine().stop_token_ids)
+        return torch.tensor(flags, dtype=torch.bool)
+
+    def _any_rank(self, short: bool) -> bool:
+        """Is any rank short of informative groups? The same answer on every rank (lockstep)."""
+        if self._rank_world()[1] == 1:
+            return short
+        flag = torch.tensor(float(short), device=self.trainer.strategy.root_device)
+        return bool(self.trainer.strategy.reduce(flag, reduce_op="max") > 0)
 
     def _eval_shard(self) -> tuple[list[int], int]:
         """Indices of this rank's held-out prompts (every prompt once over all ranks) and how many

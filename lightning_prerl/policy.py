@@ -8,13 +8,16 @@ optimizer bound to stale parameters (measured, shared/DESIGN.md), while swapping
 survives DDP/FSDP wrapping and checkpointing. The active objective and its phase are saved in
 every checkpoint and restored before the weights are loaded.
 
-One training step = one rollout batch = one optimizer step (manual optimization): advantages and
-the kept-token count are computed once over the whole batch (all ranks), then micro-batches are
-forwarded and back-propagated with the loss divided by that global count, so neither micro-batch
-size nor world size changes the update. Only the log-probs the objective needs are computed: the
-conditional forward for `space: conditional`, the prompt-free one for `space: marginal`, the
-reference forward only when `kl_coef > 0`. Since each rollout batch feeds exactly one optimizer
-step, old log-probs equal the detached current ones (ratio 1 at the step).
+One training step = one rollout batch = `ppo_epochs x mini_batches` optimizer steps (manual
+optimization; Lightning's `global_step`, `max_steps`, DSRL's `switch_step` and checkpoint intervals
+count optimizer steps). Advantages, loss masks, rollout-correction weights and (with more than one
+update) old log-probs in the objective's space are fixed once per rollout batch (`update.prepare`);
+each mini-batch's micro-batches are then forwarded and back-propagated with the loss divided by that
+mini-batch's global kept-token count, so neither micro-batch size nor world size changes an update.
+Only the log-probs the objective needs are computed: the conditional forward for `space:
+conditional`, the prompt-free one for `space: marginal`, the reference forward only when
+`kl_coef > 0`. With one update per rollout batch (the paper's setting) old log-probs equal the
+detached current ones (ratio 1) and no extra pass runs.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.benchmarks import BenchmarkMetrics
+from lightning_prerl.correction import RolloutCorrection
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
 from lightning_prerl.models import DTYPES, load_policy, load_tokenizer, resolve_start_token_id, shard_policy
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.update import BackwardResult, MicroBatching, backward_objective
+from lightning_prerl.update import Collectives, MicroBatching, StepStats, backward_objective, prepare
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +67,19 @@ class PolicyModule(L.LightningModule):
             count, as verl's dynamic batch size (None: off).
         logprob_chunk_tokens: token rows per output-head chunk (None: 512 MiB of float32 logits).
         temperature: logits temperature of training log-probs (match the rollout temperature).
+        ppo_epochs: passes over each rollout batch (verl's ppo_epochs, TRL's num_iterations).
+        mini_batches: optimizer steps per pass, each on 1/mini_batches of the batch's prompts.
+        rollout_correction: `correction.RolloutCorrection` fields (TIS / masking of the
+            rollout-vs-trainer mismatch; needs an engine that returns its log-probs).
         pass_k: k values for validation pass@k.
         transition, reflection: behaviour keyword lists.
     """
 
+    preset: dict = {"name": "grpo"}  # the objective when none is given (each subclass fixes its own)
+
     def __init__(
         self,
-        objective: PolicyGradientObjective,
+        objective: PolicyGradientObjective | None = None,
         model_path: str = "toy",
         dtype: str = "float32",
         param_dtype: str = "float32",
@@ -86,6 +96,9 @@ class PolicyModule(L.LightningModule):
         micro_batch_tokens: int | None = None,
         logprob_chunk_tokens: int | None = None,
         temperature: float = 1.0,
+        ppo_epochs: int = 1,
+        mini_batches: int = 1,
+        rollout_correction: dict | None = None,
         pass_k: tuple[int, ...] = (1,),
         transition: tuple[str, ...] = tuple(DEFAULT_TRANSITION),
         reflection: tuple[str, ...] = tuple(DEFAULT_REFLECTION),
@@ -93,6 +106,9 @@ class PolicyModule(L.LightningModule):
         super().__init__()
         if lr <= 0:
             raise ValueError(f"module.lr={lr}: must be > 0")
+        for key in ("ppo_epochs", "mini_batches"):
+            if locals()[key] < 1:
+                raise ValueError(f"module.{key}={locals()[key]}: must be >= 1")
         if temperature <= 0:
             raise ValueError(f"module.temperature={temperature}: must be > 0 (greedy rollouts still score at 1)")
         for key in ("dtype", "param_dtype"):
@@ -106,7 +122,9 @@ class PolicyModule(L.LightningModule):
             )
         self.save_hyperparameters(ignore=["objective"])
         self.automatic_optimization = False
-        self.objective = objective
+        self.objective = objective or PolicyGradientObjective(**self.preset)
+        self.correction = RolloutCorrection(**(rollout_correction or {}))
+        self.updates_per_batch = ppo_epochs * mini_batches
         self.phase = 0
         self.skipped_steps, self.bad_in_row = 0, 0
         self.fault: str | None = None  # set when the run stopped on non-finite steps
@@ -192,7 +210,7 @@ class PolicyModule(L.LightningModule):
         evaluation; without this the resumed run would skip it and lose a point of the curve.
         """
         t = self.trainer
-        every, step = t.check_val_every_n_epoch, t.global_step
+        every, step = t.check_val_every_n_epoch, t.global_step // self.updates_per_batch  # rollout batches done
         if t.ckpt_path is None or not every or step == 0 or step % every or not t.datamodule.eval_prompts:
             return
         for i, batch in enumerate(t.datamodule.val_dataloader()):
@@ -221,10 +239,13 @@ class PolicyModule(L.LightningModule):
             value = self.trainer.strategy.reduce(value.detach().float().clone(), reduce_op="sum")
         return value
 
-    def _global_max(self, count: int) -> int:
+    def _global_max(self, value):
+        """Max over ranks of an int (returned as int) or a float tensor."""
         if self.trainer.world_size == 1:
-            return count
-        return int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="max"))
+            return value
+        if isinstance(value, torch.Tensor):
+            return self.trainer.strategy.reduce(value.detach().float().clone().to(self.device), reduce_op="max")
+        return int(self.trainer.strategy.reduce(torch.tensor(float(value), device=self.device), reduce_op="max"))
 
     def _grad_norm(self) -> torch.Tensor:
         """Global L2 norm of the gradients (DTensor shards under FSDP2 are reduced over ranks)."""
@@ -235,39 +256,42 @@ class PolicyModule(L.LightningModule):
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
-        t0, step = time.perf_counter(), self.trainer.global_step
-        hp = self.hparams
+        t0, step, hp, w = time.perf_counter(), self.trainer.global_step, self.hparams, self.trainer.world_size
+        micro = MicroBatching(hp.micro_batch_size, hp.micro_batch_tokens, hp.logprob_chunk_tokens)
+        comm = Collectives(w, self._global_sum, self._global_max)
+        args = (self.start_token_id, hp.temperature, micro)  # what every pass over the batch shares
+        batch, mismatch = prepare(
+            self.objective, self.policy, batch, *args, self.updates_per_batch, self.correction, comm
+        )
+        in_loop = None if mismatch.sums else mismatch  # no separate pass: the first update measures it
+        totals = StepStats(self.updates_per_batch, w)
+        for epoch in range(hp.ppo_epochs):
+            for mini in batch.split(hp.mini_batches):
+                if not self.fault:
+                    totals.add(*self._update(mini, args, comm, in_loop if epoch == 0 else None), first_pass=epoch == 0)
+        stats = {**totals.row(batch), **mismatch.result(self._global_sum, self._global_max)}
+        self._log_step(step, batch, stats, time.perf_counter() - t0)
+        return torch.tensor(stats["train/loss"])
+
+    def _update(self, batch: RolloutBatch, args: tuple, comm: Collectives, mismatch):
+        """One optimizer step on a (mini-)batch: backward, finite check, clipping, step."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        result = backward_objective(
-            self.objective,
-            self.policy,
-            batch,
-            self.start_token_id,
-            hp.temperature,
-            MicroBatching(hp.micro_batch_size, hp.micro_batch_tokens, hp.logprob_chunk_tokens),
-            reference=self.reference,
-            backward=self.manual_backward,
-            world_size=self.trainer.world_size,
-            global_sum=self._global_sum,
-            global_max=self._global_max,
-        )
+        pieces = (self.reference, self.manual_backward, comm, mismatch)
+        result = backward_objective(self.objective, self.policy, batch, *args, *pieces)
         grad_norm = torch.zeros(())
         if result.kept_tokens > 0:
             grad_norm = self._grad_norm()  # global: every rank takes the same decision below
-            finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self._global_sum(result.loss)))
-            if not finite:
+            if not (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self._global_sum(result.loss)))):
                 self._skip_bad_step(opt)
-                self._log_step(step, batch, result, grad_norm, time.perf_counter() - t0)
-                return result.loss
-            if hp.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
-                self.clip_gradients(opt, gradient_clip_val=hp.max_grad_norm, gradient_clip_algorithm="norm")
+                return result, grad_norm
+            if self.hparams.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
+                self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
         self.bad_in_row = 0
         # a batch with nothing to learn from (e.g. NSR with no mixed group) still counts as a step
         opt.step()
         sched.step()
-        self._log_step(step, batch, result, grad_norm, time.perf_counter() - t0)
-        return result.loss
+        return result, grad_norm
 
     def _skip_bad_step(self, opt) -> None:
         """A non-finite loss or gradient: no optimizer step; too many in a row stop the run."""
@@ -286,21 +310,16 @@ class PolicyModule(L.LightningModule):
             )
             self.trainer.should_stop = True
 
-    def _log_step(self, step: int, batch: RolloutBatch, result: BackwardResult, grad_norm, train_time: float) -> None:
+    def _log_step(self, step: int, batch: RolloutBatch, train_stats: dict, train_time: float) -> None:
         g = batch.group_size
         grouped = batch.rewards.view(-1, g)  # (B, G)
         mixed = (grouped.max(1).values > grouped.min(1).values).float().mean()
         lengths = batch.response_mask.sum(1)  # (N,)
         self.rollout_metrics.update(grouped, lengths, batch.texts, batch.has_answer)
         stats = {
-            "train/loss": result.loss * self.trainer.world_size,  # a rank's share of the global mean; x W then mean
-            "train/grad_norm": grad_norm,
-            "train/kept_samples": result.keep.float().mean(),
-            "train/adv_abs_mean": result.adv.abs().mean(),
-            "train/kept_tokens": result.kept_tokens,
+            **train_stats,
             "train/lr": self.optimizers().param_groups[0]["lr"],
             "train/skipped_steps": float(self.skipped_steps),
-            **({"train/entropy": result.entropy} if result.entropy is not None else {}),
             "objective/phase": float(self.phase),
             "rollout/reward_mean": batch.rewards.mean(),
             "rollout/mixed_groups": mixed,
@@ -371,36 +390,28 @@ class PolicyModule(L.LightningModule):
             self.reference = self._new_reference()
 
 
+PRERL = {"space": "marginal", "advantage": "group_mean", "coef": 0.01}  # lr_scale 0.1 by the prompt-free rule
+
+
 class CondRL(PolicyModule):
     """Standard RLVR (GRPO) on log P(y|x)."""
 
-    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
-        super().__init__(objective=objective or PolicyGradientObjective(name="grpo"), **kwargs)
+    preset = {"name": "grpo"}
 
 
 class PreRL(PolicyModule):
     """PreRL: policy gradient on the prompt-free log P(y), both signs (advantage r - group mean)."""
 
-    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
-        default = PolicyGradientObjective(name="prerl", space="marginal", advantage="group_mean", coef=0.01)
-        super().__init__(objective=objective or default, **kwargs)
+    preset = {"name": "prerl", **PRERL}
 
 
 class NSRPreRL(PolicyModule):
     """NSR-PreRL: PreRL restricted to negative-advantage samples."""
 
-    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
-        default = PolicyGradientObjective(
-            name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative", coef=0.01
-        )
-        super().__init__(objective=objective or default, **kwargs)
+    preset = {"name": "nsr_prerl", **PRERL, "samples": "negative"}
 
 
 class PSRPreRL(PolicyModule):
     """PSR-PreRL: PreRL restricted to positive-advantage samples."""
 
-    def __init__(self, objective: PolicyGradientObjective | None = None, **kwargs):
-        default = PolicyGradientObjective(
-            name="psr_prerl", space="marginal", advantage="group_mean", samples="positive", coef=0.01
-        )
-        super().__init__(objective=objective or default, **kwargs)
+    preset = {"name": "psr_prerl", **PRERL, "samples": "positive"}

@@ -45,7 +45,8 @@ class Objective(_Node):
     kl_estimator: Literal["k1", "k2", "k3"]
     entropy_coef: NonNeg
     adv_eps: Positive
-    lr_scale: Positive
+    adv_tolerance: NonNeg = 1e-6
+    lr_scale: Positive | None
 
 
 class DSRL(_Node):
@@ -71,6 +72,15 @@ class Model(_Node):
     start_token: str | None
 
 
+class RolloutCorrection(_Node):
+    tis: Literal["token", "sequence"] | None = None
+    tis_cap: Annotated[float, Field(ge=1)] = 2.0
+    mask: Literal["token", "sequence"] | None = None
+    mask_low: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    mask_high: Annotated[float, Field(gt=1)] = 2.0
+    prerl: bool = False
+
+
 class Module(_Node):
     dtype: Dtype
     param_dtype: Dtype
@@ -85,6 +95,9 @@ class Module(_Node):
     micro_batch_tokens: PosInt | None
     logprob_chunk_tokens: PosInt | None
     temperature: Positive
+    ppo_epochs: PosInt = 1
+    mini_batches: PosInt = 1
+    rollout_correction: RolloutCorrection = RolloutCorrection()
     pass_k: Annotated[list[PosInt], Field(min_length=1)]
 
 
@@ -108,6 +121,11 @@ class Data(_Node):
     max_prompt_tokens: PosInt | None
     shuffle_seed: int | None
     seed: int
+    overlong: Literal["keep", "mask", "penalty"] = "keep"
+    overlong_buffer: PosInt | None = None
+    overlong_factor: NonNeg = 1.0
+    dynamic_sampling: bool = False
+    max_extra_rounds: NonNegInt = 4
 
 
 class Rollout(_Node):
@@ -116,6 +134,7 @@ class Rollout(_Node):
     gpu_memory_utilization: Probability | None = None
     kv_cache_gib: PosInt | None = None
     dtype: Literal["float32", "bfloat16", "float16", "auto"] | None = None
+    return_logprobs: bool = False
 
 
 class Trainer(_Node):
@@ -133,6 +152,13 @@ class Eval(_Node):
     limit: PosInt | None
     temperature: NonNeg | None
     policies: Annotated[list[str], Field(min_length=1)] | None
+
+
+class Behavior(_Node):
+    """Behaviour keyword families (conf/behavior/*.yaml): case-insensitive regular expressions."""
+
+    transition: Annotated[list[str], Field(min_length=1)]
+    reflection: Annotated[list[str], Field(min_length=1)]
 
 
 def _objective_kind(value: Any) -> str:
@@ -153,6 +179,7 @@ class RunConfig(_Node):
     rollout: Rollout
     trainer: Trainer
     eval: Eval | None = None
+    behavior: Behavior | None = None
 
 
 def _allowed(error: dict) -> str:

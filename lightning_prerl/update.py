@@ -11,14 +11,18 @@ sharded (FSDP2) ranks run the same collectives.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.objectives.ops import head_logprobs
+
+NO_CORRECTION = RolloutCorrection()
 
 
 def final_hidden_states(model: torch.nn.Module, ids, attn, pos, keep: int) -> torch.Tensor:
@@ -70,8 +74,10 @@ def sequence_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (N, T) of the responses, with or without their prompts.
+    """Per-token log-probs (N, T) of the responses, with or without their prompts (and the entropy,
+    differentiable or only measured: `entropy_grad`).
 
     conditional: [prompt (left-padded) | response], positions count real tokens from 0.
     marginal: [start token | response], the prompt removed entirely; positions restart at 0.
@@ -93,18 +99,22 @@ def sequence_logprobs(
         raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
     hidden = final_hidden_states(model, ids, attn, pos, t + 1)[:, :-1]  # (N, T, H): position j predicts token j
     weight = output_head_weight(model)  # (V, H)
-    return head_logprobs(hidden, weight, resp, temperature, with_entropy, chunk_tokens)
+    return head_logprobs(hidden, weight, resp, temperature, with_entropy, chunk_tokens, entropy_grad)
 
 
 @dataclass
 class BackwardResult:
-    """What one rollout batch's backward pass produced (gradients are left in the parameters)."""
+    """What one (mini-)batch's backward pass produced (gradients are left in the parameters).
+
+    `loss` is this rank's share of the global token mean; the sums are this rank's over the kept
+    tokens (the caller reduces them), `kept_tokens` is already global.
+    """
 
     loss: torch.Tensor
-    adv: torch.Tensor
-    keep: torch.Tensor
     kept_tokens: torch.Tensor
-    entropy: torch.Tensor | None = None
+    entropy_sum: torch.Tensor
+    clipped_sum: torch.Tensor
+    ppo_kl_sum: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -122,6 +132,74 @@ class MicroBatching:
     chunk_tokens: int | None = None
 
 
+@dataclass(frozen=True)
+class Collectives:
+    """The all-reduces an update needs (identity on one process). `max` takes ints or tensors."""
+
+    world_size: int = 1
+    sum: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
+    max: Callable = lambda x: x
+
+
+def _no_grad_logprobs(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    space: str,
+    start_token_id: int,
+    temperature: float,
+    micro: MicroBatching,
+    comm: Collectives,
+) -> torch.Tensor:
+    """(N, T) log-probs of the whole batch without gradients, micro-batch by micro-batch, zero-padded."""
+    out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device)  # (N, T)
+    with torch.no_grad():
+        for rows, mb in batch.micro_batches(micro.size, micro.max_tokens, comm.max):
+            logp, _ = sequence_logprobs(model, mb, space, start_token_id, temperature, chunk_tokens=micro.chunk_tokens)
+            out[rows, : logp.shape[1]] = logp
+    return out
+
+
+def prepare(
+    objective: PolicyGradientObjective,
+    policy: torch.nn.Module,
+    batch: RolloutBatch,
+    start_token_id: int,
+    temperature: float = 1.0,
+    micro: MicroBatching = MicroBatching(),
+    updates: int = 1,
+    correction: RolloutCorrection = NO_CORRECTION,
+    comm: Collectives = Collectives(),
+) -> tuple[RolloutBatch, MismatchStats]:
+    """Everything fixed for all of a rollout batch's updates, computed before the first one.
+
+    Advantages over whole groups; the loss mask (response tokens of kept samples, `sample_mask`,
+    correction masks); old log-probs in the objective's space when the batch feeds more than one
+    update (with one update they equal the detached current log-probs, and no extra pass runs); the
+    trainer's conditional log-probs for the rollout correction when it applies to this space.
+    Mismatch statistics come from that pass, or, with no pass, from the first update's forward.
+    """
+    adv, keep = objective.advantages(batch.rewards, batch.group_size)  # (N,), (N,)
+    if batch.sample_mask is not None:
+        keep = keep & batch.sample_mask.to(keep.device)
+    loss_mask = batch.response_mask.float() * keep[:, None].float()  # (N, T)
+    stats, old, weights = MismatchStats(), None, None
+    args = (start_token_id, temperature, micro, comm)
+    if updates > 1:
+        old = _no_grad_logprobs(policy, batch, objective.space, *args)  # (N, T)
+    if batch.rollout_logprobs is not None and correction.applies_to(objective.space):
+        cond = old if objective.space == "conditional" and old is not None else None
+        if cond is None:
+            cond = _no_grad_logprobs(policy, batch, "conditional", *args)  # (N, T)
+        resp = batch.response_mask.float()  # (N, T)
+        weights, kept = correction.weights(cond, batch.rollout_logprobs, resp)  # (N, T) or None, (N, T)
+        loss_mask = loss_mask * kept
+        stats.add(cond, batch.rollout_logprobs, resp, kept, weights)
+    elif batch.rollout_logprobs is not None and old is not None and objective.space == "conditional":
+        stats.add(old, batch.rollout_logprobs, batch.response_mask)
+    out = replace(batch, advantages=adv, loss_mask=loss_mask, is_weights=weights, old_logprobs=old)
+    return out, stats
+
+
 def backward_objective(
     objective: PolicyGradientObjective,
     policy: torch.nn.Module,
@@ -131,40 +209,87 @@ def backward_objective(
     micro: MicroBatching = MicroBatching(),
     reference: torch.nn.Module | None = None,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    world_size: int = 1,
-    global_sum: Callable[[torch.Tensor], torch.Tensor] = lambda x: x,
-    global_max: Callable[[int], int] = lambda x: x,
+    comm: Collectives = Collectives(),
+    mismatch: MismatchStats | None = None,
 ) -> BackwardResult:
-    """Accumulate the gradient of `objective` over a whole rollout batch, micro-batch by micro-batch.
+    """Accumulate the gradient of `objective` over one (mini-)batch, micro-batch by micro-batch.
 
-    The token-mean denominator is the number of kept response tokens of the *whole* batch on all
-    ranks (`global_sum`), so the gradient does not depend on the micro-batching or `world_size`
-    (DDP and FSDP average gradients over ranks, hence the `* world_size`). Every rank runs the
-    same number of micro-batches (`global_max`), also when none of its tokens is kept.
+    The batch comes from `prepare` (called here when it was not). The token-mean denominator is the
+    number of loss tokens of the *whole* (mini-)batch on all ranks (`comm.sum`), so the gradient
+    does not depend on the micro-batching or the world size (DDP and FSDP average gradients over
+    ranks, hence the `* world_size`). Every rank runs the same number of micro-batches (`comm.max`),
+    also when none of its tokens is kept. The entropy of the scored distribution is computed on
+    every step (logged; in the loss only with `entropy_coef > 0`). `mismatch` collects the
+    rollout-vs-trainer statistics of a conditional update that had no separate old-log-prob pass.
     """
-    adv, keep = objective.advantages(batch.rewards, batch.group_size)  # (N,), (N,)
-    mask = batch.response_mask.float() * keep[:, None].float()  # (N, T)
-    kept_tokens = global_sum(mask.sum())
-    total = torch.zeros((), device=mask.device)
+    if batch.advantages is None:
+        batch, _ = prepare(objective, policy, batch, start_token_id, temperature, micro, comm=comm)
+    zero = torch.zeros((), device=batch.response_ids.device)
+    kept_tokens = comm.sum(batch.loss_mask.sum())
+    result = BackwardResult(zero.clone(), kept_tokens, zero.clone(), zero.clone(), zero.clone())
     if kept_tokens <= 0:  # the same on every rank: nobody runs a forward pass
-        return BackwardResult(total, adv, keep, kept_tokens)
-    entropy_sum = torch.zeros((), device=mask.device)
-    for rows, mb in batch.micro_batches(micro.size, micro.max_tokens, global_max):
-        mb_mask = mb.response_mask.float() * keep[rows, None].float()  # (n, T')
+        return result
+    e_low, e_high = objective.eps_low, objective.eps_high
+    for _, mb in batch.micro_batches(micro.size, micro.max_tokens, comm.max):
+        mask = mb.loss_mask  # (n, T')
         logp, entropy = sequence_logprobs(
-            policy, mb, objective.space, start_token_id, temperature, objective.needs_entropy, micro.chunk_tokens
-        )  # (n, T'), (n, T') or None
+            policy, mb, objective.space, start_token_id, temperature, True, micro.chunk_tokens, objective.needs_entropy
+        )  # (n, T'), (n, T'): the entropy is differentiable only when it is in the loss
+        old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()  # (n, T')
+        if mismatch is not None and mb.rollout_logprobs is not None and objective.space == "conditional":
+            mismatch.add(logp, mb.rollout_logprobs, mb.response_mask)
         ref_logp = None
         if objective.needs_reference:
             with torch.no_grad():
                 ref_logp, _ = sequence_logprobs(
                     reference, mb, objective.space, start_token_id, temperature, chunk_tokens=micro.chunk_tokens
                 )
-        token_loss = objective.token_loss(logp, logp.detach(), adv[rows], ref_logp, entropy)  # (n, T')
-        loss = (token_loss * mb_mask).sum() / kept_tokens * world_size
+        token_loss = objective.token_loss(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights)  # (n, T')
+        loss = (token_loss * mask).sum() / kept_tokens * comm.world_size
         backward(loss)
-        total += loss.detach() / world_size
-        if entropy is not None:
-            entropy_sum += (entropy.detach() * mb_mask).sum()
-    entropy_mean = global_sum(entropy_sum) / kept_tokens if objective.needs_entropy else None
-    return BackwardResult(total, adv, keep, kept_tokens, entropy_mean)
+        result.loss += loss.detach() / comm.world_size
+        log_ratio = logp.detach() - old  # (n, T')
+        a = mb.advantages[:, None]  # (n, 1)
+        binds = torch.where(a > 0, log_ratio > math.log1p(e_high), log_ratio < math.log1p(-e_low)) & (a != 0)
+        result.clipped_sum += (binds.float() * mask).sum()
+        result.ppo_kl_sum += ((torch.exp(log_ratio) - 1.0 - log_ratio) * mask).sum()  # k3 of KL(old || new)
+        result.entropy_sum += (entropy.detach() * mask).sum()
+    return result
+
+
+class StepStats:
+    """One rollout batch's updates summed into its `train/...` row.
+
+    Token means are global: a rank adds its sums x world size / the global kept-token count, and the
+    logged row is the mean over ranks. Entropy counts the first pass only (the policy on its own
+    rollouts, before later passes move it); clip fraction and PPO KL count every update.
+    """
+
+    def __init__(self, updates: int, world_size: int):
+        self.updates, self.w = updates, world_size
+        self.sums = dict.fromkeys(("loss", "grad_norm", "kept", "clipped", "ppo_kl", "entropy", "entropy_kept"), 0.0)
+
+    def add(self, result: BackwardResult, grad_norm: torch.Tensor, first_pass: bool) -> None:
+        s, kept = self.sums, float(result.kept_tokens)  # global
+        s["loss"] += float(result.loss) * self.w / self.updates  # a rank's share of the global mean, x W
+        s["grad_norm"] += float(grad_norm) / self.updates
+        s["kept"] += kept
+        s["clipped"] += float(result.clipped_sum) * self.w
+        s["ppo_kl"] += float(result.ppo_kl_sum) * self.w
+        if first_pass:
+            s["entropy"] += float(result.entropy_sum) * self.w
+            s["entropy_kept"] += kept
+
+    def row(self, batch: RolloutBatch) -> dict[str, float | torch.Tensor]:
+        """The row of a prepared batch (`advantages` and `loss_mask` set)."""
+        s = self.sums
+        return {
+            "train/loss": s["loss"],
+            "train/grad_norm": s["grad_norm"],
+            "train/kept_tokens": s["kept"] / self.updates,
+            "train/kept_samples": (batch.loss_mask.sum(1) > 0).float().mean(),
+            "train/adv_abs_mean": batch.advantages.abs().mean(),
+            "train/entropy": s["entropy"] / max(s["entropy_kept"], 1.0),
+            "train/clip_fraction": s["clipped"] / max(s["kept"], 1.0),
+            "train/ppo_kl": s["ppo_kl"] / max(s["kept"], 1.0),
+        }

@@ -30,6 +30,15 @@ def tiny_model_dir(tmp_path_factory):
     return out
 
 
+@pytest.fixture()
+def policy(tiny_model_dir):
+    """A fresh tiny policy (seeded) per test."""
+    from lightning_prerl.models import load_policy
+
+    torch.manual_seed(0)
+    return load_policy(str(tiny_model_dir))
+
+
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     from lightning_prerl.models import load_tokenizer

@@ -41,14 +41,6 @@ def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> Rollout
     )
 
 
-@pytest.fixture()
-def policy(tiny_model_dir):
-    from lightning_prerl.models import load_policy
-
-    torch.manual_seed(0)
-    return load_policy(str(tiny_model_dir))
-
-
 def test_marginal_logprobs_drop_the_prompt_restart_positions_and_score_eos(policy, tokenizer):
     batch = make_batch(tokenizer)
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")

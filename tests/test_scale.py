@@ -65,6 +65,26 @@ def test_one_process_ddp_and_fsdp_train_the_same_policy(tmp_path):
 
 
 @pytest.mark.slow
+def test_mini_batches_and_ppo_epochs_mean_the_same_on_one_and_two_processes(tmp_path):
+    """2 passes x 2 mini-batches: each rank's mini-batch i is its share of global mini-batch i, and
+    old log-probs come from one pass before the first update, so DDP matches one process."""
+    runs = {}
+    for trainer in ("cpu", "ddp"):
+        args = [a for a in SAME_RUN if not a.startswith(("objective.switch_step", "trainer.max_steps"))]
+        over = ["module.ppo_epochs=2", "module.mini_batches=2", "objective.switch_step=4", "trainer.max_steps=8"]
+        run_experiment(tmp_path / trainer, f"trainer={trainer}", *args, *over, timeout=400)
+        runs[trainer] = (read_rows(tmp_path / trainer), _final_weights(tmp_path / trainer))
+    (rows, weights), (other_rows, other_weights) = runs["cpu"], runs["ddp"]
+    assert steps_with(rows, "train/loss") == [0, 4]
+    for key in ("train/loss", "train/ppo_kl", "train/clip_fraction"):
+        ours = [float(r[key]) for r in rows if r.get(key)]
+        assert [float(r[key]) for r in other_rows if r.get(key)] == pytest.approx(ours, abs=TOLERANCE), key
+    assert any(float(r["train/ppo_kl"]) > 0 for r in rows if r.get("train/ppo_kl"))
+    for name, tensor in weights.items():
+        assert torch.allclose(other_weights[name], tensor, atol=TOLERANCE, rtol=0), name
+
+
+@pytest.mark.slow
 @pytest.mark.vllm
 def test_paper_dsrl_preset_in_miniature_on_two_fsdp_processes(qwen3_mini_dir, tmp_path, vllm):
     """`experiment=paper_dsrl_qwen3_4b` with a width-reduced Qwen3 (real vocabulary, tokenizer, chat

@@ -7,6 +7,17 @@ from __future__ import annotations
 
 import torch
 
+REWARD_TOLERANCE = 1e-6  # rewards closer than this are equal: a group of them carries no signal
+
+
+def flat_groups(rewards: torch.Tensor, tol: float = REWARD_TOLERANCE) -> torch.Tensor:
+    """(B,) bool: groups whose rewards all lie within `tol` of each other (no learning signal).
+
+    Args:
+        rewards: (B, G) rewards of B groups.
+    """
+    return (rewards.max(dim=1).values - rewards.min(dim=1).values) <= tol
+
 
 def grpo(rewards: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """(r - group mean) / (group std + eps), std unbiased as torch's default (and verl's)."""

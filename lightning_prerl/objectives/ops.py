@@ -106,13 +106,16 @@ def head_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     chunk_tokens: int | None = None,
+    entropy_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (and entropy) of `targets` through the output head, never holding (N, T, V).
 
     Log-probs go through PyTorch's chunked `linear_cross_entropy` (reduction "none": per-token
     -log p, logits recomputed chunk by chunk in backward, float32 accumulation for bf16 inputs).
     The entropy has no library kernel: chunks of `chunk_tokens` rows run under activation
-    checkpointing, so forward keeps no logits and backward recomputes one chunk at a time.
+    checkpointing, so forward keeps no logits and backward recomputes one chunk at a time. An entropy
+    that is only logged (`entropy_grad=False`) comes from the same chunk function without gradients,
+    beside the library log-probs, so logging it never changes the update.
     Temperature scales the hidden states (logits / tau = (h / tau) W^T). Under autocast both
     operands are cast to the autocast dtype, as autocast does for the model's own head (the final
     norm hands back float32 when its weight is a float32 master weight).
@@ -138,10 +141,16 @@ def head_logprobs(
     weight = weight.to(flat.dtype)  # (V, H)
     tgt = targets.reshape(n * t)  # (N*T,)
     size = chunk_tokens or max(256, LOGITS_CHUNK_BYTES // (4 * weight.shape[0]))
-    if not with_entropy:
+    if not with_entropy or not entropy_grad:
         options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=min(size, n * t))
         nll = torch.nn.functional.linear_cross_entropy(flat, weight, tgt, reduction="none", options=options)
-        return -nll.float().view(n, t), None  # (N, T)
+        if not with_entropy:
+            return -nll.float().view(n, t), None  # (N, T)
+        with torch.no_grad():
+            chunks = [
+                _chunk_logp_entropy(flat[i : i + size], weight, tgt[i : i + size])[1] for i in range(0, n * t, size)
+            ]
+        return -nll.float().view(n, t), torch.cat(chunks).view(n, t)  # (N, T), (N, T)
     from torch.utils.checkpoint import checkpoint
 
     logps, entropies = [], []

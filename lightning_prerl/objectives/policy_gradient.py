@@ -6,9 +6,11 @@
 - `space: marginal` scores log P(y_t | s, y_<t) with the whole prompt replaced by one start token s
   (arXiv 2604.14142, PreRL). The policy module computes only the log-probs of the active space, so
   a PreRL step never pays for a conditional forward pass.
-- `samples: negative | positive` keeps samples with A < 0 / A > 0 by masking the *response mask*:
-  the token mean then runs over the kept samples' tokens only (NSR-PreRL, PSR-PreRL). With the
-  group-mean advantage, all-wrong and all-right groups have A = 0 and contribute nothing.
+- `samples: negative | positive` keeps samples with A < -tol / A > tol by masking the *response
+  mask*: the token mean then runs over the kept samples' tokens only (NSR-PreRL, PSR-PreRL). A group
+  whose rewards are all equal (within `adv_tolerance`) gets a group-relative A = 0 exactly, so
+  all-wrong, all-right and all-0.1 groups contribute nothing and floating-point noise never makes a
+  "negative" (the signed estimator is not group-relative: a wrong answer is -1 in any group).
 
 Departures from the authors' verl code, all deliberate: the PreRL loss is not added to a
 zero-weighted conditional loss (its forward pass is skipped instead); the start token comes from the
@@ -23,10 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from lightning_prerl.objectives import advantages as adv_fns
+from lightning_prerl.objectives.advantages import REWARD_TOLERANCE, flat_groups
 from lightning_prerl.objectives.ops import kl_estimate, ppo_clip_loss
 
 SPACES = ("conditional", "marginal")
 SAMPLES = ("all", "negative", "positive")
+GROUP_RELATIVE = ("grpo", "group_mean")  # advantages measured against the group: a flat group has none
+PRETRAIN_LR_SCALE = 0.1  # the learning-rate rule of the prompt-free (marginal) family, see `lr_scale`
 
 
 @dataclass
@@ -46,10 +51,12 @@ class PolicyGradientObjective:
         kl_estimator: k1, k2 or k3.
         entropy_coef: entropy bonus weight (0: entropy is not computed).
         adv_eps: epsilon of the GRPO std normalisation.
-        lr_scale: multiplier of the optimizer's learning rate while this objective is active. With
-            Adam a loss coefficient barely changes the step size (the update is normalised), so a
-            phase that needs smaller steps -- NSR-PreRL, whose kept advantages all share one
-            sign -- says so here.
+        adv_tolerance: |A| <= this counts as zero: such samples are neither negative nor positive,
+            and groups whose rewards span no more than this get A = 0 exactly.
+        lr_scale: multiplier of the optimizer's learning rate while this objective is active. None
+            applies the one rule: 0.1 (`PRETRAIN_LR_SCALE`) in the prompt-free space, 1.0 in the
+            conditional one. With Adam a loss coefficient barely changes the step size (the update is
+            normalised), so the PreRL family's 0.01 `coef` alone does not make its steps smaller.
     """
 
     name: str = "grpo"
@@ -65,7 +72,8 @@ class PolicyGradientObjective:
     kl_estimator: str = "k3"
     entropy_coef: float = 0.0
     adv_eps: float = 1e-6
-    lr_scale: float = 1.0
+    adv_tolerance: float = REWARD_TOLERANCE
+    lr_scale: float | None = None
 
     def __post_init__(self) -> None:
         choices = {
@@ -77,9 +85,11 @@ class PolicyGradientObjective:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objective.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")
+        if self.lr_scale is None:
+            self.lr_scale = PRETRAIN_LR_SCALE if self.space == "marginal" else 1.0
         if self.lr_scale <= 0:
             raise ValueError(f"objective.lr_scale={self.lr_scale}: must be > 0")
-        for key in ("coef", "eps_low", "eps_high", "kl_coef", "entropy_coef"):
+        for key in ("coef", "eps_low", "eps_high", "kl_coef", "entropy_coef", "adv_tolerance"):
             if getattr(self, key) < 0:
                 raise ValueError(f"objective.{key}={getattr(self, key)}: must be >= 0")
         if self.clip_c is not None and self.clip_c <= 1:
@@ -110,11 +120,13 @@ class PolicyGradientObjective:
             adv = adv_fns.signed(grouped, self.positive_weight)
         else:
             adv = adv_fns.group_mean(grouped)
+        if self.advantage in GROUP_RELATIVE:  # a flat group's A is 0 exactly, not rounding noise
+            adv = torch.where(flat_groups(grouped, self.adv_tolerance)[:, None], 0.0, adv)
         adv = adv.reshape(-1)  # (N,)
         if self.samples == "negative":
-            keep = adv < 0
+            keep = adv < -self.adv_tolerance
         elif self.samples == "positive":
-            keep = adv > 0
+            keep = adv > self.adv_tolerance
         else:
             keep = torch.ones_like(adv, dtype=torch.bool)
         return adv, keep
@@ -126,6 +138,7 @@ class PolicyGradientObjective:
         adv: torch.Tensor,
         ref_logp: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
+        is_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-token loss (N, T) before masking and the batch-wide token mean.
 
@@ -134,8 +147,12 @@ class PolicyGradientObjective:
             adv: (N,) advantages.
             ref_logp: (N, T) reference log-probs, required when kl_coef > 0.
             entropy: (N, T) policy entropy, required when entropy_coef > 0.
+            is_weights: (N, T) rollout-correction weights of the policy-gradient term (None: 1), as
+                verl's `rollout_is`: the KL and entropy terms are not reweighted.
         """
         loss = ppo_clip_loss(logp, old_logp, adv, self.eps_low, self.eps_high, self.clip_c)  # (N, T)
+        if is_weights is not None:
+            loss = loss * is_weights
         if self.needs_reference:
             if ref_logp is None:
                 raise ValueError("objective.kl_coef > 0 but no reference log-probs were computed")

@@ -63,6 +63,8 @@ class HFEngine:
         stop_token_ids: every id that ends a completion (default: the tokenizer's EOS).
         dtype: compute dtype of generation; with float32 master weights and bf16 compute, the
             policy generates under autocast (FSDP2's mixed precision already casts).
+        return_logprobs: hand training batches the sampling log-probs (every step's logits are kept
+            until the call ends: (rows, steps, V) float32, so off by default).
     """
 
     def __init__(
@@ -71,7 +73,9 @@ class HFEngine:
         max_batch_sequences: int = 256,
         stop_token_ids: list[int] | None = None,
         dtype: str = "float32",
+        return_logprobs: bool = False,
     ):
+        self.return_logprobs = return_logprobs
         self.stop_token_ids = list(stop_token_ids or [tokenizer.eos_token_id])
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_batch_sequences = max_batch_sequences

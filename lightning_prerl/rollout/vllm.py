@@ -75,6 +75,8 @@ class VLLMEngine:
         sleep_between_rollouts: free GPU memory (vLLM sleep mode, level 1) while the policy trains.
         seed: engine seed.
         stop_token_ids: every id that ends a completion (default: the tokenizer's EOS).
+        return_logprobs: hand training batches the engine's log-probs of its sampled tokens (after
+            temperature: vLLM's `processed_logprobs`), for the rollout-vs-trainer mismatch.
     """
 
     def __init__(
@@ -89,7 +91,9 @@ class VLLMEngine:
         sleep_between_rollouts: bool = False,
         seed: int = 0,
         stop_token_ids: list[int] | None = None,
+        return_logprobs: bool = True,
     ):
+        self.return_logprobs = return_logprobs
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.on_cuda = torch.cuda.is_available()
         if not self.on_cuda:
@@ -112,6 +116,7 @@ class VLLMEngine:
             gpu_memory_utilization=gpu_memory_utilization,
             enable_sleep_mode=sleep_between_rollouts,
             generation_config="vllm",  # the run's sampling settings only, never the checkpoint's defaults
+            logprobs_mode="processed_logprobs",  # of the distribution sampled from (after temperature)
         )
         self._asleep = False
         self.last_sync_bytes = 0

@@ -1,0 +1,295 @@
+"""Several updates per rollout batch, the rollout-vs-trainer correction, tolerance masks, entropy and
+the learning-rate rule: hand-derived numbers on written tensors and on the tiny real model."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from lightning_prerl.correction import MismatchStats, RolloutCorrection
+from lightning_prerl.objectives import PolicyGradientObjective as PG
+from lightning_prerl.objectives.policy_gradient import PRETRAIN_LR_SCALE
+from lightning_prerl.update import Collectives, backward_objective, prepare, sequence_logprobs
+from tests.test_policy import make_batch
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+# -- tolerance masks and partial credit --------------------------------------------------------------
+@pytest.mark.parametrize("advantage", ["grpo", "group_mean"])
+def test_a_flat_group_of_non_binary_rewards_has_zero_advantage_and_no_negatives(advantage):
+    rewards = torch.full((8,), 0.1)  # float32 mean of eight 0.1s is not 0.1: A was -7.45e-9 before
+    adv, keep = PG(advantage=advantage, samples="negative").advantages(rewards, 8)
+    assert torch.equal(adv, torch.zeros(8)) and not keep.any()
+    _, keep = PG(advantage=advantage, samples="positive").advantages(rewards, 8)
+    assert not keep.any()
+
+
+def test_partial_credit_rewards_by_hand():
+    rewards = torch.tensor([0.2, 0.5, 0.5, 0.8, 0.3, 0.3, 0.3, 0.3])  # group 2 is flat
+    adv, keep = PG(advantage="group_mean", samples="negative").advantages(rewards, 4)
+    # group 1: mean 0.5 -> A = -0.3, 0, 0, +0.3; the two A = 0 samples are neither sign
+    assert adv.tolist() == pytest.approx([-0.3, 0.0, 0.0, 0.3, 0, 0, 0, 0], abs=1e-6)
+    assert keep.tolist() == [True, False, False, False, False, False, False, False]
+    adv, keep = PG(advantage="grpo", samples="positive").advantages(rewards, 4)
+    std = math.sqrt((0.09 + 0.09) / 3)  # unbiased: two deviations of 0.3 over G - 1 = 3
+    assert adv[:4].tolist() == pytest.approx([-0.3 / std, 0, 0, 0.3 / std], rel=1e-5)
+    assert keep.tolist() == [False, False, False, True, False, False, False, False]
+
+
+def test_signed_advantage_is_not_group_relative_so_a_flat_wrong_group_stays_negative():
+    adv, keep = PG(advantage="signed", samples="negative").advantages(torch.zeros(4), 4)
+    assert adv.tolist() == [-1.0] * 4 and keep.all()
+
+
+# -- one learning-rate rule --------------------------------------------------------------------------
+def test_the_lr_scale_rule_is_the_same_for_classes_and_yaml():
+    from lightning_prerl.policy import CondRL, NSRPreRL, PreRL, PSRPreRL
+
+    assert PG(space="marginal").lr_scale == PRETRAIN_LR_SCALE == 0.1 and PG().lr_scale == 1.0
+    for cls, scale in ((CondRL, 1.0), (PreRL, 0.1), (NSRPreRL, 0.1), (PSRPreRL, 0.1)):
+        assert PG(**cls.preset).lr_scale == scale
+    marginal = {"prerl", "nsr_prerl", "psr_prerl", "zhu_nsr_prerl", "zhu_psr_prerl", "w_reinforce_prerl"}
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        for name in [p.stem for p in Path(CONF, "objective").glob("*.yaml") if p.stem != "dsrl"]:
+            cfg = compose("config", overrides=[f"objective={name}"])
+            from hydra.utils import instantiate
+
+            objective = instantiate(cfg.objective)
+            assert objective.lr_scale == (0.1 if name in marginal else 1.0), name
+            assert (objective.space == "marginal") == (name in marginal), name
+
+
+# -- rollout correction by hand ----------------------------------------------------------------------
+RATIOS = torch.tensor([[2.0, 0.5, 4.0], [1.0, 1.0, 1.0]])  # trainer / engine per token
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # sample 2 has two tokens
+
+
+def _logps():
+    rollout = torch.full((2, 3), -1.0)
+    return rollout + torch.log(RATIOS), rollout
+
+
+def test_token_and_sequence_tis_weights_by_hand():
+    train, rollout = _logps()
+    w, keep = RolloutCorrection(tis="token", tis_cap=2.0).weights(train, rollout, MASK)
+    assert w[0].tolist() == pytest.approx([2.0, 0.5, 2.0]) and w[1, :2].tolist() == pytest.approx([1.0, 1.0])
+    assert torch.equal(keep, torch.ones(2, 3))
+    w, _ = RolloutCorrection(tis="sequence", tis_cap=3.0).weights(train, rollout, MASK)
+    assert w[0].tolist() == pytest.approx([3.0] * 3)  # product 2 * 0.5 * 4 = 4, capped at 3
+    assert w[1].tolist() == pytest.approx([1.0] * 3)
+
+
+def test_token_and_sequence_masks_by_hand():
+    train, rollout = _logps()
+    _, keep = RolloutCorrection(mask="token", mask_low=0.5, mask_high=2.0).weights(train, rollout, MASK)
+    assert keep[0].tolist() == [1.0, 1.0, 0.0]  # 4 leaves [0.5, 2]; the bounds themselves stay
+    _, keep = RolloutCorrection(mask="sequence", mask_low=0.5, mask_high=1.5).weights(train, rollout, MASK)
+    # geometric mean of sample 1: 4 ** (1/3) = 1.587 > 1.5 -> dropped whole; sample 2: 1 -> kept
+    assert keep.tolist() == [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+
+
+def test_mismatch_statistics_by_hand():
+    train, rollout = _logps()
+    stats = MismatchStats()
+    stats.add(train, rollout, MASK)
+    out = {k: float(v) for k, v in stats.result(lambda x: x, lambda x: x).items()}
+    logs = [math.log(2), math.log(0.5), math.log(4), 0.0, 0.0]
+    assert out["rollout_corr/abs_diff"] == pytest.approx(sum(map(abs, logs)) / 5, rel=1e-6)
+    k3 = [math.exp(x) - 1 - x for x in logs]  # KL(engine || trainer) from the engine's samples
+    assert out["rollout_corr/kl"] == pytest.approx(sum(k3) / 5, rel=1e-6)
+    assert out["rollout_corr/ratio_max"] == pytest.approx(4.0)
+
+
+def test_bad_correction_values_name_the_key():
+    with pytest.raises(ValueError, match=r"rollout_correction.tis='seq'"):
+        RolloutCorrection(tis="seq")
+    with pytest.raises(ValueError, match="mask_low=1.2"):
+        RolloutCorrection(mask_low=1.2)
+
+
+# -- updates on the tiny real model (`policy`: conftest) ------------------------------------------------
+def test_one_update_per_batch_runs_no_extra_pass_and_takes_old_logprobs_from_the_forward(policy, tokenizer):
+    batch = make_batch(tokenizer)
+    calls = []
+    handle = policy.register_forward_hook(lambda *a: calls.append(1))
+    prepared, stats = prepare(PG(), policy, batch, 0, updates=1)
+    assert calls == [] and prepared.old_logprobs is None and not stats.sums
+    prepared, _ = prepare(PG(), policy, batch, 0, updates=4)
+    handle.remove()
+    assert len(calls) == 1 and prepared.old_logprobs is not None
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    assert torch.equal(prepared.old_logprobs * batch.response_mask, logp.detach() * batch.response_mask)
+
+
+def test_the_second_update_sees_a_clipped_ratio_by_hand(policy, tokenizer):
+    """After a large step, the PPO loss of the next update is -sum(A * clip(ratio)) / tokens with
+    ratio = exp(logp - old) against the old log-probs fixed before the first update."""
+    obj = PG(eps_low=0.2, eps_high=0.2, clip_c=None)
+    batch, _ = prepare(obj, policy, make_batch(tokenizer), 0, updates=2)
+    backward_objective(obj, policy, batch, 0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p -= 0.05 * p.grad.sign()  # a big step: many ratios leave [0.8, 1.2]
+            p.grad = None
+    result = backward_objective(obj, policy, batch, 0)
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    ratio = torch.exp(logp.detach() - batch.old_logprobs)  # (N, T)
+    a = batch.advantages[:, None]
+    per_token = torch.maximum(-a * ratio, -a * ratio.clamp(0.8, 1.2))
+    mask = batch.loss_mask
+    assert float(result.loss) == pytest.approx(float((per_token * mask).sum() / mask.sum()), rel=1e-5)
+    binds = torch.where(a > 0, ratio > 1.2, ratio < 0.8) & (a != 0)
+    assert float(result.clipped_sum) == float((binds.float() * mask).sum()) > 0
+    assert float(result.ppo_kl_sum) > 0
+
+
+def test_tis_weights_scale_the_policy_gradient_term_only(policy, tokenizer):
+    """With engine log-probs ln 2 below the trainer's on every token, token TIS (cap 3) doubles the
+    PPO term; masking [0.5, 1.5] drops every token."""
+    batch = make_batch(tokenizer)
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    engine = (logp.detach() - math.log(2.0)) * batch.response_mask
+    batch = replace(batch, rollout_logprobs=engine)
+    plain, _ = prepare(PG(), policy, batch, 0)
+    base = backward_objective(PG(), policy, plain, 0).loss
+    fixed, stats = prepare(PG(), policy, batch, 0, correction=RolloutCorrection(tis="token", tis_cap=3.0))
+    assert torch.allclose(fixed.is_weights * batch.response_mask, 2.0 * batch.response_mask.float())
+    assert float(backward_objective(PG(), policy, fixed, 0).loss) == pytest.approx(2 * float(base), rel=1e-5)
+    assert float(stats.result(lambda x: x, lambda x: x)["rollout_corr/ratio_max"]) == pytest.approx(2.0, rel=1e-4)
+    masked, _ = prepare(PG(), policy, batch, 0, correction=RolloutCorrection(mask="token", mask_high=1.5))
+    assert masked.loss_mask.sum() == 0
+
+
+def test_prerl_correction_is_off_unless_asked_and_then_uses_conditional_ratios(policy, tokenizer):
+    batch = make_batch(tokenizer)
+    cond, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    batch = replace(batch, rollout_logprobs=(cond.detach() - math.log(2.0)) * batch.response_mask)
+    nsr = PG(space="marginal", advantage="group_mean", samples="negative", coef=0.01)
+    off, stats = prepare(nsr, policy, batch, 0, correction=RolloutCorrection(tis="token", tis_cap=3.0))
+    assert off.is_weights is None and not stats.sums
+    on, _ = prepare(nsr, policy, batch, 0, correction=RolloutCorrection(tis="token", tis_cap=3.0, prerl=True))
+    assert torch.allclose(on.is_weights * batch.response_mask, 2.0 * batch.response_mask.float())
+
+
+def test_sample_mask_removes_samples_from_the_loss_not_from_the_advantage(policy, tokenizer):
+    batch = replace(make_batch(tokenizer), sample_mask=torch.tensor([True, False, True, True]))
+    prepared, _ = prepare(PG(advantage="group_mean"), policy, batch, 0)
+    assert prepared.advantages.tolist() == [0.5, -0.5, -0.5, 0.5]  # sample 2 still sets its group's mean
+    assert prepared.loss_mask[1].sum() == 0 and prepared.loss_mask[0].sum() == batch.response_mask[0].sum()
+
+
+def test_entropy_is_measured_on_every_step_without_an_entropy_bonus(policy, tokenizer):
+    batch = make_batch(tokenizer)
+    result = backward_objective(PG(entropy_coef=0.0), policy, batch, 0)
+    logits = policy(
+        input_ids=torch.cat([batch.prompt_ids, batch.response_ids], 1),
+        attention_mask=torch.cat([batch.prompt_mask, batch.response_mask], 1),
+        position_ids=(torch.cat([batch.prompt_mask, batch.response_mask], 1).cumsum(1) - 1).clamp(min=0),
+    ).logits[:, batch.prompt_ids.shape[1] - 1 : -1]  # (N, T, V): position j predicts response token j
+    logprobs = logits.float().log_softmax(-1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)  # (N, T)
+    mask = batch.response_mask.float()
+    assert float(result.entropy_sum) == pytest.approx(float((entropy.detach() * mask).sum()), rel=1e-4)
+    assert float(result.kept_tokens) == float(mask.sum())
+
+
+def test_mini_batches_split_whole_groups_and_refuse_uneven_splits(tokenizer):
+    batch = make_batch(tokenizer)
+    halves = batch.split(2)
+    assert [len(h) for h in halves] == [2, 2] and all(h.group_size == 2 for h in halves)
+    with pytest.raises(ValueError, match="module.mini_batches=4"):
+        batch.split(4)
+
+
+def test_collectives_default_to_one_process():
+    comm = Collectives()
+    assert comm.world_size == 1 and comm.max(3) == 3 and torch.equal(comm.sum(torch.ones(2)), torch.ones(2))
+
+
+def test_one_update_per_batch_is_plain_policy_gradient_bit_for_bit(policy, tokenizer):
+    """ppo_epochs = mini_batches = 1 (and the entropy now measured on every step) leave the gradient
+    exactly that of -sum(A * exp(logp - sg(logp))) / tokens on the library log-probs."""
+    batch = make_batch(tokenizer)
+    backward_objective(PG(), policy, batch, 0)
+    grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    adv, _ = PG().advantages(batch.rewards, batch.group_size)
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)  # linear_cross_entropy, no entropy
+    mask = batch.response_mask.float()
+    loss = (-adv[:, None] * torch.exp(logp - logp.detach()) * mask).sum() / mask.sum()
+    loss.backward()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, policy.parameters(), strict=True))
+
+
+def test_each_rank_holds_its_share_of_every_global_mini_batch(tokenizer):
+    from lightning_prerl.datamodule import RolloutDataModule
+    from lightning_prerl.rewards import BoxedExactMatch
+
+    def positions(mini_batches, world):
+        dm = RolloutDataModule(tokenizer, lambda **_: None, BoxedExactMatch(), [], prompts_per_step=8)
+        dm.mini_batches = mini_batches
+        return [dm.train_positions(epoch=1, rank=r, world=world) for r in range(world)]
+
+    assert positions(1, 2) == [[8, 9, 10, 11], [12, 13, 14, 15]]  # M = 1: as before, the r-th half
+    assert positions(2, 2) == [[8, 9, 12, 13], [10, 11, 14, 15]]  # global mini-batch 0 = 8..11, 1 = 12..15
+    assert positions(2, 1) == [list(range(8, 16))]
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_two_epochs_of_two_mini_batches_with_vllm_and_tis_end_to_end(vllm, tmp_path):
+    """The real script: 2 rollout batches x (2 passes x 2 mini-batches) = 8 optimizer steps, vLLM
+    rollouts with token TIS; mismatch, clipping and entropy logged on every rollout batch."""
+    from test_run import read_rows, run_experiment, steps_with
+
+    run_dir = tmp_path / "run"
+    run_experiment(
+        run_dir,
+        "objective=dsrl",
+        "objective.switch_step=4",
+        "rollout=vllm",
+        "module.ppo_epochs=2",
+        "module.mini_batches=2",
+        "module.rollout_correction.tis=token",
+        "trainer.max_steps=8",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        "eval_before_training=false",
+        "trainer.check_val_every_n_epoch=100",
+        "data.prompts_per_step=8",
+        "data.sampling.max_new_tokens=64",
+        timeout=400,
+    )
+    rows = read_rows(run_dir)
+    assert steps_with(rows, "train/loss") == [0, 4]  # a row per rollout batch, at its first update
+    assert steps_with(rows, "objective/phase") == [0, 4]
+    assert [float(r["objective/phase"]) for r in rows if r.get("objective/phase")] == [0.0, 1.0]
+    train = [r for r in rows if r.get("train/loss")]
+    for row in train:
+        assert float(row["train/ppo_kl"]) > 0  # later updates see a ratio != 1
+        assert float(row["train/entropy"]) > 0
+    assert not train[0].get("rollout_corr/abs_diff")  # NSR-PreRL: no correction (rollout_correction.prerl=false)
+    assert float(train[1]["rollout_corr/is_weight_mean"]) == pytest.approx(1.0, abs=1e-3)  # GRPO: corrected
+    assert float(train[1]["rollout_corr/abs_diff"]) < 1e-3  # float32 vLLM on the same weights
+    assert (run_dir / "checkpoints" / "step000008.ckpt").exists()
+
+
+def test_step_intervals_must_be_multiples_of_the_updates_per_batch():
+    from lightning_prerl.config import validate_config
+    from lightning_prerl.schema import ConfigError
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose("config", overrides=["module.ppo_epochs=2", "module.mini_batches=2", "run_dir=/tmp/x"])
+        with pytest.raises(ConfigError, match=r"callbacks.checkpoint.every_n_train_steps=10 is not a multiple .* = 4"):
+            validate_config(cfg)
+        cfg = compose("config", overrides=["data.sampling.top_p=0.9", "run_dir=/tmp/x"])
+        with pytest.raises(ConfigError, match=r"data.sampling.top_p=0.9, top_k=None: rollouts would come"):
+            validate_config(cfg)
+        cfg = compose("config", overrides=["module.rollout_correction.tis=token", "run_dir=/tmp/x"])
+        with pytest.raises(ConfigError, match=r"needs the engine's log-probs: rollout.return_logprobs=false"):
+            validate_config(cfg)

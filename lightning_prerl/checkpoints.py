@@ -76,11 +76,14 @@ def is_complete(path: Path) -> bool:
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
     """The complete checkpoint of `run_dir/checkpoints` with the highest step (`last.ckpt` excluded:
-    the step files name their step; a half-written file or directory is passed over)."""
+    the step files name their step; a half-written file or directory is passed over). Fault
+    checkpoints (`fault-step*`, written when non-finite steps stop a run, possibly between two updates
+    of one rollout batch) are for inspection and an explicit `ckpt_path`, never picked here."""
     folder = Path(run_dir) / "checkpoints"
     if not folder.is_dir():
         return None
-    candidates = sorted((p for p in folder.iterdir() if p.stem != "last"), key=_step_of, reverse=True)
+    regular = (p for p in folder.iterdir() if p.stem != "last" and not p.name.startswith("fault-"))
+    candidates = sorted(regular, key=_step_of, reverse=True)
     return next((p for p in candidates if _step_of(p) >= 0 and is_complete(p)), None)
 
 

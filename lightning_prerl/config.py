@@ -132,12 +132,14 @@ def _update_contradictions(run: RunConfig, cfg: DictConfig) -> None:
         )
     if sampling.top_p < 1 or sampling.top_k is not None:
         vllm = str(cfg.rollout.get("_target_", "")).endswith("VLLMEngine")
-        if not (vllm and engine_logprobs and (fix.tis or fix.mask)):
+        phases = [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
+        every_phase = fix.prerl or all(phase.space == "conditional" for phase in phases)
+        if not (vllm and engine_logprobs and (fix.tis or fix.mask) and every_phase):
             raise ConfigError(
                 f"data.sampling.top_p={sampling.top_p}, top_k={sampling.top_k}: rollouts would come from a "
                 f"truncated distribution while training scores the full softmax (silently off-policy); keep "
                 f"top_p=1.0 and top_k=null, or correct it with rollout=vllm and module.rollout_correction.tis "
-                f"or .mask (vLLM's log-probs see the truncation)"
+                f"or .mask (vLLM's log-probs see the truncation; .prerl=true for prompt-free objectives)"
             )
 
 

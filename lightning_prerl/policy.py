@@ -279,22 +279,25 @@ class PolicyModule(L.LightningModule):
         opt.zero_grad(set_to_none=True)
         pieces = (self.reference, self.manual_backward, comm, mismatch)
         result = backward_objective(self.objective, self.policy, batch, *args, *pieces)
-        grad_norm = torch.zeros(())
+        grad_norm, bad = torch.zeros(()), False
         if result.kept_tokens > 0:
             grad_norm = self._grad_norm()  # global: every rank takes the same decision below
-            if not (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self._global_sum(result.loss)))):
-                self._skip_bad_step(opt)
-                return result, grad_norm
-            if self.hparams.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
+            bad = not (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self._global_sum(result.loss))))
+            if bad:
+                self._skip_bad_step(opt)  # gradients dropped: the step below changes nothing but is counted
+            elif self.hparams.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
                 self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        self.bad_in_row = 0
-        # a batch with nothing to learn from (e.g. NSR with no mixed group) still counts as a step
+        self.bad_in_row = self.bad_in_row if bad else 0
+        # every update counts as a step, also one with nothing to learn from (e.g. NSR with no mixed
+        # group) or a skipped one (AdamW leaves parameters without gradients and their state alone):
+        # global_step stays rollout batches x updates, so step intervals keep falling between batches
         opt.step()
         sched.step()
         return result, grad_norm
 
     def _skip_bad_step(self, opt) -> None:
-        """A non-finite loss or gradient: no optimizer step; too many in a row stop the run."""
+        """A non-finite loss or gradient: its gradients are dropped (the step is still counted, as a
+        no-op); too many in a row stop the run."""
         opt.zero_grad(set_to_none=True)
         self.skipped_steps += 1
         self.bad_in_row += 1

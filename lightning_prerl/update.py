@@ -252,7 +252,8 @@ def backward_objective(
         a = mb.advantages[:, None]  # (n, 1)
         binds = torch.where(a > 0, log_ratio > math.log1p(e_high), log_ratio < math.log1p(-e_low)) & (a != 0)
         result.clipped_sum += (binds.float() * mask).sum()
-        result.ppo_kl_sum += ((torch.exp(log_ratio) - 1.0 - log_ratio) * mask).sum()  # k3 of KL(old || new)
+        kl = torch.exp(log_ratio.clamp(-20.0, 20.0)) - 1.0 - log_ratio  # (n, T') k3 of KL(old || new)
+        result.ppo_kl_sum += (kl * mask).sum()
         result.entropy_sum += (entropy.detach() * mask).sum()
     return result
 
@@ -261,8 +262,9 @@ class StepStats:
     """One rollout batch's updates summed into its `train/...` row.
 
     Token means are global: a rank adds its sums x world size / the global kept-token count, and the
-    logged row is the mean over ranks. Entropy counts the first pass only (the policy on its own
-    rollouts, before later passes move it); clip fraction and PPO KL count every update.
+    logged row is the mean over ranks. Entropy counts the first pass only (with one mini-batch, the
+    policy on its own rollouts; mini-batch i > 1 of the first pass is scored after i - 1 updates);
+    clip fraction and PPO KL count every update.
     """
 
     def __init__(self, updates: int, world_size: int):

@@ -50,6 +50,8 @@ def test_only_the_newest_n_are_kept_and_auto_finds_the_newest_complete(run_dir, 
     (copy / "checkpoints" / "step000005.ckpt").write_bytes(b"PK\x03\x04 half a zip")  # an interrupted write
     (copy / "checkpoints" / "step000006.ckpt").mkdir()  # a sharded save that never wrote meta.pt
     assert newest_checkpoint(copy) == copy / "checkpoints" / "step000004.ckpt"
+    shutil.copy(run_dir / "checkpoints" / "step000004.ckpt", copy / "checkpoints" / "fault-step000007.ckpt")
+    assert newest_checkpoint(copy) == copy / "checkpoints" / "step000004.ckpt"  # complete, but a fault's: never auto
     assert newest_checkpoint(tmp_path / "nothing-here") is None
 
 

@@ -75,7 +75,7 @@ def test_a_nan_step_is_skipped_counted_and_the_run_goes_on(tiny_model_dir, tmp_p
     weights_after, moments_after = snaps.after[1]
     assert _same(weights_before, weights_after) and _same(moments_before, moments_after)  # untouched
     assert not _same(snaps.before[2][0], snaps.after[2][0])  # the next step trains again
-    assert trainer.global_step == 3  # 4 epochs, one of them without an optimizer step
+    assert trainer.global_step == 4  # 4 epochs: the skipped step is counted (a no-op), steps = batches x updates
     assert all(torch.isfinite(p).all() for p in module.policy.parameters())
 
 
@@ -83,7 +83,7 @@ def test_max_bad_steps_in_a_row_stop_with_a_checkpoint_from_before_the_fault(tin
     module, trainer, snaps = _fit(tiny_model_dir, tmp_path, bad_steps=None, epochs=10, max_bad_steps=3)
     assert module.skipped_steps == 3 and len(snaps.after) == 3  # stopped after the third bad step
     assert module.fault.startswith("run stopped: 3 steps in a row had a non-finite loss or gradient")
-    path = tmp_path / "checkpoints" / "fault-step000000.ckpt"
+    path = tmp_path / "checkpoints" / "fault-step000002.ckpt"  # skipped steps are counted: the third is step 2
     assert str(path) in module.fault
     saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     initial = snaps.before[0][0]
@@ -94,4 +94,4 @@ def test_max_bad_steps_in_a_row_stop_with_a_checkpoint_from_before_the_fault(tin
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_values_of_either_kind_are_caught(tiny_model_dir, tmp_path, bad):
     module, trainer, _ = _fit(tiny_model_dir, tmp_path, bad_steps={0}, epochs=2, bad=bad)
-    assert module.skipped_steps == 1 and trainer.global_step == 1
+    assert module.skipped_steps == 1 and trainer.global_step == 2

@@ -62,6 +62,14 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
                 f"pass@k needs at least k samples per prompt"
             )
     if isinstance(run.objective, DSRL):
+        warm = run.objective.warmup
+        for key, field in (("nsr_weight", "lr_scale"), ("nsr_loss_coef", "coef")):
+            value = getattr(run.objective, key)
+            if value is not None and getattr(warm, field) != value:
+                raise ConfigError(
+                    f"objective.warmup.{field}={getattr(warm, field)} contradicts objective.{key}={value}: "
+                    f"set objective.{key} (it is the warm-up's {field})"
+                )
         switch, max_steps = run.objective.switch_step, run.trainer.max_steps
         if switch is None and run.objective.monitor is None:
             raise ConfigError("objective.switch_step=null with objective.monitor=null: DSRL would never switch")

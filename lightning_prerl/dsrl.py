@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import lightning as L
 
@@ -42,6 +43,13 @@ class DSRLSwitch(L.Callback):
         min_delta: smallest change that counts as an improvement.
         min_warmup_steps: never switch on the metric before this many steps.
         name: label in logs.
+        nsr_weight: the NSR weight a sweep means: the warm-up's learning-rate multiplier (its
+            `lr_scale`). Under AdamW this is what sets the size of the NSR-PreRL updates (None: keep
+            the warm-up objective's own).
+        nsr_loss_coef: the authors' `pretrain_loss_coef` (0.01), the warm-up's loss multiplier (its
+            `coef`). Adam normalises the gradient scale away, so on its own it barely changes a step;
+            it matters against other terms of the same loss (KL, entropy) and for the Adam moments
+            carried across the switch (None: keep the warm-up objective's own).
     """
 
     def __init__(
@@ -57,6 +65,8 @@ class DSRLSwitch(L.Callback):
         min_delta: float = 0.0,
         min_warmup_steps: int = 1,
         name: str = "dsrl",
+        nsr_weight: float | None = None,
+        nsr_loss_coef: float | None = None,
     ):
         if switch_step is None and monitor is None:
             raise ValueError("objective.switch_step=null and objective.monitor=null: DSRL would never switch")
@@ -64,6 +74,10 @@ class DSRLSwitch(L.Callback):
             raise ValueError(f"objective.switch_step={switch_step}: must be >= 0")
         if mode not in ("max", "min"):
             raise ValueError(f"objective.mode={mode!r}: expected 'max' or 'min'")
+        if nsr_weight is not None:
+            warmup = replace(warmup, lr_scale=nsr_weight)
+        if nsr_loss_coef is not None:
+            warmup = replace(warmup, coef=nsr_loss_coef)
         self.warmup, self.main = warmup, main
         self.switch_step = switch_step
         self.reset_reference, self.reset_optimizer = reset_reference, reset_optimizer

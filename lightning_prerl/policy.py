@@ -329,7 +329,7 @@ class PolicyModule(L.LightningModule):
             "time/train": train_time,
             **batch.stats,
         }
-        stats.update(self.rollout_metrics.compute())
+        stats.update(self.rollout_metrics.compute(self._global_max))  # ranks agree on which metrics exist
         self.rollout_metrics.reset()
         keys = list(stats)
         values = torch.stack([torch.as_tensor(stats[k], dtype=torch.float32, device=self.device) for k in keys])  # (K,)

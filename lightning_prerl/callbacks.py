@@ -1,5 +1,5 @@
-"""Callbacks and logging: end-of-run export and report, a CSV logger that survives resumes (the DSRL
-objective switch lives in `dsrl.py`, resume state in `checkpoints.py`)."""
+"""Callbacks and logging: end-of-run export, report and summary, a CSV logger that survives resumes (the
+DSRL objective switch lives in `dsrl.py`, resume state in `checkpoints.py`)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from lightning_prerl.models import export_policy
 from lightning_prerl.report import plot_run
+from lightning_prerl.summary import build_summary, print_summary, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,51 @@ class RunReport(L.Callback):
         if metrics.is_file():
             plot_run(metrics, self.out_png, self.title)
             log.info("run report: %s", self.out_png)
+
+
+class RunSummary(L.Callback):
+    """At the end of fit, print the run summary and write it as `run_dir/summary.json` (rank 0).
+
+    Built from the CSV logger's metrics.csv (`summary.py`). Listed after `export` and `report` in
+    conf/config.yaml, so the policy and report it points at are written by then.
+    """
+
+    def __init__(self, run_dir: str):
+        self.run_dir = Path(run_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+        if csv_logger is None:
+            log.warning("no CSVLogger configured: no run summary")
+            return
+        csv_logger.save()
+        metrics = Path(csv_logger.log_dir) / "metrics.csv"
+        if not metrics.is_file():
+            return
+        out = self.run_dir / "summary.json"
+        summary = build_summary(metrics, {**self._artefacts(trainer), "metrics": str(metrics), "summary": str(out)})
+        summary["optimizer_steps"] = trainer.global_step
+        write_summary(summary, out)
+        print_summary(summary)
+
+    def _artefacts(self, trainer: L.Trainer) -> dict[str, str]:
+        """{what: path} of the outputs this run left on disk."""
+        found = {"run_dir": self.run_dir}
+        for cb in trainer.callbacks:
+            if isinstance(cb, ExportPolicy):
+                found["policy"] = cb.out_dir
+            elif isinstance(cb, RunReport):
+                found["report"] = cb.out_png
+        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+            found["checkpoints"] = Path(trainer.checkpoint_callback.dirpath)
+        for lg in trainer.loggers:
+            if isinstance(lg, TensorBoardLogger):
+                found["tensorboard"] = Path(lg.log_dir)
+            elif isinstance(lg, WandbLogger) and lg.save_dir:
+                found["wandb"] = Path(lg.save_dir) / "wandb"
+        return {what: str(path) for what, path in found.items() if path.exists()}
 
 
 class ResumableCSVLogger(CSVLogger):

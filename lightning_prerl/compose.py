@@ -6,7 +6,10 @@ compute -- a bad value, a missing file, an unknown option -- becomes one `Config
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -23,6 +26,58 @@ from lightning_prerl.config import ConfigError, validate_config
 from lightning_prerl.models import resolve_model_path, stop_token_ids
 
 log = logging.getLogger(__name__)
+# loggers that need an optional extra: (class name, import name, extra)
+LOGGER_EXTRAS = [("WandbLogger", "wandb", "wandb")]
+SECRET_ENV = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+class _DropAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing [litlogger]/[litmodels]" lines (no switch turns them off)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡 Tip")
+
+
+def route_lightning_logs() -> None:
+    """Lightning's log lines printed once, through the handlers Hydra gave the root logger, without adverts.
+
+    `import lightning` attaches a console handler ("INFO: ...") to the `lightning` logger while its
+    records still propagate to the root logger, whose Hydra handlers print them a second time (and
+    write them to the run's log file). With root handlers in place, Lightning's own handler goes.
+    """
+    if logging.getLogger().handlers:
+        lightning_log = logging.getLogger("lightning")
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropAdverts) for f in logger.filters):
+            logger.addFilter(_DropAdverts())
+
+
+def check_logger_packages(cfg: DictConfig) -> None:
+    """One line naming the install command when a configured logger's optional package is missing."""
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if node else ""
+        for cls, package, extra in LOGGER_EXTRAS:
+            if target.endswith(cls) and importlib.util.find_spec(package) is None:
+                raise ConfigError(f"logger.{name} ({cls}) needs the {package} package: pip install -e .[{extra}]")
+
+
+def without_secrets(cfg: DictConfig) -> DictConfig:
+    """The resolved config with every value containing a secret-looking environment variable (API keys,
+    tokens, passwords, e.g. from `${oc.env:WANDB_API_KEY}`) replaced by "***", for saving to disk."""
+    secrets = {v for k, v in os.environ.items() if SECRET_ENV.search(k) and len(v) >= 8}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return "***" if isinstance(node, str) and any(s in node for s in secrets) else node
+
+    return OmegaConf.create(scrub(resolved))
 
 
 @dataclass
@@ -52,8 +107,10 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
 
 def build_run(cfg: DictConfig) -> Run:
     """Validate `cfg`, then instantiate everything; exits with one line on a config mistake."""
+    route_lightning_logs()
     try:
         validate_config(cfg)
+        check_logger_packages(cfg)
         ckpt_path, resume_step = resolve_checkpoint(cfg)
         objective = instantiate(cfg.objective)
         # a schedule (DSRL) is a callback that owns the objective of each phase
@@ -77,7 +134,7 @@ def build_run(cfg: DictConfig) -> Run:
 
         torch.set_num_threads(cfg.threads)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
+    OmegaConf.save(without_secrets(cfg), Path(cfg.run_dir) / "config.yaml")
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c] + ([schedule] if schedule else [])
     callbacks.append(RunState(OmegaConf.to_container(cfg.objective, resolve=True)))
     loggers = [instantiate(lg) for lg in cfg.logger.values() if lg]

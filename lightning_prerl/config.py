@@ -183,7 +183,8 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
     for arg in overrides:
         key, sep, value = arg.partition("=")
         group = conf_dir / key.lstrip("+~")
-        if not sep or not group.is_dir() or value in ("null", ""):
+        # Hydra's own groups also hold its plugins' options (hydra/launcher=joblib): Hydra checks those
+        if not sep or not group.is_dir() or value in ("null", "") or key.lstrip("+~").startswith("hydra/"):
             continue
         allowed = sorted(p.stem for p in group.glob("*.yaml"))
         for option in value.split(","):

@@ -1,11 +1,11 @@
-"""Run and sweep reports are drawn from the metrics CSVs that Lightning's CSVLogger writes."""
+"""Run reports are drawn from the metrics CSVs that Lightning's CSVLogger writes."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-from lightning_prerl.report import plot_run, plot_sweep, read_metrics
+from lightning_prerl.report import plot_run, read_metrics
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
@@ -27,17 +27,4 @@ def test_run_report_marks_the_phase_switch(tmp_path):
     assert out.read_bytes().startswith(b"\x89PNG")
 
 
-def test_sweep_report_summarises_every_job(tmp_path):
-    for job, (first, last) in enumerate([(0.4, 0.5), (0.4, 0.3)]):
-        write_metrics(
-            tmp_path / str(job) / "logs" / "metrics.csv",
-            [{"step": 0, "val/accuracy": first}, {"step": 10, "val/accuracy": last}],
-        )
-        (tmp_path / str(job) / ".hydra").mkdir()
-        (tmp_path / str(job) / ".hydra" / "overrides.yaml").write_text(f"- objective.switch_step={job}\n")
-    out = plot_sweep(tmp_path)
-    assert out == tmp_path / "sweep_report.png" and out.read_bytes().startswith(b"\x89PNG")
-    with open(tmp_path / "sweep_summary.csv") as fh:
-        summary = list(csv.reader(fh))
-    assert summary[1][:4] == ["0", "objective.switch_step=0", "0.4", "0.5"]
-    assert summary[2][3] == "0.3"
+# sweep reports: tests/test_sweep.py

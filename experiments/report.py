@@ -1,0 +1,39 @@
+"""Redraw reports from what runs left on disk: a sweep's summary and PNGs, or one run's report.png.
+
+    python experiments/report.py multirun/2026-11-25/10-00-00                 # a Hydra multirun dir
+    python experiments/report.py multirun/2026-11-25/10-00-00 --metric val/pass@2
+    python experiments/report.py outputs/2026-11-25/10-00-00                  # one run: its report.png
+
+A sweep dir gets sweep_summary.csv, sweep_heatmap.png (sweep_bars.png for one swept key),
+sweep_curves.png and sweep_behavior.png, as the multirun's own SweepReport callback writes them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("dir", type=Path, help="a Hydra multirun (sweep) directory, or one run's directory")
+    parser.add_argument("--metric", default="val/accuracy", help="held-out metric compared across the sweep")
+    args = parser.parse_args(argv)
+    from lightning_prerl.report import plot_run, write_sweep_report
+
+    if not args.dir.is_dir():
+        sys.exit(f"report: {args.dir} is not a directory")
+    written = write_sweep_report(args.dir, metric=args.metric)
+    run_metrics = args.dir / "logs" / "metrics.csv"
+    if not written and run_metrics.is_file():
+        written = [plot_run(run_metrics, args.dir / "report.png", title=args.dir.name)]
+    if not written:
+        sys.exit(f"report: no logs/metrics.csv under {args.dir} (a sweep's jobs or a run)")
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

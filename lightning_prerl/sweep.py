@@ -1,0 +1,226 @@
+"""Hydra multirun sweeps: what each job swept, summaries over seeds, and parallel jobs that stay in their cores.
+
+A job is a directory holding `.hydra/overrides.yaml` (Hydra writes it); its metrics are the CSVLogger's
+`logs/metrics.csv`. A configuration is one combination of the swept keys other than `seed`; its
+summary is the mean and sample standard deviation (n - 1) over its seeds of each held-out metric's
+final value. Plots of these are drawn by `report.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import logging
+import multiprocessing
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+SEED_KEY = "seed"
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """One run of a sweep: its directory, its overrides and its logged series."""
+
+    dir: Path
+    overrides: dict[str, str]
+    series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+
+    def final(self, metric: str) -> float | None:
+        """The last logged value of `metric` (None when never logged)."""
+        points = self.series.get(metric)
+        return points[-1][1] if points else None
+
+
+@dataclass
+class Configuration:
+    """Jobs that differ only by seed."""
+
+    values: dict[str, str]
+    jobs: list[Job]
+
+    def label(self, names: dict[str, str] | None = None) -> str:
+        names = names or {}
+        return ", ".join(f"{names.get(k, k)}={v}" for k, v in self.values.items()) or "all jobs"
+
+    def finals(self, metric: str) -> list[float]:
+        return [v for v in (job.final(metric) for job in self.jobs) if v is not None]
+
+
+def _override_key(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def read_overrides(job_dir: Path) -> dict[str, str]:
+    """{key: value} of a job's command-line overrides (Hydra's own `hydra.*` ones left out)."""
+    import yaml
+
+    overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
+    return dict(_override_key(o) for o in overrides if not o.startswith("hydra.") and "=" in o)
+
+
+def find_jobs(sweep_dir: Path) -> list[Job]:
+    """Every job directory under `sweep_dir`, in job-number order, with its metrics (if any)."""
+    from lightning_prerl.report import read_metrics
+
+    dirs = {p.parent.parent for p in Path(sweep_dir).rglob("overrides.yaml") if p.parent.name == ".hydra"}
+    jobs = []
+    for d in sorted(dirs, key=lambda d: (len(d.name), d.name)):
+        metrics = d / "logs" / "metrics.csv"
+        jobs.append(Job(d, read_overrides(d), read_metrics(metrics) if metrics.is_file() else {}))
+    return jobs
+
+
+def swept_keys(jobs: list[Job], sweep_dir: Path | None = None) -> list[str]:
+    """Keys whose value differs between jobs, in the order of the sweep's command line (multirun.yaml)."""
+    seen: list[str] = []
+    for job in jobs:
+        seen += [k for k in job.overrides if k not in seen]
+    swept = [k for k in seen if len({job.overrides.get(k) for job in jobs}) > 1]
+    order = {k: i for i, k in enumerate(_command_line_keys(sweep_dir))} if sweep_dir else {}
+    return sorted(swept, key=lambda k: order.get(k, len(order) + seen.index(k)))
+
+
+def _command_line_keys(sweep_dir: Path) -> list[str]:
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    task = ((yaml.safe_load(path.read_text()) or {}).get("hydra") or {}).get("overrides", {}).get("task") or []
+    return [_override_key(o)[0] for o in task]
+
+
+def ordered_values(jobs: list[Job], key: str) -> list[str]:
+    """The values `key` takes: numerically sorted when all are numbers, else in order of first use."""
+    values = list(dict.fromkeys(job.overrides.get(key, "") for job in jobs))
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return values
+
+
+def group_configurations(jobs: list[Job], keys: list[str]) -> list[Configuration]:
+    """One Configuration per combination of `keys` that some job ran, in grid order."""
+    grid = itertools.product(*(ordered_values(jobs, k) for k in keys))
+    configs = []
+    for combo in grid:
+        values = dict(zip(keys, combo, strict=True))
+        members = [j for j in jobs if all(j.overrides.get(k, "") == v for k, v in values.items())]
+        if members:
+            configs.append(Configuration(values, members))
+    return configs
+
+
+def mean_std(xs: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (n - 1); std is None below two values, both None for none."""
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else None
+
+
+def summary_metrics(jobs: list[Job], metric: str) -> list[str]:
+    """`metric` first, then every other aggregate held-out metric (`val/name`) some job logged."""
+    logged = {k for job in jobs for k in job.series if k.startswith("val/") and k.count("/") == 1}
+    return [metric] + sorted(logged - {metric})
+
+
+def write_summary(path: Path, configs: list[Configuration], keys: list[str], metrics: list[str], metric: str) -> Path:
+    """`sweep_summary.csv`: the swept keys, `seeds` (jobs with a final `metric`), `jobs` (their
+    directories), and `<metric>_mean`, `<metric>_std` of each metric's final value."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*keys, "seeds", "jobs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
+        for config in configs:
+            stats = [mean_std(config.finals(m)) for m in metrics]
+            writer.writerow(
+                [
+                    *config.values.values(),
+                    len(config.finals(metric)),
+                    " ".join(job.dir.name for job in config.jobs),
+                    *("" if v is None else repr(v) for pair in stats for v in pair),
+                ]
+            )
+    return path
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """The shortest dotted suffix that tells each key apart: objective.warmup.coef -> coef."""
+    names = {}
+    for key in keys:
+        parts = key.split(".")
+        for n in range(1, len(parts) + 1):
+            name = ".".join(parts[-n:])
+            if sum(k == name or k.endswith("." + name) for k in keys) == 1:
+                break
+        names[key] = name
+    return names
+
+
+# -- parallel jobs -----------------------------------------------------------------------------------
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask: a container's or a SLURM job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def oversubscription(n_jobs: int, threads: int | None, cores: int, omp_env: str | None = None) -> str | None:
+    """Why `n_jobs` parallel jobs of `threads` torch threads each would overload `cores` cores (else None).
+
+    `threads=None` keeps torch's default, which follows OMP_NUM_THREADS: joblib's loky workers inherit
+    the parent's OMP_NUM_THREADS (`omp_env`) or, unset, get cores // n_jobs (at least 1).
+    """
+    n = max(cores + 1 + n_jobs, 1) if n_jobs < 0 else n_jobs  # joblib: -1 = every core
+    if n > cores:
+        return f"hydra.launcher.n_jobs={n_jobs}: {n} jobs at once on {cores} cores; use n_jobs <= {cores}"
+    per_job = threads or (int(omp_env) if omp_env else cores // n)
+    if n * per_job <= cores:
+        return None
+    source = f"threads={threads}" if threads else f"OMP_NUM_THREADS={per_job}"
+    return (
+        f"hydra.launcher.n_jobs={n_jobs} with {source}: {n} jobs x {per_job} threads on {cores} cores; "
+        f"use threads <= {cores // n}, or threads=null with OMP_NUM_THREADS unset (each job then gets cores // n_jobs)"
+    )
+
+
+class ParallelJobs(Callback):
+    """Hydra callback that keeps parallel sweep jobs (hydra/launcher=joblib) in their cores and working.
+
+    - at the start of a multirun: exits with one line when n_jobs x threads exceeds the cores, and warns
+      when vLLM would run on CPU in several jobs at once (each allocates its own KV cache);
+    - at the start of each job: a loky worker leaves multiprocessing's start method at "loky", which
+      the children it spawns cannot resolve (the reward pool of `data.reward_timeout_s` would respawn
+      failing workers forever), so the platform default is restored.
+    """
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        n_jobs = config.hydra.launcher.get("n_jobs")
+        if n_jobs is None:
+            return
+        swept = [_override_key(o)[1] for o in config.hydra.overrides.task if _override_key(o)[0] == "threads"]
+        threads = [int(t) for v in swept for t in v.split(",") if t not in ("null", "")] or [config.get("threads")]
+        cores = available_cores()
+        problem = oversubscription(
+            int(n_jobs), max(t or 0 for t in threads) or None, cores, os.environ.get("OMP_NUM_THREADS")
+        )
+        if problem:
+            sys.exit(f"config error: {problem}")
+        rollout = str(config.get("rollout", {}).get("_target_", ""))
+        if rollout.endswith("VLLMEngine") and config.trainer.get("accelerator") == "cpu" and n_jobs != 1:
+            log.warning(
+                "vLLM on CPU in parallel jobs: each job allocates its own KV cache (rollout.kv_cache_gib=%s GiB) "
+                "and threads; prefer hydra.launcher.n_jobs=1 or rollout=hf for CPU sweeps",
+                config.rollout.get("kv_cache_gib"),
+            )
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if multiprocessing.get_start_method(allow_none=True) in ("loky", "loky_init_main"):
+            multiprocessing.set_start_method(None, force=True)

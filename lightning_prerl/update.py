@@ -1,7 +1,9 @@
-"""One rollout batch's gradient: the log-probs an objective needs, micro-batch by micro-batch.
+"""One rollout batch's updates: the log-probs an objective needs, micro-batch by micro-batch.
 
-Pure torch over a Hugging Face causal LM (no Lightning): `PolicyModule.training_step` calls
-`backward_objective` with Lightning's `manual_backward` and the strategy's all-reduces.
+Pure torch over a Hugging Face causal LM (no Lightning): `PolicyModule.training_step` calls `prepare`
+once per rollout batch (advantages, loss masks, rollout-correction weights, old log-probs), then
+`backward_objective` once per optimizer step with Lightning's `manual_backward` and the strategy's
+all-reduces (`Collectives`).
 
 Log-probs never hold the (N, T, V) logits: the final hidden states come from the model's own forward
 with no logits computed, then the output head runs chunk by chunk (`ops.head_logprobs`). Micro-batches

@@ -78,17 +78,21 @@ class RolloutBatch:
             if value is not None and value.shape != self.response_ids.shape:
                 raise ValueError(f"{f} has shape {tuple(value.shape)}, response_ids {tuple(self.response_ids.shape)}")
 
+    def tensors_at(self, rows: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every per-sample tensor (optional ones when set) at `rows`: a slice or an (n,) index tensor."""
+        return {
+            f.name: getattr(self, f.name)[rows]
+            for f in fields(self)
+            if f.type.startswith("torch.Tensor") and getattr(self, f.name) is not None
+        }
+
     def select(self, rows: slice) -> RolloutBatch:
         """Rows `rows` of every per-sample tensor, trimmed to their own longest prompt and response.
 
         Micro-batching: groups may be cut, stats are dropped, and padding columns that no selected
         row uses are removed (prompts are left-padded, responses right-padded).
         """
-        tensors = {
-            f.name: getattr(self, f.name)[rows]
-            for f in fields(self)
-            if f.type.startswith("torch.Tensor") and getattr(self, f.name) is not None
-        }
+        tensors = self.tensors_at(rows)
         p_used = max(1, int(tensors["prompt_mask"].sum(1).max()))
         t_used = max(1, int(tensors["response_mask"].sum(1).max()))
         for name in ("prompt_ids", "prompt_mask"):
@@ -204,11 +208,7 @@ def take_groups(batch: RolloutBatch, groups: Sequence[int]) -> RolloutBatch:
     """
     g = batch.group_size
     rows = torch.tensor([i * g + j for i in groups for j in range(g)], dtype=torch.long)  # (n,) n = len(groups) * G
-    tensors = {
-        f.name: getattr(batch, f.name)[rows]
-        for f in fields(batch)
-        if f.type.startswith("torch.Tensor") and getattr(batch, f.name) is not None
-    }
+    tensors = batch.tensors_at(rows)
     pick = rows.tolist()
     return replace(
         batch,

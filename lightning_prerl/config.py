@@ -45,11 +45,15 @@ for _name, _fn in (("lp.devices", _devices), ("lp.mul", lambda a, b: int(a) * in
         OmegaConf.register_new_resolver(_name, _fn)
 
 
+def _phases(run: RunConfig) -> list:
+    """The objective of each phase: DSRL's warm-up and main, else the one objective."""
+    return [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
+
+
 def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
     """Values that are each allowed but cannot work together."""
     data, g = run.data, run.data.samples_per_prompt
-    phases = [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
-    for obj in phases:
+    for obj in _phases(run):
         if g == 1 and obj.advantage in GROUP_ADVANTAGES:
             raise ConfigError(
                 f"data.samples_per_prompt=1 with objective advantage '{obj.advantage}': group advantages "
@@ -91,6 +95,12 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
             f"data.prompts_per_step={data.prompts_per_step} does not divide by the world size {world} "
             f"(trainer.devices x trainer.num_nodes): it is the global number of prompts per step"
         )
+    minis = run.module.mini_batches
+    if data.prompts_per_step % ((world or 1) * minis):
+        raise ConfigError(
+            f"data.prompts_per_step={data.prompts_per_step} does not divide by world size {world or 1} x "
+            f"module.mini_batches={minis}: each rank's mini-batches hold whole prompt groups"
+        )
     if data.overlong == "penalty" and (data.overlong_buffer or 0) > data.sampling.max_new_tokens:
         raise ConfigError(
             f"data.overlong_buffer={data.overlong_buffer} > data.sampling.max_new_tokens="
@@ -125,12 +135,6 @@ def _update_contradictions(run: RunConfig, cfg: DictConfig) -> None:
                     f"{key}={value} is not a multiple of module.ppo_epochs x module.mini_batches = {updates}: "
                     f"steps count optimizer steps, and a rollout batch makes {updates} of them"
                 )
-    world = run.trainer.devices * run.trainer.num_nodes if isinstance(run.trainer.devices, int) else 1
-    if run.data.prompts_per_step % (world * module.mini_batches):
-        raise ConfigError(
-            f"data.prompts_per_step={run.data.prompts_per_step} does not divide by world size {world} x "
-            f"module.mini_batches={module.mini_batches}: each rank's mini-batches hold whole prompt groups"
-        )
     engine_logprobs = run.rollout.return_logprobs
     fix = module.rollout_correction
     if (fix.tis or fix.mask) and not engine_logprobs:
@@ -140,8 +144,7 @@ def _update_contradictions(run: RunConfig, cfg: DictConfig) -> None:
         )
     if sampling.top_p < 1 or sampling.top_k is not None:
         vllm = str(cfg.rollout.get("_target_", "")).endswith("VLLMEngine")
-        phases = [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
-        every_phase = fix.prerl or all(phase.space == "conditional" for phase in phases)
+        every_phase = fix.prerl or all(phase.space == "conditional" for phase in _phases(run))
         if not (vllm and engine_logprobs and (fix.tis or fix.mask) and every_phase):
             raise ConfigError(
                 f"data.sampling.top_p={sampling.top_p}, top_k={sampling.top_k}: rollouts would come from a "

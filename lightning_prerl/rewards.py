@@ -151,12 +151,15 @@ def _check_and_score(reward_fn: RewardFn, prompt: Prompt, completion: str) -> tu
         return has, 0.0, _describe(exc)
 
 
+def machine_cores() -> int:
+    """Cores this process may run on: its affinity mask (a container's or a Slurm job's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def available_cores() -> int:
-    """This process's share of the CPU cores: its affinity mask (a container's or a Slurm job's share)
-    divided by the ranks on this node (`LOCAL_WORLD_SIZE`), so 8 GPU ranks do not each start a pool
-    as large as the whole node."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """This process's share of the CPU cores: `machine_cores()` divided by the ranks on this node
+    (`LOCAL_WORLD_SIZE`), so 8 GPU ranks do not each start a pool as large as the whole node."""
+    return max(1, machine_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 class RewardScorer:

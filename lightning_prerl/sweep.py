@@ -20,6 +20,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from lightning_prerl.rewards import machine_cores
+
 SEED_KEY = "seed"
 log = logging.getLogger(__name__)
 
@@ -167,11 +169,6 @@ def short_names(keys: list[str]) -> dict[str, str]:
 # -- parallel jobs -----------------------------------------------------------------------------------
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its affinity mask: a container's or a SLURM job's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def oversubscription(n_jobs: int, threads: int | None, cores: int, omp_env: str | None = None) -> str | None:
     """Why `n_jobs` parallel jobs of `threads` torch threads each would overload `cores` cores (else None).
 
@@ -207,7 +204,7 @@ class ParallelJobs(Callback):
             return
         swept = [_override_key(o)[1] for o in config.hydra.overrides.task if _override_key(o)[0] == "threads"]
         threads = [int(t) for v in swept for t in v.split(",") if t not in ("null", "")] or [config.get("threads")]
-        cores = available_cores()
+        cores = machine_cores()
         problem = oversubscription(
             int(n_jobs), max(t or 0 for t in threads) or None, cores, os.environ.get("OMP_NUM_THREADS")
         )

@@ -213,7 +213,7 @@ def test_parallel_jobs_never_ask_for_more_threads_than_cores(n_jobs, threads, co
 
 
 def test_parallel_jobs_callback_refuses_an_oversubscribed_sweep(monkeypatch):
-    monkeypatch.setattr("lightning_prerl.sweep.available_cores", lambda: 2)
+    monkeypatch.setattr("lightning_prerl.sweep.machine_cores", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
     def config(threads, task=()):

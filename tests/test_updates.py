@@ -287,6 +287,9 @@ def test_step_intervals_must_be_multiples_of_the_updates_per_batch():
         cfg = compose("config", overrides=["module.ppo_epochs=2", "module.mini_batches=2", "run_dir=/tmp/x"])
         with pytest.raises(ConfigError, match=r"callbacks.checkpoint.every_n_train_steps=10 is not a multiple .* = 4"):
             validate_config(cfg)
+        cfg = compose("config", overrides=["module.mini_batches=3", "objective.switch_step=21", "run_dir=/tmp/x"])
+        with pytest.raises(ConfigError, match=r"prompts_per_step=16 does not divide by world size 1 x module.mini"):
+            validate_config(cfg)
         cfg = compose("config", overrides=["data.sampling.top_p=0.9", "run_dir=/tmp/x"])
         with pytest.raises(ConfigError, match=r"data.sampling.top_p=0.9, top_k=None: rollouts would come"):
             validate_config(cfg)

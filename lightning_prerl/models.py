@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,9 +63,14 @@ def load_policy(path: str, dtype: str = "float32", gguf_file: str | None = None)
     return model
 
 
+def is_zero3(model: torch.nn.Module) -> bool:
+    """True when DeepSpeed ZeRO-3 has partitioned the parameters (each holds a `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
 def is_sharded(model: torch.nn.Module) -> bool:
-    """True when the parameters are DTensor shards (FSDP2 `fully_shard`)."""
-    return any(hasattr(p, "device_mesh") for p in model.parameters())
+    """True when the parameters are shards: FSDP2 DTensors (`fully_shard`) or ZeRO-3 partitions."""
+    return any(hasattr(p, "device_mesh") or hasattr(p, "ds_id") for p in model.parameters())
 
 
 def shard_policy(model: torch.nn.Module, mesh, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
@@ -88,7 +94,9 @@ def shard_policy(model: torch.nn.Module, mesh, compute_dtype: torch.dtype | None
     kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
     for block in blocks:
         fully_shard(block, **kwargs)
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    # with LoRA the Hugging Face model inside the PeftModel is the root: `generate` calls it, not the wrapper
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    fully_shard(root, reshard_after_forward=False, **kwargs)
     return model
 
 
@@ -110,13 +118,49 @@ def stop_token_ids(tokenizer, path: str, gguf_file: str | None = None, extra: li
     return list(dict.fromkeys(ids))
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on CPU; a collective call on every rank when sharded."""
-    if not is_sharded(model):
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def full_weights(model: torch.nn.Module, cpu: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, full tensor) of the policy as a plain Hugging Face model, gathered one tensor at a time.
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    FSDP2 DTensors are all-gathered, ZeRO-3 partitions gathered (`GatheredParameters`) and copied,
+    so a rank holds at most one full tensor beyond its shards; a LoRA policy yields its merged
+    weights under the base model's names (`lora.merged_weights`). Tied input/output embeddings are
+    also yielded as `lm_head.weight` (vLLM expects it; `save_pretrained` drops it again). Sharded
+    policies: a collective, every rank must iterate to the end.
+
+    Args:
+        cpu: move each tensor to CPU as it is yielded (export: the whole model never sits on a GPU).
+    """
+    from lightning_prerl import lora
+
+    items = _gathered(model)
+    if lora.is_lora(model):
+        items = lora.merged_weights(model, items)
+    names = set()
+    for name, tensor in items:
+        names.add(name)
+        yield name, tensor.to("cpu") if cpu else tensor
+    if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in names:
+        emb = model.get_input_embeddings().weight
+        for _, tensor in _gathered_tensor("lm_head.weight", emb):
+            yield "lm_head.weight", tensor.to("cpu") if cpu else tensor
+
+
+def _gathered(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for name, value in model.state_dict(keep_vars=True).items():
+        yield from _gathered_tensor(name, value)
+
+
+def _gathered_tensor(name: str, value: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    if hasattr(value, "ds_id"):  # ZeRO-3: the partition holds a slice; gather, copy out, re-partition
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([value]):
+            full = value.data.detach().clone()
+        yield name, full
+    elif hasattr(value, "full_tensor"):
+        yield name, value.detach().full_tensor()
+    else:
+        yield name, value.detach()
 
 
 def export_policy(
@@ -124,13 +168,29 @@ def export_policy(
 ) -> Path:
     """`save_pretrained` of the policy and tokenizer: loadable by `AutoModelForCausalLM` and vLLM.
 
-    Sharded policies are gathered first, so every rank must call this; only `write=True` ranks write.
-    `dtype` (e.g. the run's `model.dtype`) is the dtype written, whatever the master weights are.
+    Sharded policies are gathered tensor by tensor, so every rank must call this; only `write=True`
+    ranks keep and write them. `dtype` (e.g. the run's `model.dtype`) is the dtype written, whatever
+    the master weights are. A LoRA policy is written merged, and its adapter alone to `out_dir/adapter`.
     """
-    state = full_state_dict(model)
+    from lightning_prerl import lora
+
+    target = DTYPES[dtype] if dtype is not None else None
+    state = {}
+    for name, tensor in full_weights(model, cpu=write):  # other ranks only take part in the gathers
+        if write:
+            state[name] = tensor.to(target) if target is not None and tensor.is_floating_point() else tensor
+    if lora.is_lora(model):
+        adapter_state = {}
+        for name, value in model.state_dict(keep_vars=True).items():
+            if ".lora_" in name:
+                for _, tensor in _gathered_tensor(name, value):
+                    adapter_state[name] = tensor.to("cpu")
+        if write:
+            lora.export_adapter(model, adapter_state, out_dir / "adapter")
+        model = model.get_base_model()
     if write:
-        if dtype is not None:
-            state = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+        if getattr(model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: save_pretrained writes the embedding once
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, state_dict=state)
         if dtype is not None:  # save_pretrained records the live parameters' dtype: record the one written

@@ -36,8 +36,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.benchmarks import BenchmarkMetrics
 from lightning_prerl.correction import RolloutCorrection
+from lightning_prerl.lora import BASE, SNAPSHOT, AdapterView, LoraSettings, add_snapshot, apply_lora, snapshot_adapter
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
-from lightning_prerl.models import DTYPES, load_policy, load_tokenizer, resolve_start_token_id, shard_policy
+from lightning_prerl.models import (
+    DTYPES,
+    is_sharded,
+    load_policy,
+    load_tokenizer,
+    resolve_start_token_id,
+    shard_policy,
+)
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.update import Collectives, MicroBatching, StepStats, backward_objective, prepare
 
@@ -55,6 +63,8 @@ class PolicyModule(L.LightningModule):
             than float32 only when asked for: AdamW steps of lr 1e-6 mostly round away in bf16.
         activation_checkpointing: recompute each transformer block in backward (long sequences).
         gguf_file: a GGUF file inside `model_path` to load instead of safetensors.
+        lora: `lora.LoraSettings` fields (r > 0: train peft LoRA adapters only; the KL reference is
+            the base network with adapters off, DSRL's reset reference a frozen adapter snapshot).
         start_token: token replacing the prompt in prompt-free scoring (None: BOS, else the chat
             template's first special token).
         lr, betas, weight_decay, warmup_steps: AdamW with linear warm-up, then constant.
@@ -86,6 +96,7 @@ class PolicyModule(L.LightningModule):
         activation_checkpointing: bool = False,
         gguf_file: str | None = None,
         start_token: str | None = None,
+        lora: dict | None = None,
         lr: float = 1e-5,
         betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.01,
@@ -124,6 +135,9 @@ class PolicyModule(L.LightningModule):
         self.automatic_optimization = False
         self.objective = objective or PolicyGradientObjective(**self.preset)
         self.correction = RolloutCorrection(**(rollout_correction or {}))
+        self.lora = LoraSettings(**(lora or {}))
+        self.reference_adapter = BASE  # with LoRA: the adapter the reference scores with
+        self.strict_loading = not self.lora.enabled  # LoRA checkpoints hold the adapters only
         self.updates_per_batch = ppo_epochs * mini_batches
         self.phase = 0
         self.skipped_steps, self.bad_in_row = 0, 0
@@ -148,13 +162,25 @@ class PolicyModule(L.LightningModule):
             policy = self._load(self.hparams.param_dtype)
             if self.hparams.activation_checkpointing:
                 policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if self.lora.enabled:
+                policy = apply_lora(policy, self.lora)
+                if self.objective.needs_reference or self.reference_needed:
+                    add_snapshot(policy)  # DSRL's reset reference: made now, sharded with the policy
             self.policy = self._prepare(policy, compute_dtype=self.hparams.dtype)
             self.policy.train()
         if (self.objective.needs_reference or self.reference_needed) and self.reference is None:
             self.reference = self._new_reference()
 
-    def _new_reference(self) -> torch.nn.Module:
-        """A frozen base model in the compute dtype (it needs no master weights), sharded like the policy."""
+    def reference_model(self):
+        """What the KL term scores with: the frozen reference, or with LoRA the policy network under
+        another adapter (none: the base model)."""
+        return AdapterView(self.policy, self.reference_adapter) if self.lora.enabled else self.reference
+
+    def _new_reference(self) -> torch.nn.Module | None:
+        """A frozen base model in the compute dtype (it needs no master weights), sharded like the policy;
+        none with LoRA (the base is the policy with its adapters off)."""
+        if self.lora.enabled:
+            return None
         return self._frozen(self._prepare(self._load(self.hparams.dtype))).to(self.device)
 
     def _prepare(self, model: torch.nn.Module, compute_dtype: str | None = None) -> torch.nn.Module:
@@ -174,8 +200,13 @@ class PolicyModule(L.LightningModule):
         """Make the reference an exact frozen copy of the current policy (DSRL's reincarnation).
 
         The weights are copied into a model built like the policy (sharded the same way under FSDP2),
-        rather than deep-copying the live, possibly sharded and hooked, policy module.
+        rather than deep-copying the live, possibly sharded and hooked, policy module. With LoRA the
+        trained adapter is copied into a frozen snapshot adapter instead.
         """
+        if self.lora.enabled:
+            snapshot_adapter(self.policy)
+            self.reference_adapter = SNAPSHOT
+            return
         if self.reference is None:
             self.reference = self._new_reference()
         self.reference.load_state_dict(self.policy.state_dict())
@@ -225,7 +256,8 @@ class PolicyModule(L.LightningModule):
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters
+        opt = torch.optim.AdamW(trainable, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         warmup = max(0, hp.warmup_steps)
 
         def factor(step: int) -> float:  # read at every step: the active objective's lr_scale applies
@@ -277,7 +309,7 @@ class PolicyModule(L.LightningModule):
         """One optimizer step on a (mini-)batch: backward, finite check, clipping, step."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        pieces = (self.reference, self.manual_backward, comm, mismatch)
+        pieces = (self.reference_model(), self.manual_backward, comm, mismatch)
         result = backward_objective(self.objective, self.policy, batch, *args, *pieces)
         grad_norm, bad = torch.zeros(()), False
         if result.kept_tokens > 0:
@@ -380,6 +412,14 @@ class PolicyModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["objective"] = {"config": asdict(self.objective), "phase": self.phase}
         checkpoint["faults"] = {"skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
+        checkpoint["lora"] = {"reference_adapter": self.reference_adapter}
+        state = checkpoint.get("state_dict")
+        if self.lora.enabled and isinstance(state, dict) and not is_sharded(self.policy):
+            # the frozen base is the model on disk: keep the adapters (and other trainable tensors);
+            # FSDP2's distributed checkpoints keep every shard (its loader asks for every key)
+            weights = self.policy.state_dict(keep_vars=True)  # tied weights under each of their names
+            frozen = {f"policy.{n}" for n, v in weights.items() if not v.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k not in frozen or ".lora_" in k}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("objective")
@@ -391,6 +431,9 @@ class PolicyModule(L.LightningModule):
         state = checkpoint.get("state_dict")
         if self.reference is None and isinstance(state, dict) and any(k.startswith("reference.") for k in state):
             self.reference = self._new_reference()
+        self.reference_adapter = checkpoint.get("lora", {}).get("reference_adapter", BASE)
+        if self.reference_adapter == SNAPSHOT:  # the snapshot adapter must exist before its weights load
+            snapshot_adapter(self.policy)
 
 
 PRERL = {"space": "marginal", "advantage": "group_mean", "coef": 0.01}  # lr_scale 0.1 by the prompt-free rule

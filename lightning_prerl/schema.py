@@ -64,6 +64,13 @@ class DSRL(_Node):
     nsr_loss_coef: NonNeg | None = None
 
 
+class Lora(_Node):
+    r: NonNegInt = 0
+    alpha: Positive = 16.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    target_modules: str | Annotated[list[str], Field(min_length=1)] = "all-linear"
+
+
 class Model(_Node):
     path: str
     dtype: Dtype
@@ -72,6 +79,7 @@ class Model(_Node):
     stop_token_ids: list[NonNegInt]
     gguf_file: str | None
     start_token: str | None
+    lora: Lora = Lora()
 
 
 class RolloutCorrection(_Node):

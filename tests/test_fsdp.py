@@ -53,13 +53,12 @@ def _gather_worker(rank: int, world: int, port: int, model_dir: str, out: str) -
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from lightning_prerl.models import load_policy, shard_policy
-        from lightning_prerl.rollout.vllm import full_state_items
+        from lightning_prerl.models import full_weights, load_policy, shard_policy
 
         reference = load_policy(model_dir).state_dict()
         sharded = shard_policy(load_policy(model_dir), init_device_mesh("cpu", (world,)))
         assert any(hasattr(p, "device_mesh") for p in sharded.parameters())
-        gathered = dict(full_state_items(sharded))
+        gathered = dict(full_weights(sharded))
         if rank == 0:
             torch.save({"gathered": gathered, "reference": reference}, out)
         dist.barrier()  # no rank tears gloo down while the other still uses it (aborted once in CI)

@@ -33,15 +33,9 @@ def hf_greedy(tok, policy, prompts):
     return hf.generate(prompts, 1, GREEDY).completions
 
 
-def test_greedy_parity_before_and_after_a_real_optimizer_step_and_sync(setup):
-    tok, policy, engine, prompts = setup
-    engine.sync(policy)
-    before = engine.generate(prompts, 1, GREEDY).completions
-    assert before == hf_greedy(tok, policy, prompts)
-    assert all(c and c[-1] == tok.eos_token_id for c in before)
-
-    # a real optimizer step that changes greedy answers: teach a wrong constant answer
-    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3)
+def teach_a_wrong_answer(tok, policy, prompts, lr: float) -> None:
+    """Five real AdamW passes over the trainable weights teaching a constant wrong answer."""
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr)
     target = tok(" The answer is \\boxed{7}.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     for _ in range(5):
         for prompt in prompts[:2]:
@@ -52,6 +46,16 @@ def test_greedy_parity_before_and_after_a_real_optimizer_step_and_sync(setup):
             opt.zero_grad()
             loss.backward()
             opt.step()
+
+
+def test_greedy_parity_before_and_after_a_real_optimizer_step_and_sync(setup):
+    tok, policy, engine, prompts = setup
+    engine.sync(policy)
+    before = engine.generate(prompts, 1, GREEDY).completions
+    assert before == hf_greedy(tok, policy, prompts)
+    assert all(c and c[-1] == tok.eos_token_id for c in before)
+
+    teach_a_wrong_answer(tok, policy, prompts, lr=3e-3)  # real optimizer steps that change greedy answers
     after_hf = hf_greedy(tok, policy, prompts)
     assert after_hf != before, "the optimizer step did not change greedy outputs"
     assert engine.generate(prompts, 1, GREEDY).completions == before  # stale until synced
@@ -121,3 +125,17 @@ def test_fsdp2_policy_syncs_into_one_vllm_engine_per_rank(vllm, tmp_path):
     assert steps_with(rows, "val/accuracy") == [0, 2]
     sync = {int(r["step"]): float(r["time/sync"]) for r in rows if r.get("time/sync")}
     assert sync[1] > 0  # weights pushed after the first optimizer step
+
+
+def test_lora_policy_syncs_merged_and_matches_transformers_greedy(setup):
+    """A LoRA policy after real adapter steps: vLLM gets the merged weights and decodes what the
+    adapted transformers model decodes."""
+    from lightning_prerl.lora import LoraSettings, apply_lora
+
+    tok, _, engine, prompts = setup
+    policy = apply_lora(load_policy("toy"), LoraSettings(r=8, alpha=16))
+    teach_a_wrong_answer(tok, policy, prompts, lr=1e-2)  # adapters only: the base is frozen
+    expected = hf_greedy(tok, policy, prompts)
+    assert expected != hf_greedy(tok, load_policy("toy"), prompts), "the adapter steps changed nothing"
+    engine.sync(policy)
+    assert engine.generate(prompts, 1, GREEDY).completions == expected

@@ -7,9 +7,10 @@ Weight sync (`sync`), behind one method:
   explicit `lm_head.weight`, which a `save_pretrained` file would lack), then the prefix cache
   is reset. Measured here: ~0.03 s for the toy policy.
 - CUDA: tensors go straight into `model.load_weights` in buckets, with no serialisation or disk.
-Sharded policies (FSDP2 DTensors) are gathered one tensor at a time as they are packed: on CUDA
-into 256 MiB buckets, so a rank holds at most one bucket beyond its shards; on CPU into the single
-safetensors blob that `reload_weights` needs, freed as soon as the RPC returns.
+Sharded policies (FSDP2 DTensors, ZeRO-3 partitions) are gathered one tensor at a time as they are
+packed (`models.full_weights`; a LoRA policy arrives merged): on CUDA into 256 MiB buckets, so a rank
+holds at most one bucket beyond its shards; on CPU into the single safetensors blob that
+`reload_weights` needs, freed as soon as the RPC returns.
 
 Generation takes token ids (no re-tokenisation drift) and returns token ids, optionally with
 vLLM's own log-probs of the sampled tokens. `VLLM_ENABLE_V1_MULTIPROCESSING=0` (set here unless
@@ -24,7 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
-from lightning_prerl.models import DTYPES, resolve_model_path
+from lightning_prerl.models import DTYPES, full_weights, resolve_model_path
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
 
 BUCKET_BYTES = 256 * 2**20
@@ -43,22 +44,6 @@ def _load_bucket(worker, bucket: list[tuple[str, torch.Tensor]]) -> int:
     """Runs inside the vLLM worker on CUDA: load tensors in place (in-process: no serialisation)."""
     worker.model_runner.model.load_weights(weights=iter(bucket))
     return len(bucket)
-
-
-def full_state_items(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, full tensor) pairs; DTensor shards are gathered one parameter at a time.
-
-    Tied input/output embeddings are yielded under both names (vLLM expects `lm_head.weight`).
-    """
-    state = policy.state_dict()
-    for name, tensor in state.items():
-        if hasattr(tensor, "full_tensor"):
-            tensor = tensor.full_tensor()
-        yield name, tensor.detach()
-    tied = getattr(policy.config, "tie_word_embeddings", False)
-    if tied and "lm_head.weight" not in state:
-        emb = policy.get_input_embeddings().weight
-        yield "lm_head.weight", (emb.full_tensor() if hasattr(emb, "full_tensor") else emb).detach()
 
 
 class VLLMEngine:
@@ -126,7 +111,7 @@ class VLLMEngine:
         """Push `policy`'s current weights into the engine (must be called on every rank)."""
         self._wake()
         dtype = DTYPES.get(self.dtype)  # float32 master weights travel in the engine's own dtype
-        items = full_state_items(policy)
+        items = full_weights(policy)
         if dtype is not None:
             items = ((name, t.to(dtype) if t.is_floating_point() else t) for name, t in items)
         if self.on_cuda:

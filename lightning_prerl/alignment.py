@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.models import is_sharded
 from lightning_prerl.update import sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class GradientAlignment(L.Callback):
     """Every `every_n_steps` steps, measure gradient alignment on `max_samples` fresh rollouts.
 
     Runs on single-device and DDP runs (each rank measures its own rollouts; the logged values are
-    rank means). Under FSDP the per-sample full gradients would need gathering; it is skipped there
+    rank means). Under FSDP2 or ZeRO-3 the per-sample full gradients would need gathering; it is skipped there
     with a warning.
     """
 
@@ -86,8 +87,8 @@ class GradientAlignment(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps:
             return
-        if "FSDP" in type(trainer.strategy).__name__ or "ModelParallel" in type(trainer.strategy).__name__:
-            log.warning("gradient alignment is not measured under sharded strategies")
+        if is_sharded(pl_module.policy):  # FSDP2 shards, ZeRO-3 partitions: per-sample full gradients needed
+            log.warning("gradient alignment is not measured under sharded strategies (FSDP2, ZeRO-3)")
             return
         stats = gradient_alignment(
             pl_module.policy, batch, pl_module.start_token_id, self.max_samples, pl_module.hparams.temperature

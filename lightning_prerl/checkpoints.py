@@ -10,7 +10,8 @@
 
 Checkpoint files are written atomically by Lightning (`_atomic_save`: an fsspec transaction, i.e. a
 temporary file renamed into place); a sharded (FSDP2) directory counts as complete once its `meta.pt`
-exists, which rank 0 writes after every shard.
+exists, which rank 0 writes after every shard, a DeepSpeed directory once its `latest` tag file exists
+(written after every rank's files).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ import torch
 log = logging.getLogger(__name__)
 
 META = "meta.pt"  # Lightning's file of the non-tensor state in a sharded checkpoint directory
+# DeepSpeed: `latest` names the tag folder (Lightning's: "checkpoint"), whose rank-0 module file also holds
+# Lightning's state (ZeRO-1/2: mp_rank_00_..., ZeRO-3: zero_pp_rank_0_mp_rank_00_...)
+DEEPSPEED_LATEST = "latest"
+DEEPSPEED_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
 
 class CheckpointError(ValueError):
@@ -89,6 +94,18 @@ def newest_checkpoint(run_dir: Path) -> Path | None:
 
 def _load_head(path: Path) -> dict:
     """The checkpoint's non-tensor state (and, for a file, its tensors memory-mapped, not read)."""
+    if path.is_dir() and (path / DEEPSPEED_LATEST).is_file():
+        tag = path / (path / DEEPSPEED_LATEST).read_text().strip()
+        state = next((tag / name for name in DEEPSPEED_STATES if (tag / name).is_file()), None)
+        if state is None:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed tag {tag.name} has no rank-0 model state file")
+        try:  # DeepSpeed pickles its own objects beside the tensors: not loadable with weights_only
+            return torch.load(state, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path}: DeepSpeed state cannot be read ({type(exc).__name__})") from None
+    deepspeed_files = path.is_dir() and any(next(path.glob(f"*/{name}"), None) for name in DEEPSPEED_STATES)
+    if deepspeed_files and not (path / META).is_file():
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed directory without its latest file (an interrupted save)")
     target = path / META if path.is_dir() else path
     if path.is_dir() and not (path / ".metadata").is_file():
         raise CheckpointError(f"checkpoint {path}: sharded directory without .metadata (an interrupted save)")

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prerl.callbacks import ResumableCSVLogger
 from lightning_prerl.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
-from lightning_prerl.config import ConfigError, validate_config
+from lightning_prerl.config import ConfigError, uses_deepspeed, validate_config
 from lightning_prerl.models import resolve_model_path, stop_token_ids
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,21 @@ def check_logger_packages(cfg: DictConfig) -> None:
         for cls, package, extra in LOGGER_EXTRAS:
             if target.endswith(cls) and importlib.util.find_spec(package) is None:
                 raise ConfigError(f"logger.{name} ({cls}) needs the {package} package: pip install -e .[{extra}]")
+
+
+def check_deepspeed(cfg: DictConfig) -> None:
+    """One line, before any model loads, when a DeepSpeed trainer cannot start here."""
+    if not uses_deepspeed(cfg):
+        return
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError("trainer strategy DeepSpeed needs the deepspeed package: pip install -e .[deepspeed]")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer=deepspeed_*: Lightning's DeepSpeedStrategy runs on CUDA GPUs only; on CPU use trainer=ddp "
+            "or trainer=fsdp (DeepSpeed itself is tested on CPU by tests/test_zero.py)"
+        )
 
 
 def without_secrets(cfg: DictConfig) -> DictConfig:
@@ -111,6 +126,7 @@ def build_run(cfg: DictConfig) -> Run:
     try:
         validate_config(cfg)
         check_logger_packages(cfg)
+        check_deepspeed(cfg)
         ckpt_path, resume_step = resolve_checkpoint(cfg)
         objective = instantiate(cfg.objective)
         # a schedule (DSRL) is a callback that owns the objective of each phase

@@ -50,6 +50,13 @@ def _phases(run: RunConfig) -> list:
     return [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
 
 
+def uses_deepspeed(cfg: DictConfig) -> bool:
+    """True for trainer=deepspeed_zero2|deepspeed_zero3 (Lightning's DeepSpeedStrategy)."""
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    return "deepspeed" in target.lower()
+
+
 def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
     """Values that are each allowed but cannot work together."""
     data, g = run.data, run.data.samples_per_prompt
@@ -65,6 +72,11 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
                 f"module.pass_k contains {k} > data.eval_samples={data.eval_samples}: "
                 f"pass@k needs at least k samples per prompt"
             )
+    if run.model.lora.r > 0 and uses_deepspeed(cfg):
+        raise ConfigError(
+            f"model.lora.r={run.model.lora.r} with trainer strategy DeepSpeed: LoRA runs under trainer=ddp or "
+            f"trainer=fsdp (adapters are small: ZeRO has little to partition)"
+        )
     if isinstance(run.objective, DSRL):
         warm = run.objective.warmup
         for key, field in (("nsr_weight", "lr_scale"), ("nsr_loss_coef", "coef")):

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_prerl import zero
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.benchmarks import BenchmarkMetrics
 from lightning_prerl.correction import RolloutCorrection
@@ -154,7 +155,11 @@ class PolicyModule(L.LightningModule):
 
     # -- models -------------------------------------------------------------------------------
     def _load(self, dtype: str) -> torch.nn.Module:
-        return load_policy(self.hparams.model_path, dtype, self.hparams.gguf_file)
+        with zero.zero3_loading(zero.zero3_config(self._trainer)):  # ZeRO-3: load into the partitions
+            return load_policy(self.hparams.model_path, dtype, self.hparams.gguf_file)
+
+    def setup(self, stage: str) -> None:
+        zero.set_gradient_clipping(self.trainer, self.hparams.max_grad_norm)  # DeepSpeed clips in its own step
 
     def configure_model(self) -> None:
         """Load the policy (and a reference if KL is on); under FSDP2 shard both over the mesh."""
@@ -181,6 +186,8 @@ class PolicyModule(L.LightningModule):
         none with LoRA (the base is the policy with its adapters off)."""
         if self.lora.enabled:
             return None
+        if self._trainer is not None and zero.engine_of(self.trainer) is not None:
+            raise RuntimeError("under DeepSpeed the reference must be built in configure_model (reference_needed)")
         return self._frozen(self._prepare(self._load(self.hparams.dtype))).to(self.device)
 
     def _prepare(self, model: torch.nn.Module, compute_dtype: str | None = None) -> torch.nn.Module:
@@ -209,7 +216,7 @@ class PolicyModule(L.LightningModule):
             return
         if self.reference is None:
             self.reference = self._new_reference()
-        self.reference.load_state_dict(self.policy.state_dict())
+        zero.copy_weights(self.reference, self.policy)
 
     def set_objective(self, objective: PolicyGradientObjective, phase: int) -> None:
         """Swap the loss component; loads a reference model if the new objective needs one."""
@@ -257,7 +264,10 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         trainable = [p for p in self.policy.parameters() if p.requires_grad]  # LoRA: the adapters
-        opt = torch.optim.AdamW(trainable, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        adamw = torch.optim.AdamW
+        if zero.offloads_optimizer(self._trainer):  # ZeRO-Offload: DeepSpeed's CPU AdamW (the same update)
+            from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw
+        opt = adamw(trainable, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         warmup = max(0, hp.warmup_steps)
 
         def factor(step: int) -> float:  # read at every step: the active objective's lr_scale applies
@@ -309,28 +319,40 @@ class PolicyModule(L.LightningModule):
         """One optimizer step on a (mini-)batch: backward, finite check, clipping, step."""
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        pieces = (self.reference_model(), self.manual_backward, comm, mismatch)
+        engine = zero.engine_of(self.trainer)
+        pieces = (self.reference_model(), self._backward, comm, mismatch)
         result = backward_objective(self.objective, self.policy, batch, *args, *pieces)
         grad_norm, bad = torch.zeros(()), False
-        if result.kept_tokens > 0:
+        if result.kept_tokens > 0 and engine is None:
             grad_norm = self._grad_norm()  # global: every rank takes the same decision below
             bad = not (bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(self._global_sum(result.loss))))
             if bad:
-                self._skip_bad_step(opt)  # gradients dropped: the step below changes nothing but is counted
+                opt.zero_grad(set_to_none=True)  # gradients dropped: the step below changes nothing
+                self._count_bad_step()
             elif self.hparams.max_grad_norm is not None:  # through the precision plugin, like automatic optimization
                 self.clip_gradients(opt, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
-        self.bad_in_row = self.bad_in_row if bad else 0
         # every update counts as a step, also one with nothing to learn from (e.g. NSR with no mixed
         # group) or a skipped one (AdamW leaves parameters without gradients and their state alone):
         # global_step stays rollout batches x updates, so step intervals keep falling between batches
         opt.step()
         sched.step()
+        if result.kept_tokens > 0 and engine is not None:
+            # DeepSpeed clipped (config gradient_clipping) and skipped a non-finite step by itself
+            grad_norm = torch.tensor(float(engine.get_global_grad_norm() or 0.0))
+            bad = not engine.was_step_applied()
+            if bad:
+                self._count_bad_step()  # known only after DeepSpeed's step, whose number it then carries
+        self.bad_in_row = self.bad_in_row if bad else 0
         return result, grad_norm
 
-    def _skip_bad_step(self, opt) -> None:
-        """A non-finite loss or gradient: its gradients are dropped (the step is still counted, as a
-        no-op); too many in a row stop the run."""
-        opt.zero_grad(set_to_none=True)
+    def _backward(self, loss: torch.Tensor, last: bool) -> None:
+        engine = zero.engine_of(self.trainer)
+        if engine is not None:  # micro-batches are DeepSpeed micro-steps; the last one reduces and steps
+            zero.micro_step(engine, last)
+        self.manual_backward(loss)
+
+    def _count_bad_step(self) -> None:
+        """A non-finite loss or gradient: the step was a no-op (still counted); too many in a row stop the run."""
         self.skipped_steps += 1
         self.bad_in_row += 1
         step = self.trainer.global_step

@@ -23,6 +23,7 @@ from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.objectives.ops import head_logprobs
+from lightning_prerl.zero import through_own_call
 
 NO_CORRECTION = RolloutCorrection()
 
@@ -100,8 +101,14 @@ def sequence_logprobs(
     else:
         raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
     hidden = final_hidden_states(model, ids, attn, pos, t + 1)[:, :-1]  # (N, T, H): position j predicts token j
-    weight = output_head_weight(model)  # (V, H)
-    return head_logprobs(hidden, weight, resp, temperature, with_entropy, chunk_tokens, entropy_grad)
+
+    def score(weight: torch.Tensor):  # weight (V, H)
+        return head_logprobs(hidden, weight, resp, temperature, with_entropy, chunk_tokens, entropy_grad)
+
+    head = model.get_output_embeddings()
+    if hasattr(head.weight, "ds_id"):  # ZeRO-3 released it after the forward: the head's hooks gather it
+        return through_own_call(head, score)
+    return score(output_head_weight(model))
 
 
 @dataclass
@@ -210,7 +217,7 @@ def backward_objective(
     temperature: float = 1.0,
     micro: MicroBatching = MicroBatching(),
     reference: torch.nn.Module | None = None,
-    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+    backward: Callable[[torch.Tensor, bool], None] = lambda loss, last: loss.backward(),
     comm: Collectives = Collectives(),
     mismatch: MismatchStats | None = None,
 ) -> BackwardResult:
@@ -220,7 +227,8 @@ def backward_objective(
     number of loss tokens of the *whole* (mini-)batch on all ranks (`comm.sum`), so the gradient
     does not depend on the micro-batching or the world size (DDP and FSDP average gradients over
     ranks, hence the `* world_size`). Every rank runs the same number of micro-batches (`comm.max`),
-    also when none of its tokens is kept. The entropy of the scored distribution is computed on
+    also when none of its tokens is kept; `backward(loss, last)` learns which pass is the step's last
+    (DeepSpeed's gradient-accumulation boundary). The entropy of the scored distribution is computed on
     every step (logged; in the loss only with `entropy_coef > 0`). `mismatch` collects the
     rollout-vs-trainer statistics of a conditional update that had no separate old-log-prob pass.
     """
@@ -232,7 +240,8 @@ def backward_objective(
     if kept_tokens <= 0:  # the same on every rank: nobody runs a forward pass
         return result
     e_low, e_high = objective.eps_low, objective.eps_high
-    for _, mb in batch.micro_batches(micro.size, micro.max_tokens, comm.max):
+    micro_batches = batch.micro_batches(micro.size, micro.max_tokens, comm.max)
+    for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')
         logp, entropy = sequence_logprobs(
             policy, mb, objective.space, start_token_id, temperature, True, micro.chunk_tokens, objective.needs_entropy
@@ -248,7 +257,7 @@ def backward_objective(
                 )
         token_loss = objective.token_loss(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights)  # (n, T')
         loss = (token_loss * mask).sum() / kept_tokens * comm.world_size
-        backward(loss)
+        backward(loss, i == len(micro_batches) - 1)
         result.loss += loss.detach() / comm.world_size
         log_ratio = logp.detach() - old  # (n, T')
         a = mb.advantages[:, None]  # (n, 1)

@@ -212,3 +212,36 @@ def test_distributed_trainers_use_the_gpus_when_present_else_two_cpu_processes(m
         monkeypatch.undo()
     assert compose_cfg("model.dtype=bfloat16").trainer.precision == "bf16-mixed"
     assert compose_cfg("model.dtype=bfloat16", "model.param_dtype=bfloat16").trainer.precision == "32-true"
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_trainers_build_their_strategy_here_and_refuse_cpu_runs_in_one_line(stage):
+    from types import SimpleNamespace
+
+    from lightning_prerl.compose import check_deepspeed
+    from lightning_prerl.zero import offloads_optimizer, set_gradient_clipping
+
+    cfg = compose_cfg(f"trainer=deepspeed_zero{stage}", "model.dtype=bfloat16", "module.max_grad_norm=0.5")
+    validate_config(cfg)
+    assert cfg.trainer.precision == "bf16-mixed"  # bf16 compute, float32 master weights in DeepSpeed's optimizer
+    strategy = instantiate(cfg.trainer.strategy)
+    assert type(strategy).__name__ == "DeepSpeedStrategy" and strategy.config["zero_optimization"]["stage"] == stage
+    trainer = SimpleNamespace(strategy=strategy)
+    set_gradient_clipping(trainer, cfg.module.max_grad_norm)
+    assert strategy.config["gradient_clipping"] == 0.5 and not offloads_optimizer(trainer)
+    offloaded = compose_cfg(f"trainer=deepspeed_zero{stage}", "trainer.strategy.offload_optimizer=true")
+    assert offloads_optimizer(SimpleNamespace(strategy=instantiate(offloaded.trainer.strategy)))
+    with pytest.raises(ConfigError, match=r"^trainer=deepspeed_\*: Lightning's DeepSpeedStrategy runs on CUDA"):
+        check_deepspeed(cfg)  # no CUDA on this machine
+    with pytest.raises(ConfigError, match=r"model.lora.r=4 with trainer strategy DeepSpeed"):
+        validate_config(compose_cfg(f"trainer=deepspeed_zero{stage}", "model.lora.r=4"))
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_num_nodes_reaches_the_strategy(name):
+    cfg = compose_cfg(f"trainer={name}", "trainer.num_nodes=2", "data.prompts_per_step=8")
+    validate_config(cfg)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert (trainer.num_nodes, trainer.strategy.num_nodes, trainer.world_size) == (2, 2, 4)
+    if name == "fsdp":
+        assert trainer.strategy._data_parallel_size == 4  # data parallel over every rank of every node

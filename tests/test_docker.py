@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 COMPOSE = DOCKER / "compose.yaml"
-GPU_LINE = "EXTRAS=dev,vllm CONSTRAINTS= TORCH=torch"  # the Makefile's documented GPU install
+GPU_LINE = "EXTRAS=dev,vllm,deepspeed CONSTRAINTS= TORCH=torch"  # the Makefile's documented GPU install
 
 
 def _hadolint() -> str:

@@ -6,7 +6,8 @@ the module, not the module itself, so the DSRL callback can swap it mid-fit with
 the module: replacing a LightningModule from a callback detaches it from the Trainer and leaves the
 optimizer bound to stale parameters (measured, shared/DESIGN.md), while swapping a component
 survives DDP/FSDP wrapping and checkpointing. The active objective and its phase are saved in
-every checkpoint and restored before the weights are loaded.
+every checkpoint and restored before the weights are loaded. Loading and the reference live in
+`networks.PolicyNetworks`, held-out evaluation in `heldout.HeldOutEvaluation` (mixins of this class).
 
 One training step = one rollout batch = `ppo_epochs x mini_batches` optimizer steps (manual
 optimization; Lightning's `global_step`, `max_steps`, DSRL's `switch_step` and checkpoint intervals
@@ -23,7 +24,6 @@ detached current ones (ratio 1) and no extra pass runs.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import warnings
 from dataclasses import asdict
@@ -37,23 +37,23 @@ from lightning_prerl import zero
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.benchmarks import BenchmarkMetrics
 from lightning_prerl.correction import RolloutCorrection
-from lightning_prerl.lora import BASE, SNAPSHOT, AdapterView, LoraSettings, add_snapshot, apply_lora, snapshot_adapter
+from lightning_prerl.heldout import HeldOutEvaluation
+from lightning_prerl.lora import BASE, SNAPSHOT, LoraSettings, snapshot_adapter
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
 from lightning_prerl.models import (
     DTYPES,
     is_sharded,
-    load_policy,
     load_tokenizer,
     resolve_start_token_id,
-    shard_policy,
 )
+from lightning_prerl.networks import PolicyNetworks
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.update import Collectives, MicroBatching, StepStats, backward_objective, prepare
 
 log = logging.getLogger(__name__)
 
 
-class PolicyModule(L.LightningModule):
+class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
     """Policy, optional reference, optimizer and metrics around a swappable `objective`.
 
     Args:
@@ -153,71 +153,6 @@ class PolicyModule(L.LightningModule):
         self.val_metrics = GenerationMetrics("val", tuple(pass_k), transition, reflection)
         self.rollout_metrics = GenerationMetrics("rollout", (), transition, reflection)
 
-    # -- models -------------------------------------------------------------------------------
-    def _load(self, dtype: str) -> torch.nn.Module:
-        with zero.zero3_loading(zero.zero3_config(self._trainer)):  # ZeRO-3: load into the partitions
-            return load_policy(self.hparams.model_path, dtype, self.hparams.gguf_file)
-
-    def setup(self, stage: str) -> None:
-        zero.set_gradient_clipping(self.trainer, self.hparams.max_grad_norm)  # DeepSpeed clips in its own step
-
-    def configure_model(self) -> None:
-        """Load the policy (and a reference if KL is on); under FSDP2 shard both over the mesh."""
-        if self.policy is None:
-            policy = self._load(self.hparams.param_dtype)
-            if self.hparams.activation_checkpointing:
-                policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if self.lora.enabled:
-                policy = apply_lora(policy, self.lora)
-                if self.objective.needs_reference or self.reference_needed:
-                    add_snapshot(policy)  # DSRL's reset reference: made now, sharded with the policy
-            self.policy = self._prepare(policy, compute_dtype=self.hparams.dtype)
-            self.policy.train()
-        if (self.objective.needs_reference or self.reference_needed) and self.reference is None:
-            self.reference = self._new_reference()
-
-    def reference_model(self):
-        """What the KL term scores with: the frozen reference, or with LoRA the policy network under
-        another adapter (none: the base model)."""
-        return AdapterView(self.policy, self.reference_adapter) if self.lora.enabled else self.reference
-
-    def _new_reference(self) -> torch.nn.Module | None:
-        """A frozen base model in the compute dtype (it needs no master weights), sharded like the policy;
-        none with LoRA (the base is the policy with its adapters off)."""
-        if self.lora.enabled:
-            return None
-        if self._trainer is not None and zero.engine_of(self.trainer) is not None:
-            raise RuntimeError("under DeepSpeed the reference must be built in configure_model (reference_needed)")
-        return self._frozen(self._prepare(self._load(self.hparams.dtype))).to(self.device)
-
-    def _prepare(self, model: torch.nn.Module, compute_dtype: str | None = None) -> torch.nn.Module:
-        """Under FSDP2 (trainer=fsdp) shard over the mesh, computing in `compute_dtype`."""
-        mesh = self.device_mesh  # set by ModelParallelStrategy, else None
-        if mesh is None:
-            return model
-        return shard_policy(model, mesh["data_parallel"], DTYPES[compute_dtype] if compute_dtype else None)
-
-    @staticmethod
-    def _frozen(model: torch.nn.Module) -> torch.nn.Module:
-        model.eval()
-        model.requires_grad_(False)
-        return model
-
-    def reset_reference(self) -> None:
-        """Make the reference an exact frozen copy of the current policy (DSRL's reincarnation).
-
-        The weights are copied into a model built like the policy (sharded the same way under FSDP2),
-        rather than deep-copying the live, possibly sharded and hooked, policy module. With LoRA the
-        trained adapter is copied into a frozen snapshot adapter instead.
-        """
-        if self.lora.enabled:
-            snapshot_adapter(self.policy)
-            self.reference_adapter = SNAPSHOT
-            return
-        if self.reference is None:
-            self.reference = self._new_reference()
-        zero.copy_weights(self.reference, self.policy)
-
     def set_objective(self, objective: PolicyGradientObjective, phase: int) -> None:
         """Swap the loss component; loads a reference model if the new objective needs one."""
         self.objective, self.phase = objective, phase
@@ -240,25 +175,6 @@ class PolicyModule(L.LightningModule):
             f"precision={t.precision} compute={hp.dtype} params={hp.param_dtype} "
             f"activation_checkpointing={hp.activation_checkpointing}"
         )
-
-    def on_train_start(self) -> None:
-        """A resumed run first evaluates, if an evaluation was due at the checkpointed step.
-
-        Checkpoints are written at the end of a step's training batch, before that step's held-out
-        evaluation; without this the resumed run would skip it and lose a point of the curve.
-        """
-        t = self.trainer
-        every, step = t.check_val_every_n_epoch, t.global_step // self.updates_per_batch  # rollout batches done
-        if t.ckpt_path is None or not every or step == 0 or step % every or not t.datamodule.eval_prompts:
-            return
-        for i, batch in enumerate(t.datamodule.val_dataloader()):
-            self.validation_step(batch, i)
-        self.on_validation_epoch_end()
-        from lightning_prerl.dsrl import DSRLSwitch  # its metric trigger observes every evaluation
-
-        for callback in t.callbacks:
-            if isinstance(callback, DSRLSwitch):
-                callback.on_validation_end(t, self)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -395,40 +311,6 @@ class PolicyModule(L.LightningModule):
             for logger in self.trainer.loggers:
                 logger.log_metrics(row, step=step)
         self.log_dict(row, on_step=True, on_epoch=False, logger=False, batch_size=len(batch))  # callbacks, progress
-
-    # -- evaluation ---------------------------------------------------------------------------
-    def _benchmark_metrics(self) -> BenchmarkMetrics:
-        """`val/<benchmark>/...` metrics for the benchmark presets among the held-out prompts."""
-        if self.benchmark_metrics is None:
-            prompts = getattr(getattr(self.trainer, "datamodule", None), "eval_prompts", None) or []
-            hp = self.hparams
-            self.benchmark_metrics = BenchmarkMetrics(prompts, hp.pass_k, hp.transition, hp.reflection).to(self.device)
-        return self.benchmark_metrics
-
-    def validation_step(self, batch: RolloutBatch, batch_idx: int) -> None:
-        real = len(batch) - batch.padding_prompts * batch.group_size  # lockstep padding is never scored
-        if real < len(batch):
-            batch = batch.select(slice(0, real))
-        g = batch.group_size
-        self.eval_k = g
-        rewards, lengths = batch.rewards.view(-1, g), batch.response_mask.sum(1)  # (B, G), (B*G,)
-        self.val_metrics.update(rewards, lengths, batch.texts, batch.has_answer)
-        self._benchmark_metrics().record(rewards, lengths, batch.texts, batch.has_answer, batch.sources)
-
-    def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute(self._global_max)
-        self.val_metrics.reset()
-        values.update(self._benchmark_metrics().compute(self._global_max))
-        self._benchmark_metrics().reset()
-        for key in [k for k in values if k.endswith("/accuracy")]:  # avg@k: mean accuracy over k samples
-            values[key.removesuffix("accuracy") + f"avg@{self.eval_k}"] = values[key]
-        values = {k: v for k, v in values.items() if not math.isnan(v)}
-        # logged against optimizer steps done (0 before training), the x-axis of rollout metrics too
-        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
-            for logger in self.trainer.loggers:
-                logger.log_metrics(values, step=self.trainer.global_step)
-        for key, value in values.items():
-            self.log(key, value, logger=False)  # callback_metrics: checkpoint monitors, sweep results
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

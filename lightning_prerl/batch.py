@@ -86,8 +86,9 @@ class RolloutBatch:
             if f.type.startswith("torch.Tensor") and getattr(self, f.name) is not None
         }
 
-    def select(self, rows: slice) -> RolloutBatch:
-        """Rows `rows` of every per-sample tensor, trimmed to their own longest prompt and response.
+    def select(self, rows: slice | torch.Tensor) -> RolloutBatch:
+        """Rows `rows` (a slice, or an (n,) index tensor) of every per-sample tensor, trimmed to their
+        own longest prompt and response.
 
         Micro-batching: groups may be cut, stats are dropped, and padding columns that no selected
         row uses are removed (prompts are left-padded, responses right-padded).
@@ -101,14 +102,21 @@ class RolloutBatch:
             if name in tensors:
                 tensors[name] = tensors[name][:, :t_used]  # (n, T') the first T' columns
         n = tensors["rewards"].shape[0]
-        group = self.group_size if n % self.group_size == 0 else 1
+        contiguous = isinstance(rows, slice)
+        group = self.group_size if contiguous and n % self.group_size == 0 else 1
+
+        def pick(values: list) -> list:  # lists left empty stay empty
+            if not values or contiguous:
+                return values[rows] if values else values
+            return [values[i] for i in rows.tolist()]
+
         return replace(
             self,
             **tensors,
             group_size=group,
-            texts=self.texts[rows],
-            has_answer=self.has_answer[rows],
-            sources=self.sources[rows],
+            texts=pick(self.texts),
+            has_answer=pick(self.has_answer),
+            sources=pick(self.sources),
             stats={},
             padding_prompts=0,
         )
@@ -141,7 +149,9 @@ class RolloutBatch:
         A micro-batch costs rows x (its longest prompt + response) tokens. With a token budget
         the count depends on the lengths, so `agree` maps this rank's count to the count all ranks
         use (the max over ranks); the most expensive slices are then split until there are that
-        many, and every rank runs the same number of forward/backward passes.
+        many, and every rank runs the same number of forward/backward passes. A rank with fewer rows
+        than that count (it forwards only its kept samples) fills up with row 0 under an all-zero
+        loss mask (slice(0, 0): it maps to no row).
 
         Args:
             size: rows per micro-batch (None: no row limit).
@@ -160,14 +170,20 @@ class RolloutBatch:
                 start = end - 1
         bounds.append((start, n))
         target = agree(len(bounds))
-        while len(bounds) < target:  # split the costliest multi-row slice in two
+        while len(bounds) < target and any(b - a > 1 for a, b in bounds):  # split the costliest multi-row slice
             i = max(
                 (k for k, (a, b) in enumerate(bounds) if b - a > 1),
                 key=lambda k: (bounds[k][1] - bounds[k][0]) * max(cost[bounds[k][0] : bounds[k][1]]),
             )
             a, b = bounds[i]
             bounds[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
-        return [(slice(a, b), self.select(slice(a, b))) for a, b in bounds]
+        out = [(slice(a, b), self.select(slice(a, b))) for a, b in bounds]
+        if len(out) < target:  # lockstep filler: a forward/backward pass that learns nothing
+            filler = self.select(slice(0, 1))
+            if filler.loss_mask is not None:
+                filler = replace(filler, loss_mask=torch.zeros_like(filler.loss_mask))
+            out += [(slice(0, 0), filler)] * (target - len(out))
+        return out
 
 
 def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

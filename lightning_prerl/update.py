@@ -209,6 +209,20 @@ def prepare(
     return out, stats
 
 
+def rows_with_loss(batch: RolloutBatch) -> RolloutBatch:
+    """Only the samples whose loss mask keeps a token (NSR/PSR-PreRL keep about half, sample masks
+    drop some): the others add nothing to the loss, its gradient or its logged token means, so they
+    are not forwarded. A rank left with none keeps row 0 with an all-zero mask, so it still runs the
+    passes the other ranks run (their collectives, FSDP2 / ZeRO-3)."""
+    kept = (batch.loss_mask.sum(1) > 0).nonzero().squeeze(1)  # (n,)
+    if len(kept) == len(batch):
+        return batch
+    if len(kept) == 0:
+        first = batch.select(slice(0, 1))
+        return replace(first, loss_mask=torch.zeros_like(first.loss_mask))
+    return batch.select(kept)
+
+
 def backward_objective(
     objective: PolicyGradientObjective,
     policy: torch.nn.Module,
@@ -240,6 +254,8 @@ def backward_objective(
     if kept_tokens <= 0:  # the same on every rank: nobody runs a forward pass
         return result
     e_low, e_high = objective.eps_low, objective.eps_high
+    if mismatch is None or batch.rollout_logprobs is None:  # mismatch statistics read every sample
+        batch = rows_with_loss(batch)
     micro_batches = batch.micro_batches(micro.size, micro.max_tokens, comm.max)
     for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')

@@ -6,6 +6,8 @@ Response lengths L = [2, 3, 1, 2 | 1, 2, 3, 4]. On-policy (ratio 1) the per-toke
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -135,7 +137,7 @@ def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
     seen = []
     handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw), with_kwargs=True)
     try:
-        backward_objective(NSR_PRERL, policy, batch, start, micro=MicroBatching(size=2))
+        backward_objective(PRERL, policy, batch, start, micro=MicroBatching(size=2))  # keeps every sample
     finally:
         handle.remove()
     assert len(seen) == 2  # one forward per micro-batch, none conditional
@@ -149,6 +151,48 @@ def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
         # the EOS that ends each response is inside the mask, so it is scored
         last = mask.sum(1) - 1
         assert (resp[torch.arange(2), last] == tokenizer.eos_token_id).all()
+
+
+def test_nsr_prerl_forwards_only_its_negatives_with_the_same_gradient(policy, tokenizer, monkeypatch):
+    """Rows whose loss mask is empty are never forwarded; the gradient is the all-rows one."""
+    import lightning_prerl.update as update
+
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    batch = toy_batch(tokenizer, [1, 0, 0, 1, 1, 1, 0, 1], 4)  # negatives: rows 1, 2, 6
+    seen = []
+    handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    try:
+        policy.zero_grad()
+        kept_only = backward_objective(NSR_PRERL, policy, batch, start)
+        g_kept = grads(policy)
+        monkeypatch.setattr(update, "rows_with_loss", lambda b: b)  # the previous behaviour: every row
+        policy.zero_grad()
+        every_row = backward_objective(NSR_PRERL, policy, batch, start)
+    finally:
+        handle.remove()
+    negatives = batch.response_ids[[1, 2, 6]]
+    assert torch.equal(seen[0][:, 1:], negatives[:, : seen[0].shape[1] - 1])  # 3 rows, trimmed to their longest
+    assert seen[0].shape[1] - 1 == int(batch.response_mask[[1, 2, 6]].sum(1).max())
+    assert seen[1].shape[0] == 8
+    assert kept_only.kept_tokens == every_row.kept_tokens
+    assert torch.allclose(kept_only.loss, every_row.loss, atol=1e-8)
+    assert torch.allclose(g_kept, grads(policy), atol=1e-7, rtol=1e-5)
+
+
+def test_a_rank_with_fewer_kept_rows_fills_the_agreed_micro_batch_count(tokenizer):
+    from lightning_prerl.update import rows_with_loss
+
+    batch = toy_batch(tokenizer, [1, 0, 0, 1, 1, 1, 1, 1], 4)
+    adv, keep = NSR_PRERL.advantages(batch.rewards, 4)
+    prepared = dataclasses.replace(batch, loss_mask=batch.response_mask.float() * keep[:, None])
+    kept = rows_with_loss(prepared)
+    assert len(kept) == 2  # rows 1 and 2
+    parts = kept.micro_batches(size=1, agree=lambda count: 4)  # another rank needs 4 passes
+    assert len(parts) == 4 and [len(mb) for _, mb in parts] == [1, 1, 1, 1]
+    assert [rows for rows, _ in parts[2:]] == [slice(0, 0)] * 2  # fillers map to no row and learn nothing
+    assert all(mb.loss_mask.sum() == 0 for _, mb in parts[2:]) and all(mb.loss_mask.sum() > 0 for _, mb in parts[:2])
+    nothing = rows_with_loss(dataclasses.replace(prepared, loss_mask=0 * prepared.loss_mask))
+    assert len(nothing) == 1 and nothing.loss_mask.sum() == 0  # a rank with no kept sample still takes part
 
 
 def test_lightning_modules_fix_their_objective(tiny_model_dir):

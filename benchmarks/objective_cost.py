@@ -1,0 +1,97 @@
+"""Benchmark: the training part of one step for GRPO, PreRL, NSR-PreRL and PSR-PreRL on the same rollout batch.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/objective_cost.py [--prompts 16 --samples 8 --repeats 5]
+
+One rollout batch is generated once from the shipped toy policy (seeded transformers engine, temperature
+1, boxed exact-match rewards); then each objective's training part -- `update.prepare` +
+`backward_objective` + one AdamW step, what `PolicyModule.training_step` times as `time/train` --
+runs on a fresh copy of the policy, the objectives in alternation, `--repeats` rounds; the median is
+reported with the ratio to GRPO. Also printed: the share of samples each objective keeps and the
+response tokens it forwards. JSON: benchmarks/results/objective_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from lightning_prerl.datamodule import RolloutDataModule  # noqa: E402
+from lightning_prerl.models import load_policy, load_tokenizer  # noqa: E402
+from lightning_prerl.objectives import PolicyGradientObjective  # noqa: E402
+from lightning_prerl.policy import CondRL, NSRPreRL, PreRL, PSRPreRL  # noqa: E402
+from lightning_prerl.prompts import toy_prompts  # noqa: E402
+from lightning_prerl.rewards import BoxedExactMatch  # noqa: E402
+from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
+from lightning_prerl.rollout.hf import HFEngine  # noqa: E402
+from lightning_prerl.update import backward_objective, prepare  # noqa: E402
+
+OBJECTIVES = {"grpo": CondRL, "prerl": PreRL, "nsr_prerl": NSRPreRL, "psr_prerl": PSRPreRL}
+RESULTS = Path(__file__).parent / "results" / "objective_cost.json"
+
+
+def rollout_batch(prompts: int, samples: int):
+    tok = load_tokenizer("toy")
+    policy = load_policy("toy")
+    dm = RolloutDataModule(tok, HFEngine(tok), BoxedExactMatch(), toy_prompts("train", prompts, seed=0))
+    dm._policy = lambda: policy  # no trainer: generate from this policy
+    sampling = SamplingConfig(temperature=1.0, max_new_tokens=120)
+    batch = dm.make_batch(dm.train_prompts[:prompts], samples, sampling, list(range(prompts)))
+    return tok, policy, batch
+
+
+def train_part(objective, policy, batch, start: int) -> float:
+    opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    t0 = time.perf_counter()
+    prepared, _ = prepare(objective, policy, batch, start)
+    backward_objective(objective, policy, prepared, start)
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+    opt.step()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    tok, policy, batch = rollout_batch(args.prompts, args.samples)
+    start = CondRL(model_path="toy").start_token_id
+    objectives = {name: PolicyGradientObjective(**cls.preset) for name, cls in OBJECTIVES.items()}
+    times = {name: [] for name in objectives}
+    for _ in range(args.repeats + 1):  # round 0 warms up and is dropped
+        for name, objective in objectives.items():
+            times[name].append(train_part(objective, copy.deepcopy(policy), batch, start))
+    rows = []
+    for name, objective in objectives.items():
+        prepared, _ = prepare(objective, policy, batch, start)
+        kept = prepared.loss_mask.sum(1) > 0  # (N,)
+        med = statistics.median(times[name][1:])
+        rows.append({
+            "objective": name, "seconds": round(med, 4), "kept_samples": round(float(kept.float().mean()), 3),
+            "kept_tokens": int(prepared.loss_mask.sum()), "response_tokens": int(batch.response_mask.sum()),
+        })  # fmt: skip
+    grpo = next(r["seconds"] for r in rows if r["objective"] == "grpo")
+    print(f"{args.prompts} prompts x {args.samples} samples, accuracy {float(batch.rewards.mean()):.3f}")
+    print(f"{'objective':>10} {'train s':>8} {'/ GRPO':>7} {'kept samples':>13} {'kept / response tokens':>23}")
+    for r in rows:
+        r["ratio_to_grpo"] = round(r["seconds"] / grpo, 3)
+        print(
+            f"{r['objective']:>10} {r['seconds']:>8.3f} {r['ratio_to_grpo']:>7.2f} {r['kept_samples']:>13.3f} "
+            f"{r['kept_tokens']:>11} / {r['response_tokens']}"
+        )
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,17 +6,22 @@ Both engines generate the same batch (toy policy, temperature 1, true sampling) 
 `--repeats` times each; the median is reported with the ratio vLLM / transformers, so the noise of
 a shared machine hits both alike. Peak memory is the process's max RSS after each engine's rounds.
 Then, for policies of growing size (same architecture family as the toy), the median time of
-`VLLMEngine.sync` (state dict -> safetensors bytes -> worker reload_weights -> prefix-cache reset).
+`VLLMEngine.sync` (state dict -> safetensors bytes -> worker reload_weights -> prefix-cache reset),
+as GB/s against a plain memory copy of the same tensors (`clone` of every state tensor) timed in the
+same run, alternated with the syncs. `--only-sync` skips the generation part. JSON of the sync table:
+benchmarks/results/weight_sync.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -85,8 +90,9 @@ def sync_vs_size(args) -> None:
     from lightning_prerl.rollout.vllm import VLLMEngine
 
     tok = build_tokenizer()
-    print(f"\nweight sync (median of {args.repeats * 2}):")
-    print(f"{'model':<7}{'params':>12}{'MiB':>8}{'sync s':>9}{'MiB/s':>9}")
+    print(f"\nweight sync (median of {args.repeats * 2}, alternated with a plain copy of the same tensors):")
+    print(f"{'model':<7}{'params':>12}{'MiB':>8}{'sync s':>9}{'sync GB/s':>10}{'copy GB/s':>10}{'ratio':>7}")
+    rows = []
     for name, hidden, layers, heads, ffn in SIZES:
         with tempfile.TemporaryDirectory() as tmp:
             policy = (
@@ -97,16 +103,33 @@ def sync_vs_size(args) -> None:
             policy.save_pretrained(tmp)
             tok.save_pretrained(tmp)
             engine = VLLMEngine(tok, model_path=tmp, max_model_len=256)
-            times = []
+            state = [t.detach() for t in policy.state_dict().values()]
+            times, copies = [], []
             for _ in range(args.repeats * 2):
                 start = time.perf_counter()
                 engine.sync(policy)
                 times.append(time.perf_counter() - start)
-            mib = engine.last_sync_bytes / 2**20
-            seconds = statistics.median(times)
+                start = time.perf_counter()
+                copied = [t.clone() for t in state]
+                copies.append(time.perf_counter() - start)
+                del copied
+            gb = engine.last_sync_bytes / 1e9
+            seconds, copy_s = statistics.median(times), statistics.median(copies)
+            copy_gb = sum(t.numel() * t.element_size() for t in state) / 1e9
             params = sum(p.numel() for p in policy.parameters())
-            print(f"{name:<7}{params:>12,}{mib:>8.1f}{seconds:>9.3f}{mib / seconds:>9.0f}")
+            row = {
+                "model": name, "params": params, "sync_bytes": engine.last_sync_bytes, "sync_s": round(seconds, 4),
+                "sync_gb_s": round(gb / seconds, 3), "copy_gb_s": round(copy_gb / copy_s, 3),
+            }  # fmt: skip
+            row["ratio"] = round(row["sync_gb_s"] / row["copy_gb_s"], 3)
+            rows.append(row)
+            print(
+                f"{name:<7}{params:>12,}{gb * 1e9 / 2**20:>8.1f}{seconds:>9.3f}{row['sync_gb_s']:>10.2f}"
+                f"{row['copy_gb_s']:>10.2f}{row['ratio']:>7.2f}"
+            )
             engine.close()
+    out = Path(__file__).parent / "results" / "weight_sync.json"
+    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 
 
 def main() -> None:
@@ -116,9 +139,11 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-sync", action="store_true")
+    ap.add_argument("--only-sync", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
-    engines_throughput(args)
+    if not args.only_sync:
+        engines_throughput(args)
     if not args.skip_sync:
         sync_vs_size(args)
 

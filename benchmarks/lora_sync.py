@@ -16,7 +16,6 @@ JSON: benchmarks/results/lora_sync.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -29,6 +28,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 from lightning_prerl.lora import LoraSettings, apply_lora  # noqa: E402
 from lightning_prerl.models import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
@@ -37,7 +37,6 @@ from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
 from lightning_prerl.toyworld import build_model, build_tokenizer  # noqa: E402
 
 SIZES = [("toy", None), ("25M", (512, 8, 8, 1536))]
-RESULTS = Path(__file__).parent / "results" / "lora_sync.json"
 
 
 def make_policy(shape, folder: Path) -> str:
@@ -127,8 +126,7 @@ def main() -> None:
             f"{r['adapter_save']:>9.3f} + {r['adapter_generate']:>7.3f} s {r['ratio_adapter_over_merged']:>6.2f} "
             f"{r['same_greedy_tokens']}"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    write_json("lora_sync", args=vars(args), rows=rows)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 from lightning_prerl.datamodule import RolloutDataModule  # noqa: E402
 from lightning_prerl.models import load_policy, load_tokenizer  # noqa: E402
@@ -35,7 +34,6 @@ from lightning_prerl.rollout.hf import HFEngine  # noqa: E402
 from lightning_prerl.update import backward_objective, prepare  # noqa: E402
 
 OBJECTIVES = {"grpo": CondRL, "prerl": PreRL, "nsr_prerl": NSRPreRL, "psr_prerl": PSRPreRL}
-RESULTS = Path(__file__).parent / "results" / "objective_cost.json"
 
 
 def rollout_batch(prompts: int, samples: int):
@@ -89,8 +87,7 @@ def main() -> None:
             f"{r['objective']:>10} {r['seconds']:>8.3f} {r['ratio_to_grpo']:>7.2f} {r['kept_samples']:>13.3f} "
             f"{r['kept_tokens']:>11} / {r['response_tokens']}"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    write_json("objective_cost", args=vars(args), rows=rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ first; the median of `--repeats` alternated rounds is reported. JSON: benchmarks
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -21,11 +20,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+from results_io import write_json  # noqa: E402
+
 from lightning_prerl.prompts import load_prompts  # noqa: E402
 from lightning_prerl.rewards import MathVerifyReward, RewardScorer, available_cores  # noqa: E402
 
 DATA = Path(os.environ.get("LIGHTNING_PRERL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-RESULTS = Path(__file__).parent / "results" / "reward_scoring.json"
 
 
 def completions(n: int):
@@ -72,8 +72,7 @@ def main() -> None:
         row["speedup"], row["mean_reward"] = round(base / med, 2), round(accuracy[name], 3)
         rows.append(row)
         print(f"{name:>12} {med:>8.2f} {row['per_s']:>14.1f} {row['speedup']:>14.2f} {row['mean_reward']:>12.3f}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "cores": cores, "rows": rows}, indent=2))
+    write_json("reward_scoring", args=vars(args), cores=cores, rows=rows)
 
 
 if __name__ == "__main__":

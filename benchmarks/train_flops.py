@@ -14,16 +14,15 @@ FLOP/s of a 2048^3 float32 matmul timed in the same run with the same thread cou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 from gpu_step import model_flops  # noqa: E402
+from results_io import write_json  # noqa: E402
 
 from lightning_prerl.batch import RolloutBatch  # noqa: E402
 from lightning_prerl.models import load_policy  # noqa: E402
@@ -31,7 +30,6 @@ from lightning_prerl.objectives import PolicyGradientObjective  # noqa: E402
 from lightning_prerl.toyworld import build_model, build_tokenizer  # noqa: E402
 from lightning_prerl.update import backward_objective  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results" / "train_flops.json"
 # name: (hidden, layers, heads, ffn) or None for the shipped toy policy, samples, prompt and response tokens
 SIZES = [("toy", None, 128, 40, 80), ("25M", (512, 8, 8, 1536), 32, 40, 120)]
 
@@ -97,8 +95,7 @@ def main() -> None:
             f"{r['policy']:>6} {r['params']:>11,} {r['tokens']:>7} {r['step_s']:>7.2f} {r['gflops']:>8.2f} "
             f"{r['matmul_peak_gflops']:>7.1f} {r['fraction_of_peak']:>8.1%}"
         )
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    write_json("train_flops", args=vars(args), rows=rows)
 
 
 if __name__ == "__main__":

@@ -105,10 +105,10 @@ class RolloutBatch:
         contiguous = isinstance(rows, slice)
         group = self.group_size if contiguous and n % self.group_size == 0 else 1
 
-        def pick(values: list) -> list:  # lists left empty stay empty
-            if not values or contiguous:
-                return values[rows] if values else values
-            return [values[i] for i in rows.tolist()]
+        def pick(values: list) -> list:
+            if contiguous:
+                return values[rows]
+            return [values[i] for i in rows.tolist()] if values else values  # lists left empty stay empty
 
         return replace(
             self,

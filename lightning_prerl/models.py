@@ -63,11 +63,6 @@ def load_policy(path: str, dtype: str = "float32", gguf_file: str | None = None)
     return model
 
 
-def is_zero3(model: torch.nn.Module) -> bool:
-    """True when DeepSpeed ZeRO-3 has partitioned the parameters (each holds a `ds_id`)."""
-    return any(hasattr(p, "ds_id") for p in model.parameters())
-
-
 def is_sharded(model: torch.nn.Module) -> bool:
     """True when the parameters are shards: FSDP2 DTensors (`fully_shard`) or ZeRO-3 partitions."""
     return any(hasattr(p, "device_mesh") or hasattr(p, "ds_id") for p in model.parameters())

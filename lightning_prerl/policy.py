@@ -40,12 +40,7 @@ from lightning_prerl.correction import RolloutCorrection
 from lightning_prerl.heldout import HeldOutEvaluation
 from lightning_prerl.lora import BASE, SNAPSHOT, LoraSettings, snapshot_adapter
 from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
-from lightning_prerl.models import (
-    DTYPES,
-    is_sharded,
-    load_tokenizer,
-    resolve_start_token_id,
-)
+from lightning_prerl.models import DTYPES, is_sharded, load_tokenizer, resolve_start_token_id
 from lightning_prerl.networks import PolicyNetworks
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.update import Collectives, MicroBatching, StepStats, backward_objective, prepare

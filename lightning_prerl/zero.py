@@ -31,9 +31,13 @@ import torch
 
 
 def engine_of(trainer) -> object | None:
-    """The DeepSpeed engine when the trainer runs Lightning's DeepSpeedStrategy, else None."""
+    """The DeepSpeed engine once Lightning's DeepSpeedStrategy has built it, else None (before
+    `deepspeed.initialize`, e.g. in `configure_model`, the strategy's model is still the LightningModule)."""
     strategy = getattr(trainer, "strategy", None)
-    return getattr(strategy, "deepspeed_engine", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
+    if type(strategy).__name__ != "DeepSpeedStrategy":
+        return None
+    engine = getattr(strategy, "model", None)
+    return engine if hasattr(engine, "set_gradient_accumulation_boundary") else None
 
 
 def zero3_config(trainer) -> dict | None:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -235,6 +236,15 @@ def test_deepspeed_trainers_build_their_strategy_here_and_refuse_cpu_runs_in_one
         check_deepspeed(cfg)  # no CUDA on this machine
     with pytest.raises(ConfigError, match=r"model.lora.r=4 with trainer strategy DeepSpeed"):
         validate_config(compose_cfg(f"trainer=deepspeed_zero{stage}", "model.lora.r=4"))
+    # the engine exists only after deepspeed.initialize: configure_model (which builds the reference)
+    # runs while the strategy still holds the LightningModule
+    from lightning_prerl.zero import engine_of
+
+    assert engine_of(trainer) is None
+    strategy.model = torch.nn.Linear(1, 1)
+    assert engine_of(trainer) is None
+    strategy.model = SimpleNamespace(set_gradient_accumulation_boundary=lambda last: None)
+    assert engine_of(trainer) is strategy.model
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])

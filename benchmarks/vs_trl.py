@@ -1,0 +1,199 @@
+"""Benchmark: end-to-end GRPO steps/s of this project against TRL's `GRPOTrainer` on the same workload.
+
+    pip install -e ".[bench]"        # TRL (an optional extra: never needed to train)
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py [--sizes toy 25M --steps 6 --repeats 3]
+
+Both train the same policy (the shipped toy policy, or a ~25M-parameter one of its family) on the same
+toy-world prompts: 16 prompts x 8 samples per optimizer step, <= 120 new tokens, temperature 1 (no
+top-k/top-p), float32, boxed exact-match reward, AdamW lr 1e-4, no KL, one optimizer step per rollout
+batch, the same torch thread count. Three contenders, run in alternation `--repeats` times each:
+- project, transformers engine (`rollout=hf`) and project, vLLM engine (`rollout=vllm`): `CondRL` +
+  `RolloutDataModule` under a plain `lightning.Trainer` (as the README's Python API example);
+- TRL 1.16 `GRPOTrainer` (transformers generation, `use_vllm=False`: the vLLM server mode TRL offers
+  needs CUDA).
+A step is timed from one optimizer step's end to the next's (generation, reward, log-probs, backward,
+optimizer); the first step of each run is a warm-up. Per contender: the median step time over all
+runs, samples/s (128 / step), generated tokens/s (counted by the shared reward function), and the
+ratio to TRL. JSON: benchmarks/results/vs_trl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+from results_io import write_json  # noqa: E402
+
+from lightning_prerl.prompts import toy_prompts  # noqa: E402
+from lightning_prerl.rewards import BoxedExactMatch  # noqa: E402
+
+PROMPTS, G, MAX_NEW, LR = 16, 8, 120, 1e-4
+SHAPES = {"toy": None, "25M": (512, 8, 8, 1536)}
+
+
+class CountingReward:
+    """The boxed exact-match reward both sides call; counts the generated tokens it sees."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.reward, self.tokens = tokenizer, BoxedExactMatch(), 0
+
+    def score(self, prompt, text: str) -> float:
+        self.tokens += len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + the stop token
+        return self.reward(prompt, text)
+
+
+class StepClock:
+    """Wall-clock time of each optimizer step's end."""
+
+    def __init__(self):
+        self.ends: list[float] = []
+
+    def tick(self) -> None:
+        self.ends.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends[1:], self.ends[2:], strict=False)]  # step 1 is warm-up
+
+
+def policy_dir(size: str, tmp: Path) -> str:
+    if SHAPES[size] is None:
+        return "toy"
+    from lightning_prerl.toyworld import build_model, build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    hidden, layers, heads, ffn = SHAPES[size]
+    build_model(tok, hidden=hidden, layers=layers, heads=heads, ffn=ffn).save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    return str(tmp)
+
+
+def run_project(path: str, engine: str, steps: int) -> tuple[list[float], int]:
+    import lightning as L
+
+    from lightning_prerl import CondRL, HFEngine, RolloutDataModule, VLLMEngine
+
+    module = CondRL(model_path=path, lr=LR, betas=(0.9, 0.99), weight_decay=0.0)
+    counter = CountingReward(module.tokenizer)
+    if engine == "vllm":
+        make_engine = lambda tokenizer: VLLMEngine(tokenizer, model_path=path, max_model_len=512)  # noqa: E731
+    else:
+        make_engine = HFEngine
+    prompts = toy_prompts("train", PROMPTS * (steps + 1), seed=0)
+    data = RolloutDataModule(
+        module.tokenizer, make_engine, counter.score, prompts, prompts_per_step=PROMPTS, samples_per_prompt=G,
+        sampling={"temperature": 1.0, "max_new_tokens": MAX_NEW}, shuffle_seed=None,
+    )  # fmt: skip
+    clock = StepClock()
+
+    class Tick(L.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            clock.tick()
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, max_epochs=steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, inference_mode=False,
+        reload_dataloaders_every_n_epochs=1, callbacks=[Tick()],
+    )  # fmt: skip
+    clock.tick()
+    trainer.fit(module, datamodule=data)
+    tokens = counter.tokens
+    if engine == "vllm":
+        data.engine.close()
+    return clock.step_times(), tokens
+
+
+def run_trl(path: str, steps: int) -> tuple[list[float], int]:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from lightning_prerl.models import load_policy, load_tokenizer
+
+    tok = load_tokenizer(path)
+    counter = CountingReward(tok)
+    prompts = toy_prompts("train", PROMPTS * (steps + 1), seed=0)
+    by_text = {p.question: p for p in prompts}
+    rows = [{"prompt": p.messages(), "question": p.question} for p in prompts]  # the same chat rendering
+
+    def reward(prompts, completions, question, **kwargs) -> list[float]:
+        return [counter.score(by_text[q], c[0]["content"]) for q, c in zip(question, completions, strict=True)]
+
+    clock = StepClock()
+
+    class Tick(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick()
+
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(
+            output_dir=out, per_device_train_batch_size=PROMPTS * G, num_generations=G, max_completion_length=MAX_NEW,
+            temperature=1.0, top_p=1.0, top_k=0, beta=0.0, learning_rate=LR, adam_beta2=0.99, weight_decay=0.0,
+            lr_scheduler_type="constant", max_steps=steps, num_iterations=1, use_cpu=True, bf16=False,
+            report_to="none", logging_steps=1000, save_strategy="no", shuffle_dataset=False, disable_dropout=True,
+            dataloader_num_workers=0, seed=0,
+        )  # fmt: skip
+        trainer = GRPOTrainer(
+            model=load_policy(path), reward_funcs=reward, args=config, train_dataset=Dataset.from_list(rows),
+            processing_class=tok, callbacks=[Tick()],
+        )  # fmt: skip
+        clock.tick()
+        trainer.train()
+    return clock.step_times(), counter.tokens
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=["toy", "25M"], choices=list(SHAPES))
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    contenders = {
+        "TRL GRPOTrainer": lambda path: run_trl(path, args.steps),
+        "project, transformers": lambda path: run_project(path, "hf", args.steps),
+        "project, vLLM": lambda path: run_project(path, "vllm", args.steps),
+    }
+    rows = []
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = policy_dir(size, Path(tmp))
+            times = {name: [] for name in contenders}
+            tokens = {name: [] for name in contenders}
+            for _ in range(args.repeats):
+                for name, run in contenders.items():
+                    step_times, generated = run(path)
+                    times[name] += step_times
+                    tokens[name].append(generated / args.steps)  # generated tokens per step
+            trl_step = statistics.median(times["TRL GRPOTrainer"])
+            for name in contenders:
+                step = statistics.median(times[name])
+                per_step_tokens = statistics.median(tokens[name])
+                rows.append({
+                    "policy": size, "contender": name, "step_s": round(step, 3),
+                    "samples_per_s": round(PROMPTS * G / step, 1),
+                    "tokens_per_s": round(per_step_tokens / step, 1), "ratio_vs_trl": round(trl_step / step, 2),
+                    "steps_timed": len(times[name]),
+                })  # fmt: skip
+    print(
+        f"GRPO, {PROMPTS} prompts x {G} samples, <= {MAX_NEW} new tokens, float32, {torch.get_num_threads()} thread(s)"
+    )
+    print(f"{'policy':>6} {'contender':>22} {'step s':>7} {'samples/s':>10} {'tokens/s':>9} {'x TRL':>6}")
+    for r in rows:
+        print(
+            f"{r['policy']:>6} {r['contender']:>22} {r['step_s']:>7.2f} {r['samples_per_s']:>10.1f} "
+            f"{r['tokens_per_s']:>9.0f} {r['ratio_vs_trl']:>6.2f}"
+        )
+    write_json("vs_trl", args=vars(args), rows=rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -34,6 +34,20 @@ class ExportPolicy(L.Callback):
             log.info("policy exported to %s", self.out_dir)
 
 
+def saved_metrics(trainer: L.Trainer, purpose: str) -> Path | None:
+    """On rank 0, the CSV logger's metrics.csv flushed to disk; None elsewhere, or (with a warning
+    naming `purpose`) when no CSV logger is configured or it wrote nothing."""
+    if not trainer.is_global_zero:
+        return None
+    csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+    if csv_logger is None:
+        log.warning("no CSVLogger configured: no %s", purpose)
+        return None
+    csv_logger.save()
+    metrics = Path(csv_logger.log_dir) / "metrics.csv"
+    return metrics if metrics.is_file() else None
+
+
 class RunReport(L.Callback):
     """At the end of fit, draw the run's PNG report from the CSV logger's metrics (rank 0)."""
 
@@ -42,15 +56,8 @@ class RunReport(L.Callback):
         self.title = title
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if csv_logger is None:
-            log.warning("no CSVLogger configured: no run report")
-            return
-        csv_logger.save()
-        metrics = Path(csv_logger.log_dir) / "metrics.csv"
-        if metrics.is_file():
+        metrics = saved_metrics(trainer, "run report")
+        if metrics is not None:
             plot_run(metrics, self.out_png, self.title)
             log.info("run report: %s", self.out_png)
 
@@ -66,15 +73,8 @@ class RunSummary(L.Callback):
         self.run_dir = Path(run_dir)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-        if csv_logger is None:
-            log.warning("no CSVLogger configured: no run summary")
-            return
-        csv_logger.save()
-        metrics = Path(csv_logger.log_dir) / "metrics.csv"
-        if not metrics.is_file():
+        metrics = saved_metrics(trainer, "run summary")
+        if metrics is None:
             return
         out = self.run_dir / "summary.json"
         summary = build_summary(metrics, {**self._artefacts(trainer), "metrics": str(metrics), "summary": str(out)})

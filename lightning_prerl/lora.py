@@ -110,17 +110,23 @@ def merged_weights(
         yield name.removeprefix(prefix).replace(".base_layer.", "."), tensor
 
 
+def _snapshot_pairs(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, torch.nn.Module]]:
+    """(snapshot, trained) adapter matrices of every adapted layer (its lora_A and its lora_B)."""
+    for module in model.modules():
+        for attr in ("lora_A", "lora_B"):
+            layers = getattr(module, attr, None)
+            if layers is not None and SNAPSHOT in layers:
+                yield layers[SNAPSHOT], layers["default"]
+
+
 def add_snapshot(model: torch.nn.Module) -> None:
     """A second, frozen adapter (`SNAPSHOT`) for the reference. Sharded policies (FSDP2) need it before
     sharding: adapters added later would be plain tensors among DTensors."""
     if SNAPSHOT not in model.peft_config:
         model.add_adapter(SNAPSHOT, model.peft_config["default"])
         model.set_adapter("default")  # re-marks what trains: the default adapter only
-    for module in model.modules():
-        for attr in ("lora_A", "lora_B"):
-            layers = getattr(module, attr, None)
-            if layers is not None and SNAPSHOT in layers:
-                layers[SNAPSHOT].weight.requires_grad_(False)
+    for snapshot, _ in _snapshot_pairs(model):
+        snapshot.weight.requires_grad_(False)
 
 
 def snapshot_adapter(model: torch.nn.Module) -> None:
@@ -128,11 +134,8 @@ def snapshot_adapter(model: torch.nn.Module) -> None:
     policy at the price of one more adapter, not one more model."""
     add_snapshot(model)
     with torch.no_grad():
-        for module in model.modules():
-            for attr in ("lora_A", "lora_B"):
-                layers = getattr(module, attr, None)
-                if layers is not None and SNAPSHOT in layers:
-                    layers[SNAPSHOT].weight.copy_(layers["default"].weight)
+        for snapshot, trained in _snapshot_pairs(model):
+            snapshot.weight.copy_(trained.weight)
 
 
 class AdapterView:

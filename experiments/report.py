@@ -3,9 +3,12 @@
     python experiments/report.py multirun/2026-11-25/10-00-00                 # a Hydra multirun dir
     python experiments/report.py multirun/2026-11-25/10-00-00 --metric val/pass@2
     python experiments/report.py outputs/2026-11-25/10-00-00                  # one run: its report.png
+    python experiments/report.py multirun/... --reproduction [--real-model outputs/<smollm2 alignment run>]
 
 A sweep dir gets sweep_summary.csv, sweep_heatmap.png (sweep_bars.png for one swept key),
-sweep_curves.png and sweep_behavior.png, as the multirun's own SweepReport callback writes them.
+sweep_curves.png and sweep_behavior.png, as the multirun's own SweepReport callback writes them;
+with --reproduction, an `experiment=reproduce_toy` sweep gets reproduction.md/.json and its PNGs
+(`lightning_prerl.reproduction`), the real-model alignment column read from --real-model's logs/alignment.csv.
 """
 
 from __future__ import annotations
@@ -19,7 +22,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("dir", type=Path, help="a Hydra multirun (sweep) directory, or one run's directory")
     parser.add_argument("--metric", default="val/accuracy", help="held-out metric compared across the sweep")
+    parser.add_argument("--reproduction", action="store_true", help="the reproduction report of a reproduce_toy sweep")
+    parser.add_argument("--real-model", type=Path, help="--reproduction: a run dir with logs/alignment.csv")
+    parser.add_argument(
+        "--slip-problems", type=int, default=100, help="--reproduction: held-out problems of the slip analysis (0: off)"
+    )
     args = parser.parse_args(argv)
+    if args.reproduction:
+        from lightning_prerl.reproduction import write_reproduction_report
+
+        if args.real_model and not (args.real_model / "logs" / "alignment.csv").is_file():
+            sys.exit(f"report: --real-model {args.real_model}: no logs/alignment.csv")
+        for path in write_reproduction_report(args.dir, args.real_model, slip_problems=args.slip_problems):
+            print(path)
+        return 0
     from lightning_prerl.report import plot_run, write_sweep_report
 
     if not args.dir.is_dir():

@@ -12,7 +12,9 @@ PreRL a surrogate for conditional RL. The paper reports, on Qwen3-4B / AMC23, me
 
 from __future__ import annotations
 
+import csv
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -31,20 +33,20 @@ def _flat_grad(value: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.T
     )
 
 
-def gradient_alignment(
+SAMPLE_FIELDS = ["step", "sample", "reward", "inner", "cosine", "logp_gap"]
+
+
+def alignment_samples(
     policy: torch.nn.Module,
     batch: RolloutBatch,
     start_token_id: int,
     max_samples: int = 8,
     temperature: float = 1.0,
-) -> dict[str, float]:
-    """Alignment statistics over the first `max_samples` responses of `batch` (no .grad is touched).
-
-    Returns:
-        align/{inner,cosine,logp_gap}_{mean,min,max} and align/negative_share.
-    """
+) -> list[dict[str, float]]:
+    """Per response, for the first `max_samples` responses of `batch` (no .grad is touched):
+    {reward, inner, cosine, logp_gap}."""
     params = [p for p in policy.parameters() if p.requires_grad]
-    inner, cosine, gap = [], [], []
+    rows = []
     for i in range(min(max_samples, len(batch))):
         one = batch.select(slice(i, i + 1))
         mask = one.response_mask.float()  # (1, T)
@@ -55,12 +57,22 @@ def gradient_alignment(
             per_space[space] = (_flat_grad(total, params), total.detach() / mask.sum())
         (g_m, lp_m), (g_c, lp_c) = per_space["marginal"], per_space["conditional"]
         dot = torch.dot(g_m, g_c)
-        inner.append(dot.item())
-        cosine.append((dot / (g_m.norm() * g_c.norm()).clamp(min=1e-12)).item())
-        gap.append((lp_c - lp_m).item())
-    out = {"align/negative_share": sum(v < 0 for v in inner) / max(1, len(inner))}
-    for name, values in (("inner", inner), ("cosine", cosine), ("logp_gap", gap)):
-        t = torch.tensor(values)
+        rows.append(
+            {
+                "reward": one.rewards[0].item(),
+                "inner": dot.item(),
+                "cosine": (dot / (g_m.norm() * g_c.norm()).clamp(min=1e-12)).item(),
+                "logp_gap": (lp_c - lp_m).item(),
+            }
+        )
+    return rows
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    """align/{inner,cosine,logp_gap}_{mean,min,max} and align/negative_share of `alignment_samples` rows."""
+    out = {"align/negative_share": sum(r["inner"] < 0 for r in rows) / max(1, len(rows))}
+    for name in ("inner", "cosine", "logp_gap"):
+        t = torch.tensor([r[name] for r in rows])
         out.update(
             {
                 f"align/{name}_mean": t.mean().item(),
@@ -71,26 +83,64 @@ def gradient_alignment(
     return out
 
 
+def gradient_alignment(
+    policy: torch.nn.Module, batch: RolloutBatch, start_token_id: int, max_samples: int = 8, temperature: float = 1.0
+) -> dict[str, float]:
+    """`summarize(alignment_samples(...))`: the align/* statistics over the first `max_samples` responses."""
+    return summarize(alignment_samples(policy, batch, start_token_id, max_samples, temperature))
+
+
 class GradientAlignment(L.Callback):
     """Every `every_n_steps` steps, measure gradient alignment on `max_samples` fresh rollouts.
 
     Runs on single-device and DDP runs (each rank measures its own rollouts; the logged values are
     rank means). Under FSDP2 or ZeRO-3 the per-sample full gradients would need gathering; it is skipped there
-    with a warning.
+    with a warning. Every measured response is also a row of `<log dir>/alignment.csv` (SAMPLE_FIELDS;
+    rank 0's responses): the histograms of the reproduction report. `at_end`: measure once more on a
+    fresh rollout batch of the trained policy, logged at the final step.
     """
 
-    def __init__(self, every_n_steps: int = 10, max_samples: int = 8):
+    def __init__(self, every_n_steps: int = 10, max_samples: int = 8, at_end: bool = False):
         if every_n_steps < 1 or max_samples < 1:
             raise ValueError(f"alignment every_n_steps={every_n_steps}, max_samples={max_samples}: must be >= 1")
-        self.every_n_steps, self.max_samples = every_n_steps, max_samples
+        self.every_n_steps, self.max_samples, self.at_end = every_n_steps, max_samples, at_end
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch: RolloutBatch, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps:
-            return
+        if trainer.global_step % self.every_n_steps == 0:
+            self.measure(trainer, pl_module, batch)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self.at_end:  # the final step's weights never start a training batch
+            batch = trainer.datamodule.train_batch(trainer.current_epoch + 1)  # prompts no step trained on
+            self.measure(trainer, pl_module, batch)
+
+    def measure(self, trainer: L.Trainer, pl_module, batch: RolloutBatch) -> None:
         if is_sharded(pl_module.policy):  # FSDP2 shards, ZeRO-3 partitions: per-sample full gradients needed
             log.warning("gradient alignment is not measured under sharded strategies (FSDP2, ZeRO-3)")
             return
-        stats = gradient_alignment(
+        rows = alignment_samples(
             pl_module.policy, batch, pl_module.start_token_id, self.max_samples, pl_module.hparams.temperature
         )
-        pl_module.log_dict(stats, on_step=True, on_epoch=False, sync_dist=trainer.world_size > 1, batch_size=len(batch))
+        stats, step = summarize(rows), trainer.global_step
+        if trainer.world_size > 1:  # rank means, as self.log(sync_dist=True) would give
+            stats = {k: trainer.strategy.reduce(torch.tensor(v), reduce_op="mean").item() for k, v in stats.items()}
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:  # logged against the step, also outside a training batch (at_end)
+                logger.log_metrics(stats, step=step)
+            self._write_samples(trainer, [{"step": step, "sample": i, **r} for i, r in enumerate(rows)])
+
+    @staticmethod
+    def _write_samples(trainer: L.Trainer, rows: list[dict[str, float]]) -> None:
+        from lightning_prerl.callbacks import csv_logger
+
+        logger = csv_logger(trainer)
+        if logger is None:
+            return
+        path = Path(logger.log_dir) / "alignment.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = not path.is_file()
+        with open(path, "a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=SAMPLE_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)

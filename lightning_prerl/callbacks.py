@@ -34,17 +34,22 @@ class ExportPolicy(L.Callback):
             log.info("policy exported to %s", self.out_dir)
 
 
+def csv_logger(trainer: L.Trainer) -> CSVLogger | None:
+    """The run's CSV logger (its `log_dir` holds metrics.csv and the diagnostics' per-sample files)."""
+    return next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
+
+
 def saved_metrics(trainer: L.Trainer, purpose: str) -> Path | None:
     """On rank 0, the CSV logger's metrics.csv flushed to disk; None elsewhere, or (with a warning
     naming `purpose`) when no CSV logger is configured or it wrote nothing."""
     if not trainer.is_global_zero:
         return None
-    csv_logger = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
-    if csv_logger is None:
+    logger = csv_logger(trainer)
+    if logger is None:
         log.warning("no CSVLogger configured: no %s", purpose)
         return None
-    csv_logger.save()
-    metrics = Path(csv_logger.log_dir) / "metrics.csv"
+    logger.save()
+    metrics = Path(logger.log_dir) / "metrics.csv"
     return metrics if metrics.is_file() else None
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import random
-from dataclasses import dataclass
+import re
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
@@ -193,6 +194,46 @@ def thought_trace(
         acc = true
     thoughts.append(f"The answer is \\boxed{{{acc}}}.")
     return "\n\n".join(thoughts)
+
+
+_STEP = re.compile(r"^(\d+)([+-])(\d+)=(-?\d+)\.$")  # a computation thought: "23+45=68."
+
+
+@dataclass(frozen=True)
+class SlipCounts:
+    """What a "thoughts"-world answer does after each computation: `slips` wrong results, of which
+    `reflected` / `switched` are followed by a reflection ("Wait...") / transition ("Alternatively...")
+    thought; `steps` computations in all, `checks` reflection or transition thoughts after a correct one."""
+
+    steps: int = 0
+    slips: int = 0
+    reflected: int = 0
+    switched: int = 0
+    checks: int = 0
+
+    def __add__(self, other: SlipCounts) -> SlipCounts:
+        return SlipCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+def slip_counts(answer: str) -> SlipCounts:
+    """Slips and what follows them in one answer of the "thoughts" world (thoughts split at blank lines;
+    anything that is not a computation, a "Wait" or an "Alternatively" thought is ignored)."""
+    thoughts = [t.strip() for t in answer.split("\n\n")]
+    steps = slips = reflected = switched = checks = 0
+    for i, thought in enumerate(thoughts):
+        if not (m := _STEP.match(thought)):
+            continue
+        a, op, b, result = int(m[1]), m[2], int(m[3]), int(m[4])
+        after = thoughts[i + 1] if i + 1 < len(thoughts) else ""
+        follows = "reflect" if after.startswith("Wait") else "switch" if after.startswith("Alternatively") else None
+        steps += 1
+        if result != (a + b if op == "+" else a - b):
+            slips += 1
+            reflected += follows == "reflect"
+            switched += follows == "switch"
+        else:
+            checks += follows is not None
+    return SlipCounts(steps, slips, reflected, switched, checks)
 
 
 WORLDS = {  # name: (answer writer, shipped base policy, completion budget in tokens)

@@ -1,0 +1,81 @@
+"""What policies of the "thoughts" toy world do after a slip: the reproduction report's test of finding (b).
+
+Per-response thought counts (SEAL's statistic) mix two things in this world: how often a policy slips
+(every repair follows a slip) and how often it repairs a slip. A policy that slips less writes fewer
+reflection thoughts even when it repairs more of its slips. This module samples held-out answers from
+policies (the base and each run's exported `policy/`), with the same seeds for every policy, and
+separates the two with `toyworld.slip_counts`:
+
+| key | meaning |
+|---|---|
+| `slips_per_answer` | wrong computation thoughts per answer |
+| `repair_share` | slips followed by a reflection or transition thought / slips |
+| `reflect_share`, `switch_share` | the same, reflection / transition only |
+| `check_share` | correct computations followed by a reflection or transition thought / correct ones |
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lightning_prerl.models import load_policy, load_tokenizer, stop_token_ids
+from lightning_prerl.prompts import render_prompt, toy_prompts
+from lightning_prerl.rollout.engine import SamplingConfig, derive_seed
+from lightning_prerl.rollout.hf import HFEngine
+from lightning_prerl.toyworld import WORLDS, SlipCounts, slip_counts
+
+FIELDS = ["slips_per_answer", "repair_share", "reflect_share", "switch_share", "check_share"]
+
+
+def sample_answers(policy: str, problems: int, samples: int, seed: int = 0) -> list[str]:
+    """`samples` answers at temperature 1 to each of the first `problems` held-out toy problems; the
+    sampling seeds depend only on (`seed`, problem), so every policy sees the same random numbers."""
+    tokenizer, model = load_tokenizer(policy), load_policy(policy)
+    engine = HFEngine(tokenizer, stop_token_ids=stop_token_ids(tokenizer, policy))
+    engine.sync(model)
+    prompts = toy_prompts(split="heldout", count=problems, seed=1234)  # the held-out set of conf/data/toy.yaml
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=WORLDS["thoughts"][2])
+    seeds = [derive_seed("repairs", seed, i) for i in range(len(prompts))]
+    with torch.no_grad():
+        out = engine.generate([render_prompt(tokenizer, p) for p in prompts], samples, sampling, seeds=seeds)
+    return tokenizer.batch_decode(out.completions, skip_special_tokens=True)
+
+
+def slip_stats(answers: list[str]) -> dict[str, float | None]:
+    """FIELDS over `answers` (a share is None when its denominator is 0)."""
+    c = sum((slip_counts(a) for a in answers), SlipCounts())
+    correct = c.steps - c.slips
+
+    def share(n: int, d: int) -> float | None:
+        return n / d if d else None
+
+    return {
+        "answers": len(answers),
+        "slips_per_answer": share(c.slips, len(answers)),
+        "repair_share": share(c.reflected + c.switched, c.slips),
+        "reflect_share": share(c.reflected, c.slips),
+        "switch_share": share(c.switched, c.slips),
+        "check_share": share(c.checks, correct),
+    }
+
+
+def policy_slip_stats(policy: str | Path, problems: int = 100, samples: int = 4, seed: int = 0) -> dict:
+    """`slip_stats` of `samples` answers per held-out problem of one policy directory (or `toy-thoughts`)."""
+    return slip_stats(sample_answers(str(policy), problems, samples, seed))
+
+
+def base_policy_of(job_dir: Path) -> str:
+    """The `model.path` a sweep job started from (its saved `.hydra/config.yaml`)."""
+    import yaml
+
+    return yaml.safe_load((Path(job_dir) / ".hydra" / "config.yaml").read_text())["model"]["path"]
+
+
+def sweep_slip_stats(job_dirs: list[Path], problems: int, samples: int) -> tuple[dict, dict[Path, dict]]:
+    """(`policy_slip_stats` of the base policy of the first job, {job dir: that of its exported `policy/`})
+    for every job that exported one."""
+    base = policy_slip_stats(base_policy_of(job_dirs[0]), problems, samples)
+    trained = {d: policy_slip_stats(d / "policy", problems, samples) for d in job_dirs if (d / "policy").is_dir()}
+    return base, trained

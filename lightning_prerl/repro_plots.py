@@ -1,0 +1,128 @@
+"""The reproduction report's figures (`reproduction.py` gathers the numbers): curves over steps with seed
+bands, pass@k against k, histograms of the gradient alignment."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from lightning_prerl.report import _pyplot, _save
+from lightning_prerl.sweep import Job
+
+OBJECTIVE_KEY = "objective"
+ACCURACY = "val/accuracy"
+SMOOTH = 5  # per-step (training-rollout) series: trailing mean over this many steps
+
+
+def _band(ax, runs: list[list[tuple[float, float]]], color: str, label: str) -> None:
+    """Mean over seeds at every step some seed logged, with a ± std band."""
+    by_step: dict[float, list[float]] = {}
+    for points in runs:
+        for step, value in points:
+            by_step.setdefault(step, []).append(value)
+    if not by_step:
+        return
+    steps = sorted(by_step)
+    mean = [statistics.fmean(by_step[s]) for s in steps]
+    std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
+    ax.fill_between(
+        steps,
+        [m - d for m, d in zip(mean, std, strict=True)],
+        [m + d for m, d in zip(mean, std, strict=True)],
+        color=color,
+        alpha=0.2,
+    )
+    ax.plot(steps, mean, color=color, marker="o", ms=3, label=label)
+
+
+def _smoothed(points: list[tuple[float, float]], window: int = SMOOTH) -> list[tuple[float, float]]:
+    """Trailing mean over `window` logged points (a per-step series, e.g. rollout/accuracy on 96 samples)."""
+    values = [v for _, v in points]
+    return [(s, statistics.fmean(values[max(0, i - window + 1) : i + 1])) for i, (s, _) in enumerate(points)]
+
+
+def _switch_steps(jobs: list[Job]) -> list[float]:
+    for job in jobs:
+        phase = job.series.get("objective/phase", [])
+        switches = [s for (s, v), (_, prev) in zip(phase[1:], phase[:-1], strict=False) if v != prev]
+        if switches:
+            return switches
+    return []
+
+
+def plot_over_steps(
+    jobs: list[Job], objectives: list[str], metrics: list[str], out_png: Path, thresholds: list[float] = ()
+) -> Path:
+    """One panel per metric: every objective's mean ± std over seeds against the optimizer step (held-out `val/*`
+    as evaluated; per-step training-rollout series as a trailing mean over SMOOTH steps)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False, layout="constrained")
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        for i, objective in enumerate(objectives):
+            members = [j for j in jobs if j.overrides.get(OBJECTIVE_KEY, "") == objective]
+            runs = [j.series.get(metric, []) for j in members]
+            runs = runs if metric.startswith("val/") else [_smoothed(r) for r in runs]
+            _band(ax, runs, f"C{i}", f"{objective} ({len(members)} seeds)")
+            if objective == "dsrl":
+                for s in _switch_steps(members):
+                    ax.axvline(s, color=f"C{i}", ls="--", lw=1, label="DSRL switch")
+        for t in thresholds if metric == ACCURACY else ():
+            ax.axhline(t, color="k", ls=":", lw=1)
+            ax.annotate(f"{t:.3f}", (0, t), fontsize=7, va="bottom")
+        where = "held-out" if metric.startswith("val/") else f"training rollouts, mean of {SMOOTH} steps"
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{metric} ({where}), mean ± std over seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a metric no run logged draws nothing
+            ax.legend(fontsize=7)
+    return _save(fig, out_png)
+
+
+def plot_pass_at_k(data: dict, out_png: Path) -> Path:
+    plt = _pyplot()
+    ks = data["ks"]
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    curves = [("base policy", data["base"]["pass_at_k"], "k")] + [
+        (o, data["objective"][o]["pass_at_k"], f"C{i}") for i, o in enumerate(data["objectives"])
+    ]
+    for name, values, color in curves:
+        mean = [values[k][0] if values[k][0] is not None else math.nan for k in ks]
+        std = [values[k][1] or 0.0 for k in ks]
+        ax.errorbar(
+            ks, mean, yerr=std, color=color, marker="o", ms=3, capsize=2, ls="--" if color == "k" else "-", label=name
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per problem)")
+    ax.set_ylabel("pass@k (held-out)")
+    ax.set_title("pass@k at the end of training, mean ± std over seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_png)
+
+
+def plot_alignment(data: dict, out_png: Path) -> Path:
+    """Histograms of the inner product and the cosine: base policy, each objective after training, real model."""
+    plt = _pyplot()
+    panels = [("toy base (step 0)", data["base"]["alignment_rows"])]
+    panels += [(f"{o} (after)", data["objective"][o]["alignment_after_rows"]) for o in data["objectives"]]
+    if data["real_model"]["alignment_rows"]:
+        panels.append(("real model", data["real_model"]["alignment_rows"]))
+    fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 5.5), squeeze=False, layout="constrained")
+    for i, field in enumerate(("inner", "cosine")):
+        # cosines share one scale; inner products scale with the model's gradient norms (own scale per panel)
+        pooled = [r[field] for _, rows in panels for r in rows] if field == "cosine" else []
+        low, high = min(pooled + [0.0]), max(pooled + [0.0])
+        bins = [low + (high - low) * b / 24 for b in range(25)] if high > low else 20
+        for j, (name, rows) in enumerate(panels):
+            ax = axes[i, j]
+            values = [r[field] for r in rows]
+            if values:
+                ax.hist(values, bins=bins, color=f"C{j}", alpha=0.8)
+            ax.axvline(0, color="k", lw=1)
+            negative = sum(v < 0 for v in values)
+            ax.set_title(f"{name}\n{field}: {negative}/{len(values)} < 0", fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("inner product: rollouts")
+    axes[1, 0].set_ylabel("cosine: rollouts")
+    return _save(fig, out_png)

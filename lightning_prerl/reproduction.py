@@ -1,0 +1,238 @@
+"""The reproduction report of `experiment=reproduce_toy`: the paper's four findings, over seeds, from the runs' logs.
+
+Reads only what the sweep's jobs wrote: `logs/metrics.csv` (held-out `val/*` curves, `passk/pass@k`
+from `passk.PassAtKCurve`, `align/*`) and `logs/alignment.csv` (one row per measured response, from
+`alignment.GradientAlignment`), grouped by the swept `objective` and `seed`. Writes into the sweep dir:
+
+| file | content |
+|---|---|
+| `reproduction.md` | findings vs the paper, final numbers (mean ± std over seeds), steps to a threshold, |
+|  | thoughts ratios, alignment |
+| `reproduction.json` | every number of the markdown, per job too (what the test compares with the logs) |
+| `repro_accuracy.png` | held-out accuracy over steps, mean ± std band per objective |
+| `repro_pass_at_k.png` | pass@k for k = 1..64 of the base policy and after training |
+| `repro_thoughts.png` | transition and reflection thoughts per response over steps |
+| `repro_alignment.png` | histograms of <grad log P(y), grad log P(y|x)> and their cosine: base, after, real model |
+
+The base policy's numbers are the step-0 values, one job per seed (jobs of one seed share the base
+policy, the first rollout batch and every sampling seed, so their step-0 values are equal), mean ± std
+over seeds. Steps to a threshold: the first held-out evaluation at or above base accuracy + gain, for
+each gain of `threshold_gains` (the evaluation interval is the resolution).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from lightning_prerl.repairs import FIELDS as SLIP_FIELDS
+from lightning_prerl.repairs import sweep_slip_stats
+from lightning_prerl.repro_plots import plot_alignment, plot_over_steps, plot_pass_at_k
+from lightning_prerl.repro_text import ACCURACY, FINALS, THOUGHTS, findings, markdown
+from lightning_prerl.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
+
+OBJECTIVE_KEY = "objective"
+ROLLOUT_ACCURACY = "rollout/accuracy"  # every step, on the step's training rollouts
+
+
+def read_alignment(job_dir: Path) -> list[dict[str, float]]:
+    """The per-response rows of a run's `logs/alignment.csv` (the last measurement of a (step, sample) wins)."""
+    path = Path(job_dir) / "logs" / "alignment.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        rows = {(r["step"], r["sample"]): {k: float(v) for k, v in r.items()} for r in csv.DictReader(fh)}
+    return list(rows.values())
+
+
+def first_value(job: Job, metric: str) -> float | None:
+    points = job.series.get(metric)
+    return points[0][1] if points and points[0][0] == 0 else None
+
+
+def final_step(job: Job) -> float | None:
+    points = job.series.get(ACCURACY)
+    return points[-1][0] if points else None
+
+
+def steps_to(job: Job, threshold: float) -> float | None:
+    """The first evaluated step at which held-out accuracy reaches `threshold` (None: never)."""
+    return next((s for s, v in job.series.get(ACCURACY, []) if v >= threshold), None)
+
+
+def one_per_seed(jobs: list[Job]) -> list[Job]:
+    """The first job of every seed (in job order): the base policy's step-0 values, counted once per seed."""
+    seen: dict[str | None, Job] = {}
+    for job in jobs:
+        seen.setdefault(job.overrides.get(SEED_KEY), job)
+    return list(seen.values())
+
+
+def _pass_ks(jobs: list[Job]) -> list[int]:
+    ks = {int(k.split("@")[1]) for job in jobs for k in job.series if k.startswith("passk/pass@")}
+    return sorted(ks)
+
+
+def _alignment_stats(rows: list[dict[str, float]]) -> dict[str, float | int | None]:
+    if not rows:
+        return {"samples": 0, "negative_share": None, "cosine_mean": None, "inner_mean": None, "logp_gap_mean": None}
+    return {
+        "samples": len(rows),
+        "negative_share": sum(r["inner"] < 0 for r in rows) / len(rows),
+        "cosine_mean": statistics.fmean(r["cosine"] for r in rows),
+        "inner_mean": statistics.fmean(r["inner"] for r in rows),
+        "logp_gap_mean": statistics.fmean(r["logp_gap"] for r in rows),
+    }
+
+
+def collect(
+    sweep_dir: Path,
+    real_model: Path | None = None,
+    threshold_gains: tuple[float, ...] = (0.05, 0.1, 0.15),
+    slip_problems: int = 0,
+    slip_samples: int = 4,
+) -> dict:
+    """Every number of the report, from the jobs' logs; with `slip_problems` > 0 also the slip/repair
+    statistics (`repairs.py`) of the base policy and of every job's exported policy."""
+    jobs = [j for j in find_jobs(sweep_dir) if j.series]
+    if not jobs:
+        raise FileNotFoundError(f"no job with logs/metrics.csv under {sweep_dir}")
+    objectives = ordered_values(jobs, OBJECTIVE_KEY)
+    by_objective = {o: [j for j in jobs if j.overrides.get(OBJECTIVE_KEY, "") == o] for o in objectives}
+    ks, seeds = _pass_ks(jobs), one_per_seed(jobs)
+    base = {m: mean_std([v for j in seeds if (v := first_value(j, m)) is not None]) for m in FINALS}
+    base_passk = {k: mean_std([v for j in seeds if (v := first_value(j, f"passk/pass@{k}")) is not None]) for k in ks}
+    base_accuracy = base[ACCURACY][0]
+    thresholds = [] if base_accuracy is None else [round(base_accuracy + g, 4) for g in threshold_gains]
+    base_rows = [r for j in seeds for r in read_alignment(j.dir) if r["step"] == 0]
+    slips_base, slips = (
+        sweep_slip_stats([j.dir for j in jobs], slip_problems, slip_samples) if slip_problems else ({}, {})
+    )
+    per_job, per_objective = [], {}
+    for objective, members in by_objective.items():
+        records, after_rows = [], []
+        for job in members:
+            rows = read_alignment(job.dir)
+            last = max((r["step"] for r in rows), default=0)
+            after_rows += [r for r in rows if last > 0 and r["step"] == last]
+            record = {
+                "dir": str(job.dir),
+                "objective": objective,
+                "seed": job.overrides.get(SEED_KEY),
+                "final_step": final_step(job),
+                "finals": {m: job.final(m) for m in FINALS},
+                "base": {m: first_value(job, m) for m in FINALS},
+                "pass_at_k": {k: job.final(f"passk/pass@{k}") for k in ks},
+                "steps_to_threshold": [steps_to(job, t) for t in thresholds],
+                "peak_accuracy": max((v for _, v in job.series.get(ACCURACY, [])), default=None),
+                "alignment_after": _alignment_stats([r for r in rows if last > 0 and r["step"] == last]),
+                "slips": slips.get(job.dir, {}),
+            }
+            for m in THOUGHTS:
+                b, f = record["base"][m], record["finals"][m]
+                record.setdefault("thought_ratio", {})[m] = f / b if b and f is not None else None
+            records.append(record)
+        per_job += records
+
+        def over_seeds(values):
+            return mean_std([v for v in values if v is not None])
+
+        per_objective[objective] = {
+            "seeds": len(records),
+            "finals": {m: over_seeds(r["finals"][m] for r in records) for m in FINALS},
+            "pass_at_k": {k: over_seeds(r["pass_at_k"][k] for r in records) for k in ks},
+            "thought_ratio": {m: over_seeds(r["thought_ratio"][m] for r in records) for m in THOUGHTS},
+            "peak_accuracy": over_seeds(r["peak_accuracy"] for r in records),
+            "steps_to_threshold": [
+                _reached([r["steps_to_threshold"][i] for r in records]) for i in range(len(thresholds))
+            ],
+            "alignment_after": _alignment_stats(after_rows),
+            "alignment_after_rows": after_rows,
+            "slips": {f: over_seeds(r["slips"].get(f) for r in records) for f in SLIP_FIELDS} if slips else {},
+        }
+    real_rows = read_alignment(real_model) if real_model else []
+    return {
+        "sweep_dir": str(sweep_dir),
+        "objectives": objectives,
+        "ks": ks,
+        "thresholds": thresholds,
+        "slip_problems": slip_problems,
+        "slip_samples": slip_samples,
+        "threshold_gains": list(threshold_gains),
+        "base": {
+            "finals": base,
+            "pass_at_k": base_passk,
+            "alignment": _alignment_stats(base_rows),
+            "alignment_rows": base_rows,
+            "seeds": len(seeds),
+            "slips": slips_base,
+        },
+        "jobs_count": len(jobs),
+        "objective": per_objective,
+        "jobs": per_job,
+        "real_model": {
+            "dir": str(real_model) if real_model else None,
+            "alignment": _alignment_stats(real_rows),
+            "alignment_rows": real_rows,
+        },
+    }
+
+
+def _reached(per_seed: list[float | None]) -> dict:
+    reached = [s for s in per_seed if s is not None]
+    return {"reached": len(reached), "mean": mean_std(reached)[0], "per_seed": per_seed}
+
+
+def write_reproduction_report(
+    sweep_dir: Path,
+    real_model: Path | None = None,
+    threshold_gains: tuple[float, ...] = (0.05, 0.1, 0.15),
+    command: str = "",
+    slip_problems: int = 0,
+    slip_samples: int = 4,
+) -> list[Path]:
+    """Write reproduction.md, reproduction.json and the four PNGs into `sweep_dir`."""
+    sweep_dir = Path(sweep_dir)
+    data = collect(sweep_dir, real_model, tuple(threshold_gains), slip_problems, slip_samples)
+    jobs = [j for j in find_jobs(sweep_dir) if j.series]
+    command = command or "python experiments/run.py experiment=reproduce_toy"
+    written = [
+        plot_over_steps(
+            jobs, data["objectives"], [ACCURACY, ROLLOUT_ACCURACY], sweep_dir / "repro_accuracy.png", data["thresholds"]
+        ),
+        plot_over_steps(jobs, data["objectives"], THOUGHTS, sweep_dir / "repro_thoughts.png"),
+        plot_pass_at_k(data, sweep_dir / "repro_pass_at_k.png"),
+        plot_alignment(data, sweep_dir / "repro_alignment.png"),
+    ]
+    md = sweep_dir / "reproduction.md"
+    md.write_text(markdown(data, command))
+    js = sweep_dir / "reproduction.json"
+    js.write_text(json.dumps({**data, "findings": findings(data)}, indent=1, default=str))
+    return [md, js, *written]
+
+
+class ReproductionReport(Callback):
+    """Hydra callback of `experiment=reproduce_toy`: writes the reproduction report when the multirun ends."""
+
+    def __init__(
+        self,
+        real_model: str | None = None,
+        threshold_gains: tuple[float, ...] = (0.05, 0.1, 0.15),
+        slip_problems: int = 100,
+        slip_samples: int = 4,
+    ):
+        self.real_model, self.threshold_gains = real_model, tuple(threshold_gains)
+        self.slip_problems, self.slip_samples = slip_problems, slip_samples
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        overrides = " ".join(config.hydra.overrides.task)
+        command = f"python experiments/run.py {overrides}".strip()
+        real = Path(self.real_model) if self.real_model else None
+        sweep = Path(config.hydra.sweep.dir)
+        slips = (self.slip_problems, self.slip_samples)
+        for path in write_reproduction_report(sweep, real, self.threshold_gains, command, *slips):
+            print(f"reproduction report: {path}")

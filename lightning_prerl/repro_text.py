@@ -33,12 +33,7 @@ def findings(data: dict) -> list[dict[str, str]]:
     if real["samples"]:
         measured += f"; real model: {_pct(real['negative_share'])} negative"
         measured += f", cosine {_num(real['cosine_mean'])} ({real['samples']})"
-    if a["negative_share"] is None:
-        aligned = "no"
-    elif a["negative_share"] == 0 and a["cosine_mean"] > 0:
-        aligned = "yes"
-    else:  # positive on average, but not on every rollout as the paper finds
-        aligned = "partly" if a["negative_share"] < 0.5 and a["cosine_mean"] > 0 else "no"
+    aligned = f"toy: {_aligned(a)}" + (f"; real model: {_aligned(real)}" if real["samples"] else "")
     out.append(_finding("(a) gradients align", PAPER["alignment"], measured, aligned))
     if nsr := obj.get("nsr_prerl"):
         t, r = (nsr["thought_ratio"][m][0] for m in THOUGHTS)
@@ -68,6 +63,15 @@ def findings(data: dict) -> list[dict[str, str]]:
             _finding("(d) PSR-PreRL collapses", PAPER["psr"], measured, f is not None and b0 is not None and f < b0)
         )
     return out
+
+
+def _aligned(stats: dict) -> str:
+    """yes: positive inner product on every rollout (the paper's finding); partly: positive on average."""
+    if stats["negative_share"] is None:
+        return "no"
+    if stats["negative_share"] == 0 and stats["cosine_mean"] > 0:
+        return "yes"
+    return "partly" if stats["negative_share"] < 0.5 and stats["cosine_mean"] > 0 else "no"
 
 
 def _finding(name: str, paper: str, measured: str, agrees: bool | str) -> dict[str, str]:

@@ -2,14 +2,15 @@
 
 Reads only what the sweep's jobs wrote: `logs/metrics.csv` (held-out `val/*` curves, `passk/pass@k`
 from `passk.PassAtKCurve`, `align/*`) and `logs/alignment.csv` (one row per measured response, from
-`alignment.GradientAlignment`), grouped by the swept `objective` and `seed`. Writes into the sweep dir:
+`alignment.GradientAlignment`), grouped by the swept `objective` and `seed`; the slip analysis
+(`repairs.py`, optional) samples each job's exported `policy/`. Writes into the sweep dir:
 
 | file | content |
 |---|---|
-| `reproduction.md` | findings vs the paper, final numbers (mean ± std over seeds), steps to a threshold, |
-|  | thoughts ratios, alignment |
+| `reproduction.md` | findings vs the paper, final numbers (mean ± std over seeds), steps to thresholds, |
+|  | pass@k, thoughts ratios, what policies do after a slip, alignment |
 | `reproduction.json` | every number of the markdown, per job too (what the test compares with the logs) |
-| `repro_accuracy.png` | held-out accuracy over steps, mean ± std band per objective |
+| `repro_accuracy.png` | held-out and training-rollout accuracy over steps, mean ± std band per objective |
 | `repro_pass_at_k.png` | pass@k for k = 1..64 of the base policy and after training |
 | `repro_thoughts.png` | transition and reflection thoughts per response over steps |
 | `repro_alignment.png` | histograms of <grad log P(y), grad log P(y|x)> and their cosine: base, after, real model |
@@ -229,7 +230,8 @@ class ReproductionReport(Callback):
         self.slip_problems, self.slip_samples = slip_problems, slip_samples
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        overrides = " ".join(config.hydra.overrides.task)
+        given = [o for o in config.hydra.overrides.hydra if not o.startswith("hydra.mode=")]
+        overrides = " ".join([*config.hydra.overrides.task, *given])
         command = f"python experiments/run.py {overrides}".strip()
         real = Path(self.real_model) if self.real_model else None
         sweep = Path(config.hydra.sweep.dir)

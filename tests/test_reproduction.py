@@ -140,7 +140,12 @@ def test_report_numbers_are_hand_derivable_from_logs(tmp_path):
             final = (0.4, 0.3) if objective == "nsr_prerl" else base_thoughts
             _job(tmp_path, n, objective, seed, curve, [base_thoughts, base_thoughts, final], (0.5 + n / 100, 0.7))
             n += 1
-    write_reproduction_report(tmp_path)
+    real = tmp_path / "real_run"  # no .hydra: not a job of the sweep, only a real model's alignment rows
+    (real / "logs").mkdir(parents=True)
+    (real / "logs" / "alignment.csv").write_text(
+        "step,sample,reward,inner,cosine,logp_gap\n0,0,0,5,0.7,0.3\n0,1,0,3,0.5,0.4\n"
+    )
+    write_reproduction_report(tmp_path, real)
     data = json.loads((tmp_path / "reproduction.json").read_text())
     assert data["thresholds"] == pytest.approx([0.45, 0.5, 0.55])  # base 0.4 + 0.05, 0.1, 0.15
     grpo, dsrl, nsr = (data["objective"][o] for o in ("grpo", "dsrl", "nsr_prerl"))
@@ -156,7 +161,8 @@ def test_report_numbers_are_hand_derivable_from_logs(tmp_path):
     assert data["base"]["alignment"]["negative_share"] == pytest.approx(0.25)  # 2 of those 8 step-0 rows
     assert data["base"]["alignment"]["cosine_mean"] == pytest.approx(0.225)
     assert grpo["alignment_after"]["negative_share"] == pytest.approx(0.5)
-    assert [f["same direction"] for f in data["findings"]] == ["partly", "yes", "yes", "yes"]  # 25 % negative
+    assert data["real_model"]["alignment"]["cosine_mean"] == pytest.approx(0.6)
+    assert [f["same direction"] for f in data["findings"]] == ["toy: partly; real model: yes", "yes", "yes", "yes"]
     md = (tmp_path / "reproduction.md").read_text()
     assert "| grpo | 0.450 (+0.05) | 20, 10 | 2/2 | 15.0 |" in md and "0.510 ± 0.014" in md
     assert "| grpo | 0.550 (+0.15) | never, never | 0/2 | – |" in md

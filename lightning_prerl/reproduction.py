@@ -119,7 +119,8 @@ def collect(
         for job in members:
             rows = read_alignment(job.dir)
             last = max((r["step"] for r in rows), default=0)
-            after_rows += [r for r in rows if last > 0 and r["step"] == last]
+            after = [r for r in rows if last > 0 and r["step"] == last]  # the trained policy's rows
+            after_rows += after
             record = {
                 "dir": str(job.dir),
                 "objective": objective,
@@ -130,7 +131,7 @@ def collect(
                 "pass_at_k": {k: job.final(f"passk/pass@{k}") for k in ks},
                 "steps_to_threshold": [steps_to(job, t) for t in thresholds],
                 "peak_accuracy": max((v for _, v in job.series.get(ACCURACY, [])), default=None),
-                "alignment_after": _alignment_stats([r for r in rows if last > 0 and r["step"] == last]),
+                "alignment_after": _alignment_stats(after),
                 "slips": slips.get(job.dir, {}),
             }
             for m in THOUGHTS:

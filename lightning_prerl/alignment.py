@@ -72,7 +72,7 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
     """align/{inner,cosine,logp_gap}_{mean,min,max} and align/negative_share of `alignment_samples` rows."""
     out = {"align/negative_share": sum(r["inner"] < 0 for r in rows) / max(1, len(rows))}
     for name in ("inner", "cosine", "logp_gap"):
-        t = torch.tensor([r[name] for r in rows])
+        t = torch.tensor([r[name] for r in rows], dtype=torch.float64)  # Python floats, kept at their precision
         out.update(
             {
                 f"align/{name}_mean": t.mean().item(),

@@ -22,21 +22,21 @@ import torch
 
 from lightning_prerl.models import load_policy, load_tokenizer, stop_token_ids
 from lightning_prerl.prompts import render_prompt, toy_prompts
+from lightning_prerl.rewards import Prompt
 from lightning_prerl.rollout.engine import SamplingConfig, derive_seed
 from lightning_prerl.rollout.hf import HFEngine
-from lightning_prerl.toyworld import WORLDS, SlipCounts, slip_counts
+from lightning_prerl.toyworld import SlipCounts, slip_counts
 
 FIELDS = ["slips_per_answer", "repair_share", "reflect_share", "switch_share", "check_share"]
 
 
-def sample_answers(policy: str, problems: int, samples: int, seed: int = 0) -> list[str]:
-    """`samples` answers at temperature 1 to each of the first `problems` held-out toy problems; the
-    sampling seeds depend only on (`seed`, problem), so every policy sees the same random numbers."""
+def sample_answers(policy: str, prompts: list[Prompt], samples: int, max_new_tokens: int, seed: int = 0) -> list[str]:
+    """`samples` answers at temperature 1 to each of `prompts`; the sampling seeds depend only on
+    (`seed`, prompt position), so every policy sees the same random numbers."""
     tokenizer, model = load_tokenizer(policy), load_policy(policy)
     engine = HFEngine(tokenizer, stop_token_ids=stop_token_ids(tokenizer, policy))
     engine.sync(model)
-    prompts = toy_prompts(split="heldout", count=problems, seed=1234)  # the held-out set of conf/data/toy.yaml
-    sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=WORLDS["thoughts"][2])
+    sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=max_new_tokens)
     seeds = [derive_seed("repairs", seed, i) for i in range(len(prompts))]
     with torch.no_grad():
         out = engine.generate([render_prompt(tokenizer, p) for p in prompts], samples, sampling, seeds=seeds)
@@ -61,21 +61,18 @@ def slip_stats(answers: list[str]) -> dict[str, float | None]:
     }
 
 
-def policy_slip_stats(policy: str | Path, problems: int = 100, samples: int = 4, seed: int = 0) -> dict:
-    """`slip_stats` of `samples` answers per held-out problem of one policy directory (or `toy-thoughts`)."""
-    return slip_stats(sample_answers(str(policy), problems, samples, seed))
-
-
-def base_policy_of(job_dir: Path) -> str:
-    """The `model.path` a sweep job started from (its saved `.hydra/config.yaml`)."""
+def sweep_slip_stats(job_dirs: list[Path], problems: int, samples: int) -> tuple[dict, dict[Path, dict]]:
+    """(`slip_stats` of the base policy of the first job, {job dir: that of its exported `policy/`}) for every
+    job that exported one: `samples` answers to each of the first `problems` problems of the sweep's held-out
+    split with its completion budget (read from the first job's saved `.hydra/config.yaml`)."""
     import yaml
 
-    return yaml.safe_load((Path(job_dir) / ".hydra" / "config.yaml").read_text())["model"]["path"]
+    config = yaml.safe_load((Path(job_dirs[0]) / ".hydra" / "config.yaml").read_text())
+    held_out, budget = config["data"]["eval_prompts"], config["data"]["sampling"]["max_new_tokens"]
+    prompts = toy_prompts(split=held_out["split"], count=problems, seed=held_out["seed"])
 
+    def stats(policy: str | Path) -> dict:
+        return slip_stats(sample_answers(str(policy), prompts, samples, budget))
 
-def sweep_slip_stats(job_dirs: list[Path], problems: int, samples: int) -> tuple[dict, dict[Path, dict]]:
-    """(`policy_slip_stats` of the base policy of the first job, {job dir: that of its exported `policy/`})
-    for every job that exported one."""
-    base = policy_slip_stats(base_policy_of(job_dirs[0]), problems, samples)
-    trained = {d: policy_slip_stats(d / "policy", problems, samples) for d in job_dirs if (d / "policy").is_dir()}
-    return base, trained
+    trained = {d: stats(d / "policy") for d in job_dirs if (d / "policy").is_dir()}
+    return stats(config["model"]["path"]), trained

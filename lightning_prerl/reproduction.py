@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from lightning_prerl.alignment import summarize
 from lightning_prerl.repairs import FIELDS as SLIP_FIELDS
 from lightning_prerl.repairs import sweep_slip_stats
 from lightning_prerl.repro_plots import plot_alignment, plot_over_steps, plot_pass_at_k
@@ -79,29 +79,30 @@ def _pass_ks(jobs: list[Job]) -> list[int]:
 
 
 def _alignment_stats(rows: list[dict[str, float]]) -> dict[str, float | int | None]:
-    if not rows:
-        return {"samples": 0, "negative_share": None, "cosine_mean": None, "inner_mean": None, "logp_gap_mean": None}
-    return {
-        "samples": len(rows),
-        "negative_share": sum(r["inner"] < 0 for r in rows) / len(rows),
-        "cosine_mean": statistics.fmean(r["cosine"] for r in rows),
-        "inner_mean": statistics.fmean(r["inner"] for r in rows),
-        "logp_gap_mean": statistics.fmean(r["logp_gap"] for r in rows),
-    }
+    """The report's alignment numbers: `alignment.summarize`, as logged during training, of `rows`."""
+    keys = ("negative_share", "cosine_mean", "inner_mean", "logp_gap_mean")
+    stats = summarize(rows) if rows else {}
+    return {"samples": len(rows), **{k: stats.get(f"align/{k}") for k in keys}}
+
+
+def sweep_jobs(sweep_dir: Path) -> list[Job]:
+    """The sweep's jobs that logged metrics (their `logs/metrics.csv` read once, for numbers and figures)."""
+    jobs = [j for j in find_jobs(sweep_dir) if j.series]
+    if not jobs:
+        raise FileNotFoundError(f"no job with logs/metrics.csv under {sweep_dir}")
+    return jobs
 
 
 def collect(
     sweep_dir: Path,
+    jobs: list[Job],
     real_model: Path | None = None,
     threshold_gains: tuple[float, ...] = (0.05, 0.1, 0.15),
     slip_problems: int = 0,
     slip_samples: int = 4,
 ) -> dict:
-    """Every number of the report, from the jobs' logs; with `slip_problems` > 0 also the slip/repair
-    statistics (`repairs.py`) of the base policy and of every job's exported policy."""
-    jobs = [j for j in find_jobs(sweep_dir) if j.series]
-    if not jobs:
-        raise FileNotFoundError(f"no job with logs/metrics.csv under {sweep_dir}")
+    """Every number of the report, from the logs of `jobs` (`sweep_jobs(sweep_dir)`); with `slip_problems` > 0
+    also the slip/repair statistics (`repairs.py`) of the base policy and of every job's exported policy."""
     objectives = ordered_values(jobs, OBJECTIVE_KEY)
     by_objective = {o: [j for j in jobs if j.overrides.get(OBJECTIVE_KEY, "") == o] for o in objectives}
     ks, seeds = _pass_ks(jobs), one_per_seed(jobs)
@@ -199,8 +200,8 @@ def write_reproduction_report(
 ) -> list[Path]:
     """Write reproduction.md, reproduction.json and the four PNGs into `sweep_dir`."""
     sweep_dir = Path(sweep_dir)
-    data = collect(sweep_dir, real_model, tuple(threshold_gains), slip_problems, slip_samples)
-    jobs = [j for j in find_jobs(sweep_dir) if j.series]
+    jobs = sweep_jobs(sweep_dir)
+    data = collect(sweep_dir, jobs, real_model, tuple(threshold_gains), slip_problems, slip_samples)
     command = command or "python experiments/run.py experiment=reproduce_toy"
     written = [
         plot_over_steps(

@@ -1,13 +1,16 @@
 """Benchmark: the training part of one step for GRPO, PreRL, NSR-PreRL and PSR-PreRL on the same rollout batch.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/objective_cost.py [--prompts 16 --samples 8 --repeats 5]
+        [--micro-batch-tokens 4096 0]
 
 One rollout batch is generated once from the shipped toy policy (seeded transformers engine, temperature
 1, boxed exact-match rewards); then each objective's training part -- `update.prepare` +
 `backward_objective` + one AdamW step, what `PolicyModule.training_step` times as `time/train` --
 runs on a fresh copy of the policy, the objectives in alternation, `--repeats` rounds; the median is
-reported with the ratio to GRPO. Also printed: the share of samples each objective keeps and the
-response tokens it forwards. JSON: benchmarks/results/objective_cost.json.
+reported with the ratio to GRPO at the first budget. Each objective runs at every `--micro-batch-tokens`
+budget (padded tokens per forward/backward, rows of similar length together; 0: the whole batch in one
+pass), all in the same alternation. Also printed: the share of samples each objective keeps, the response
+tokens it forwards and the micro-batches it runs. JSON: benchmarks/results/objective_cost.json.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from lightning_prerl.prompts import toy_prompts  # noqa: E402
 from lightning_prerl.rewards import BoxedExactMatch  # noqa: E402
 from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
 from lightning_prerl.rollout.hf import HFEngine  # noqa: E402
-from lightning_prerl.update import backward_objective, prepare  # noqa: E402
+from lightning_prerl.update import MicroBatching, backward_objective, prepare, rows_with_loss  # noqa: E402
 
 OBJECTIVES = {"grpo": CondRL, "prerl": PreRL, "nsr_prerl": NSRPreRL, "psr_prerl": PSRPreRL}
 
@@ -46,11 +49,11 @@ def rollout_batch(prompts: int, samples: int):
     return tok, policy, batch
 
 
-def train_part(objective, policy, batch, start: int) -> float:
+def train_part(objective, policy, batch, start: int, micro: MicroBatching) -> float:
     opt = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     t0 = time.perf_counter()
-    prepared, _ = prepare(objective, policy, batch, start)
-    backward_objective(objective, policy, prepared, start)
+    prepared, _ = prepare(objective, policy, batch, start, micro=micro)
+    backward_objective(objective, policy, prepared, start, micro=micro)
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
     return time.perf_counter() - t0
@@ -61,31 +64,37 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--micro-batch-tokens", type=int, nargs="+", default=[4096, 0], help="0: one whole-batch pass")
     args = ap.parse_args()
     tok, policy, batch = rollout_batch(args.prompts, args.samples)
     start = CondRL(model_path="toy").start_token_id
     objectives = {name: PolicyGradientObjective(**cls.preset) for name, cls in OBJECTIVES.items()}
-    times = {name: [] for name in objectives}
+    runs = [(name, budget) for budget in args.micro_batch_tokens for name in objectives]
+    micro = {budget: MicroBatching(max_tokens=budget or None) for budget in args.micro_batch_tokens}
+    times = {run: [] for run in runs}
     for _ in range(args.repeats + 1):  # round 0 warms up and is dropped
-        for name, objective in objectives.items():
-            times[name].append(train_part(objective, copy.deepcopy(policy), batch, start))
+        for name, budget in runs:
+            times[name, budget].append(train_part(objectives[name], copy.deepcopy(policy), batch, start, micro[budget]))
     rows = []
-    for name, objective in objectives.items():
-        prepared, _ = prepare(objective, policy, batch, start)
+    for name, budget in runs:
+        prepared, _ = prepare(objectives[name], policy, batch, start)
         kept = prepared.loss_mask.sum(1) > 0  # (N,)
-        med = statistics.median(times[name][1:])
+        passes = len(rows_with_loss(prepared).micro_batches(max_tokens=micro[budget].max_tokens))
         rows.append({
-            "objective": name, "seconds": round(med, 4), "kept_samples": round(float(kept.float().mean()), 3),
+            "objective": name, "micro_batch_tokens": budget, "passes": passes,
+            "seconds": round(statistics.median(times[name, budget][1:]), 4),
+            "kept_samples": round(float(kept.float().mean()), 3),
             "kept_tokens": int(prepared.loss_mask.sum()), "response_tokens": int(batch.response_mask.sum()),
         })  # fmt: skip
-    grpo = next(r["seconds"] for r in rows if r["objective"] == "grpo")
+    grpo = rows[0]["seconds"]
     print(f"{args.prompts} prompts x {args.samples} samples, accuracy {float(batch.rewards.mean()):.3f}")
-    print(f"{'objective':>10} {'train s':>8} {'/ GRPO':>7} {'kept samples':>13} {'kept / response tokens':>23}")
+    print(f"{'objective':>10} {'budget':>7} {'passes':>7} {'train s':>8} {'/ GRPO':>7} {'kept samples':>13}"
+          f" {'kept / response tokens':>23}")  # fmt: skip
     for r in rows:
         r["ratio_to_grpo"] = round(r["seconds"] / grpo, 3)
         print(
-            f"{r['objective']:>10} {r['seconds']:>8.3f} {r['ratio_to_grpo']:>7.2f} {r['kept_samples']:>13.3f} "
-            f"{r['kept_tokens']:>11} / {r['response_tokens']}"
+            f"{r['objective']:>10} {r['micro_batch_tokens'] or 'off':>7} {r['passes']:>7} {r['seconds']:>8.3f} "
+            f"{r['ratio_to_grpo']:>7.2f} {r['kept_samples']:>13.3f} {r['kept_tokens']:>11} / {r['response_tokens']}"
         )
     write_json("objective_cost", args=vars(args), rows=rows)
 

@@ -143,15 +143,18 @@ class RolloutBatch:
         size: int | None = None,
         max_tokens: int | None = None,
         agree: Callable[[int], int] = lambda count: count,
-    ) -> list[tuple[slice, RolloutBatch]]:
-        """Consecutive, trimmed row slices: at most `size` rows and `max_tokens` padded tokens each.
+    ) -> list[tuple[slice | torch.Tensor, RolloutBatch]]:
+        """Trimmed micro-batches of rows of similar length: at most `size` rows and `max_tokens`
+        padded tokens each, with the rows (a slice, or an index tensor) each one holds.
 
-        A micro-batch costs rows x (its longest prompt + response) tokens. With a token budget
-        the count depends on the lengths, so `agree` maps this rank's count to the count all ranks
-        use (the max over ranks); the most expensive slices are then split until there are that
-        many, and every rank runs the same number of forward/backward passes. A rank with fewer rows
-        than that count (it forwards only its kept samples) fills up with row 0 under an all-zero
-        loss mask (slice(0, 0): it maps to no row).
+        A micro-batch costs rows x (its longest prompt + longest response) tokens, so when the batch
+        is cut at all its rows are first ordered by length (verl's dynamic batch size does the same):
+        every micro-batch is then padded only to rows like its own. Uncut, the batch is one pass in
+        its own order. With a token budget the count depends on the lengths, so `agree` maps this
+        rank's count to the count all ranks use (the max over ranks); the most expensive micro-batches
+        are then split until there are that many, and every rank runs the same number of
+        forward/backward passes. A rank with fewer rows than that count (it forwards only its kept
+        samples) fills up with row 0 under an all-zero loss mask (slice(0, 0): it maps to no row).
 
         Args:
             size: rows per micro-batch (None: no row limit).
@@ -161,23 +164,33 @@ class RolloutBatch:
         """
         n = len(self)
         size = n if size is None or size <= 0 else size
-        cost = (self.prompt_mask.sum(1) + self.response_mask.sum(1)).tolist()  # (N,) real tokens per row
-        bounds, start = [], 0
+        p_len, r_len = self.prompt_mask.sum(1).tolist(), self.response_mask.sum(1).tolist()  # (N,) real tokens
+        order = sorted(range(n), key=lambda i: (p_len[i] + r_len[i], r_len[i]))  # shortest first, stable
+
+        def cost(a: int, b: int) -> int:  # padded tokens of the sorted rows a..b-1
+            rows = order[a:b]
+            return (b - a) * (max(p_len[i] for i in rows) + max(r_len[i] for i in rows))
+
+        bounds, start, widest = [], 0, (0, 0)  # widest: longest prompt, response of the open slice
         for end in range(1, n + 1):
-            rows, width = end - start, max(cost[start:end])
-            if end - start > 1 and (rows > size or (max_tokens is not None and rows * width > max_tokens)):
+            i = order[end - 1]
+            grown = (max(widest[0], p_len[i]), max(widest[1], r_len[i]))
+            over = max_tokens is not None and (end - start) * sum(grown) > max_tokens
+            if end - start > 1 and (end - start > size or over):
                 bounds.append((start, end - 1))
-                start = end - 1
+                start, grown = end - 1, (p_len[i], r_len[i])
+            widest = grown
         bounds.append((start, n))
         target = agree(len(bounds))
         while len(bounds) < target and any(b - a > 1 for a, b in bounds):  # split the costliest multi-row slice
-            i = max(
-                (k for k, (a, b) in enumerate(bounds) if b - a > 1),
-                key=lambda k: (bounds[k][1] - bounds[k][0]) * max(cost[bounds[k][0] : bounds[k][1]]),
-            )
+            i = max((k for k, (a, b) in enumerate(bounds) if b - a > 1), key=lambda k: cost(*bounds[k]))
             a, b = bounds[i]
             bounds[i : i + 1] = [(a, (a + b) // 2), ((a + b) // 2, b)]
-        out = [(slice(a, b), self.select(slice(a, b))) for a, b in bounds]
+        if len(bounds) == 1:
+            out = [(slice(0, n), self.select(slice(0, n)))]
+        else:
+            index = torch.tensor(order, dtype=torch.long)  # (N,) rows by length
+            out = [(index[a:b], self.select(index[a:b])) for a, b in bounds]
         if len(out) < target:  # lockstep filler: a forward/backward pass that learns nothing
             filler = self.select(slice(0, 1))
             if filler.loss_mask is not None:

@@ -70,7 +70,9 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
             a checkpoint of the weights from before the fault.
         micro_batch_size: samples per forward/backward (None: the whole rollout batch).
         micro_batch_tokens: padded tokens per forward/backward instead of (or besides) a fixed
-            count, as verl's dynamic batch size (None: off).
+            count, as verl's dynamic batch size (None: off); a cut batch is cut into rows of similar
+            length. 4,096 halved the toy GRPO step on a CPU against one whole-batch pass
+            (`benchmarks/objective_cost.py`); GPU recipes raise it.
         logprob_chunk_tokens: token rows per output-head chunk (None: 512 MiB of float32 logits).
         temperature: logits temperature of training log-probs (match the rollout temperature).
         ppo_epochs: passes over each rollout batch (verl's ppo_epochs, TRL's num_iterations).
@@ -100,7 +102,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         max_grad_norm: float | None = 1.0,
         max_bad_steps: int = 3,
         micro_batch_size: int | None = None,
-        micro_batch_tokens: int | None = None,
+        micro_batch_tokens: int | None = 4096,
         logprob_chunk_tokens: int | None = None,
         temperature: float = 1.0,
         ppo_epochs: int = 1,

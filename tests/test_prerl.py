@@ -141,7 +141,9 @@ def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
     finally:
         handle.remove()
     assert len(seen) == 2  # one forward per micro-batch, none conditional
-    for kw, rows in zip(seen, (slice(0, 2), slice(2, 4)), strict=True):
+    # rows by length (row 3's response is the short one), ties in batch order
+    assert [r.tolist() for r, _ in batch.micro_batches(size=2)] == [[3, 0], [1, 2]]
+    for kw, rows in zip(seen, ([3, 0], [1, 2]), strict=True):
         resp, mask = batch.response_ids[rows], batch.response_mask[rows]
         t = resp.shape[1]
         # ids = [s] + y (no prompt token anywhere), positions 0..T, mask = [1] + response mask
@@ -177,6 +179,21 @@ def test_nsr_prerl_forwards_only_its_negatives_with_the_same_gradient(policy, to
     assert kept_only.kept_tokens == every_row.kept_tokens
     assert torch.allclose(kept_only.loss, every_row.loss, atol=1e-8)
     assert torch.allclose(g_kept, grads(policy), atol=1e-7, rtol=1e-5)
+
+
+def test_micro_batches_hold_rows_of_similar_length(tokenizer):
+    """Rows are ordered by length before the batch is cut, so a micro-batch pads only to rows like its own."""
+    batch = toy_batch(tokenizer, [1, 0, 0, 1, 1, 1, 0, 1], 4)  # responses of 14 tokens, rows 3 and 7: 7
+    p = batch.prompt_ids.shape[1]
+    assert batch.response_mask.sum(1).tolist() == [14, 14, 14, 7, 14, 14, 14, 7]
+    parts = batch.micro_batches(size=2)
+    assert [rows.tolist() for rows, _ in parts] == [[3, 7], [0, 1], [2, 4], [5, 6]]
+    assert [mb.response_ids.shape[1] for _, mb in parts] == [7, 14, 14, 14]  # 98 padded response tokens, not 112
+    assert all(torch.equal(mb.response_ids, batch.response_ids[rows, :7]) for rows, mb in parts[:1])
+    # a budget of two short rows: they share a pass, every long row needs its own
+    parts = batch.micro_batches(max_tokens=2 * (p + 7))
+    assert [rows.tolist() for rows, _ in parts] == [[3, 7], [0], [1], [2], [4], [5], [6]]
+    assert len(batch.micro_batches()) == 1 and batch.micro_batches()[0][0] == slice(0, 8)  # uncut: batch order
 
 
 def test_a_rank_with_fewer_kept_rows_fills_the_agreed_micro_batch_count(tokenizer):

@@ -116,11 +116,13 @@ class BackwardResult:
     """What one (mini-)batch's backward pass produced (gradients are left in the parameters).
 
     `loss` is this rank's share of the global token mean; the sums are this rank's over the kept
-    tokens (the caller reduces them), `kept_tokens` is already global.
+    tokens it forwarded (the caller reduces them), `kept_tokens` (the loss's denominator) and
+    `forwarded_tokens` (the sums' denominator) are already global.
     """
 
     loss: torch.Tensor
     kept_tokens: torch.Tensor
+    forwarded_tokens: torch.Tensor
     entropy_sum: torch.Tensor
     clipped_sum: torch.Tensor
     ppo_kl_sum: torch.Tensor
@@ -134,11 +136,15 @@ class MicroBatching:
         size: samples per micro-batch (None: no limit).
         max_tokens: padded tokens per micro-batch, verl's dynamic batch size (None: no limit).
         chunk_tokens: rows of the output-head chunks (None: `ops.head_logprobs`' 512 MiB default).
+        skip_zero_advantage: do not forward samples with A = 0 when the objective has no KL or
+            entropy term (they add exactly 0 to its loss and gradient: GRPO's flat groups); the
+            logged entropy and PPO KL are then means over the samples that were forwarded.
     """
 
     size: int | None = None
     max_tokens: int | None = None
     chunk_tokens: int | None = None
+    skip_zero_advantage: bool = True
 
 
 @dataclass(frozen=True)
@@ -209,12 +215,15 @@ def prepare(
     return out, stats
 
 
-def rows_with_loss(batch: RolloutBatch) -> RolloutBatch:
+def rows_with_loss(batch: RolloutBatch, skip_zero_advantage: bool = False) -> RolloutBatch:
     """Only the samples whose loss mask keeps a token (NSR/PSR-PreRL keep about half, sample masks
-    drop some): the others add nothing to the loss, its gradient or its logged token means, so they
-    are not forwarded. A rank left with none keeps row 0 with an all-zero mask, so it still runs the
-    passes the other ranks run (their collectives, FSDP2 / ZeRO-3)."""
-    kept = (batch.loss_mask.sum(1) > 0).nonzero().squeeze(1)  # (n,)
+    drop some), and with `skip_zero_advantage` only those with A != 0: the others add nothing to the
+    loss or its gradient, so they are not forwarded. A rank left with none keeps row 0 with an
+    all-zero mask, so it still runs the passes the other ranks run (their collectives, FSDP2 / ZeRO-3)."""
+    forward = batch.loss_mask.sum(1) > 0  # (N,)
+    if skip_zero_advantage:
+        forward &= batch.advantages != 0
+    kept = forward.nonzero().squeeze(1)  # (n,)
     if len(kept) == len(batch):
         return batch
     if len(kept) == 0:
@@ -250,12 +259,13 @@ def backward_objective(
         batch, _ = prepare(objective, policy, batch, start_token_id, temperature, micro, comm=comm)
     zero = torch.zeros((), device=batch.response_ids.device)
     kept_tokens = comm.sum(batch.loss_mask.sum())
-    result = BackwardResult(zero.clone(), kept_tokens, zero.clone(), zero.clone(), zero.clone())
+    result = BackwardResult(zero.clone(), kept_tokens, kept_tokens, zero.clone(), zero.clone(), zero.clone())
     if kept_tokens <= 0:  # the same on every rank: nobody runs a forward pass
         return result
     e_low, e_high = objective.eps_low, objective.eps_high
     if mismatch is None or batch.rollout_logprobs is None:  # mismatch statistics read every sample
-        batch = rows_with_loss(batch)
+        batch = rows_with_loss(batch, micro.skip_zero_advantage and objective.inert_at_zero_advantage)
+        result.forwarded_tokens = comm.sum(batch.loss_mask.sum())
     micro_batches = batch.micro_batches(micro.size, micro.max_tokens, comm.max)
     for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')
@@ -288,26 +298,29 @@ def backward_objective(
 class StepStats:
     """One rollout batch's updates summed into its `train/...` row.
 
-    Token means are global: a rank adds its sums x world size / the global kept-token count, and the
-    logged row is the mean over ranks. Entropy counts the first pass only (with one mini-batch, the
-    policy on its own rollouts; mini-batch i > 1 of the first pass is scored after i - 1 updates);
-    clip fraction and PPO KL count every update.
+    Token means are global: a rank adds its sums x world size / the global token count, and the
+    logged row is the mean over ranks. Clip fraction and PPO KL count every update, entropy the first
+    pass only (with one mini-batch, the policy on its own rollouts; mini-batch i > 1 of the first pass
+    is scored after i - 1 updates), both over the kept tokens that were forwarded (not the skipped
+    A = 0 samples, which never clip).
     """
 
     def __init__(self, updates: int, world_size: int):
         self.updates, self.w = updates, world_size
-        self.sums = dict.fromkeys(("loss", "grad_norm", "kept", "clipped", "ppo_kl", "entropy", "entropy_kept"), 0.0)
+        keys = ("loss", "grad_norm", "kept", "forwarded", "clipped", "ppo_kl", "entropy", "entropy_tokens")
+        self.sums = dict.fromkeys(keys, 0.0)
 
     def add(self, result: BackwardResult, grad_norm: torch.Tensor, first_pass: bool) -> None:
-        s, kept = self.sums, float(result.kept_tokens)  # global
+        s, forwarded = self.sums, float(result.forwarded_tokens)  # global
         s["loss"] += float(result.loss) * self.w / self.updates  # a rank's share of the global mean, x W
         s["grad_norm"] += float(grad_norm) / self.updates
-        s["kept"] += kept
+        s["kept"] += float(result.kept_tokens)
+        s["forwarded"] += forwarded
         s["clipped"] += float(result.clipped_sum) * self.w
         s["ppo_kl"] += float(result.ppo_kl_sum) * self.w
         if first_pass:
             s["entropy"] += float(result.entropy_sum) * self.w
-            s["entropy_kept"] += kept
+            s["entropy_tokens"] += forwarded
 
     def row(self, batch: RolloutBatch) -> dict[str, float | torch.Tensor]:
         """The row of a prepared batch (`advantages` and `loss_mask` set)."""
@@ -317,8 +330,9 @@ class StepStats:
             "train/grad_norm": s["grad_norm"],
             "train/kept_tokens": s["kept"] / self.updates,
             "train/kept_samples": (batch.loss_mask.sum(1) > 0).float().mean(),
+            "train/forwarded_tokens": s["forwarded"] / self.updates,
             "train/adv_abs_mean": batch.advantages.abs().mean(),
-            "train/entropy": s["entropy"] / max(s["entropy_kept"], 1.0),
-            "train/clip_fraction": s["clipped"] / max(s["kept"], 1.0),
-            "train/ppo_kl": s["ppo_kl"] / max(s["kept"], 1.0),
+            "train/entropy": s["entropy"] / max(s["entropy_tokens"], 1.0),
+            "train/clip_fraction": s["clipped"] / max(s["forwarded"], 1.0),
+            "train/ppo_kl": s["ppo_kl"] / max(s["forwarded"], 1.0),
         }

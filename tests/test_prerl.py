@@ -167,7 +167,7 @@ def test_nsr_prerl_forwards_only_its_negatives_with_the_same_gradient(policy, to
         policy.zero_grad()
         kept_only = backward_objective(NSR_PRERL, policy, batch, start)
         g_kept = grads(policy)
-        monkeypatch.setattr(update, "rows_with_loss", lambda b: b)  # the previous behaviour: every row
+        monkeypatch.setattr(update, "rows_with_loss", lambda b, skip: b)  # the previous behaviour: every row
         policy.zero_grad()
         every_row = backward_objective(NSR_PRERL, policy, batch, start)
     finally:
@@ -179,6 +179,44 @@ def test_nsr_prerl_forwards_only_its_negatives_with_the_same_gradient(policy, to
     assert kept_only.kept_tokens == every_row.kept_tokens
     assert torch.allclose(kept_only.loss, every_row.loss, atol=1e-8)
     assert torch.allclose(g_kept, grads(policy), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_grpo_skips_flat_groups_only_when_their_loss_is_zero(policy, tokenizer, kl_coef):
+    """A flat group's samples (A = 0) add 0 to the PPO loss and are not forwarded; with a KL term they
+    count and are. The gradient, loss and denominator are the every-row ones either way; the logged
+    entropy is the mean over the forwarded tokens."""
+    import copy
+
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    batch = toy_batch(tokenizer, [1, 1, 1, 1, 1, 0, 0, 1], 4)  # group 0 all right: A = 0
+    grpo = PG(kl_coef=kl_coef)
+    reference = copy.deepcopy(policy) if kl_coef else None
+    seen = []
+    handle = policy.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"]), with_kwargs=True)
+    results = {}
+    try:
+        for skip in (True, False):
+            policy.zero_grad()
+            micro = MicroBatching(skip_zero_advantage=skip)
+            results[skip] = (
+                backward_objective(grpo, policy, batch, start, micro=micro, reference=reference),
+                grads(policy),
+            )
+    finally:
+        handle.remove()
+    (skipped, g_skipped), (every, g_every) = results[True], results[False]
+    assert [ids.shape[0] for ids in seen] == ([8, 8] if kl_coef else [4, 8])
+    assert skipped.kept_tokens == every.kept_tokens == batch.response_mask.sum()  # the loss's denominator
+    assert int(skipped.forwarded_tokens) == int(batch.response_mask[4:].sum() if not kl_coef else every.kept_tokens)
+    assert torch.allclose(skipped.loss, every.loss, atol=1e-8)
+    assert torch.allclose(g_skipped, g_every, atol=1e-7, rtol=1e-5)
+    with torch.no_grad():
+        _, entropy = sequence_logprobs(policy, batch.select(slice(4, 8)), "conditional", start, with_entropy=True)
+    mixed = batch.response_mask[4:].float()  # (4, T)
+    if not kl_coef:  # the mean over the forwarded tokens: the mixed group's
+        expected = (entropy * mixed[:, : entropy.shape[1]]).sum() / mixed.sum()
+        assert torch.allclose(skipped.entropy_sum / skipped.forwarded_tokens, expected, rtol=1e-5)
 
 
 def test_micro_batches_hold_rows_of_similar_length(tokenizer):

@@ -103,6 +103,11 @@ class PolicyGradientObjective:
     def needs_entropy(self) -> bool:
         return self.entropy_coef > 0
 
+    @property
+    def inert_at_zero_advantage(self) -> bool:
+        """A sample with A = 0 adds exactly 0 to this loss and its gradient (no KL or entropy term)."""
+        return not (self.needs_reference or self.needs_entropy)
+
     def advantages(self, rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Advantages and the kept-sample mask for a batch of whole groups.
 

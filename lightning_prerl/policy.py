@@ -77,6 +77,8 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         skip_zero_advantage: samples with A = 0 (GRPO's all-right / all-wrong groups) are not
             forwarded when the objective has no KL or entropy term: they add exactly 0 to the loss and
             its gradient. Logged entropy and PPO KL are then means over the forwarded samples.
+        share_prompts: the samples of a prompt in one forward pass forward their prompt once and
+            attend to its keys and values (same log-probs; not under activation checkpointing).
         temperature: logits temperature of training log-probs (match the rollout temperature).
         ppo_epochs: passes over each rollout batch (verl's ppo_epochs, TRL's num_iterations).
         mini_batches: optimizer steps per pass, each on 1/mini_batches of the batch's prompts.
@@ -108,6 +110,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         micro_batch_tokens: int | None = 4096,
         logprob_chunk_tokens: int | None = None,
         skip_zero_advantage: bool = True,
+        share_prompts: bool = True,
         temperature: float = 1.0,
         ppo_epochs: int = 1,
         mini_batches: int = 1,
@@ -217,7 +220,11 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
     def training_step(self, batch: RolloutBatch, batch_idx: int) -> torch.Tensor:
         t0, step, hp, w = time.perf_counter(), self.trainer.global_step, self.hparams, self.trainer.world_size
         micro = MicroBatching(
-            hp.micro_batch_size, hp.micro_batch_tokens, hp.logprob_chunk_tokens, hp.skip_zero_advantage
+            hp.micro_batch_size,
+            hp.micro_batch_tokens,
+            hp.logprob_chunk_tokens,
+            hp.skip_zero_advantage,
+            hp.share_prompts,
         )
         comm = Collectives(w, self._global_sum, self._global_max)
         args = (self.start_token_id, hp.temperature, micro)  # what every pass over the batch shares

@@ -105,6 +105,7 @@ class Module(_Node):
     micro_batch_tokens: PosInt | None
     logprob_chunk_tokens: PosInt | None
     skip_zero_advantage: bool = True
+    share_prompts: bool = True
     temperature: Positive
     ppo_epochs: PosInt = 1
     mini_batches: PosInt = 1

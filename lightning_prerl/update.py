@@ -28,8 +28,9 @@ from lightning_prerl.zero import through_own_call
 NO_CORRECTION = RolloutCorrection()
 
 
-def final_hidden_states(model: torch.nn.Module, ids, attn, pos, keep: int) -> torch.Tensor:
-    """(N, keep, H) final-norm hidden states of the last `keep` positions, via the model's own forward.
+def final_hidden_states(model: torch.nn.Module, ids, attn, pos, keep: int, cache=None) -> torch.Tensor:
+    """(N, keep, H) final-norm hidden states of the last `keep` positions, via the model's own forward
+    (after the cached positions of `cache`, a transformers `Cache` the pass extends, when given).
 
     The root module is called (not its decoder), so FSDP2's hooks gather and reduce the root's
     parameters; `logits_to_keep` with no index makes the model compute no logits at all. The decoder's
@@ -48,11 +49,46 @@ def final_hidden_states(model: torch.nn.Module, ids, attn, pos, keep: int) -> to
             attention_mask=attn,
             position_ids=pos,
             logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device),
-            use_cache=False,
+            past_key_values=cache,
+            use_cache=cache is not None,
         )
     finally:
         handle.remove()
     return captured[-1][:, -keep:]  # (N, keep, H)
+
+
+def prompt_sharing(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U,) the first row of each distinct prompt and (N,) each row's distinct prompt (GRPO's G
+    samples of a prompt share it, wherever a micro-batch holds them)."""
+    rows = torch.cat([batch.prompt_ids, batch.prompt_mask], dim=1)  # (N, 2P): same ids, same padding
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (N,)
+    n, u = len(inverse), int(inverse.max()) + 1
+    order = torch.arange(n, device=inverse.device)
+    first = torch.full((u,), n, device=inverse.device).scatter_reduce(0, inverse, order, "amin")  # (U,)
+    return first, inverse
+
+
+def shared_prompt_hidden_states(model: torch.nn.Module, batch: RolloutBatch, first, inverse) -> torch.Tensor:
+    """(N, T, H) hidden states that predict the responses, each distinct prompt forwarded once.
+
+    The prompts' keys and values (with their autograd graph) are computed on the U distinct prompts,
+    indexed out to the N rows and extended by the responses' pass: the same causal attention as one
+    [prompt | response] pass, with the prompt tokens' share of the compute divided by the rows per
+    prompt. The last prompt position (which predicts the first response token) comes from the first pass.
+    Always two forward calls, also when no prompt repeats: sharded (FSDP2, ZeRO-3) ranks must gather
+    parameters in lockstep whatever their rows hold.
+    """
+    p_ids, p_mask = batch.prompt_ids[first], batch.prompt_mask[first]  # (U, P)
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    last = final_hidden_states(model, p_ids, p_mask, (p_mask.cumsum(1) - 1).clamp(min=0), 1, cache)  # (U, 1, H)
+    cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...) in every layer, differentiably
+    attn = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)  # (N, P + T)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)[:, batch.prompt_ids.shape[1] :]  # (N, T)
+    t = batch.response_ids.shape[1]
+    responses = final_hidden_states(model, batch.response_ids, attn, pos, t, cache)  # (N, T, H)
+    return torch.cat([last[inverse], responses[:, :-1]], dim=1)  # (N, T, H)
 
 
 def output_head_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -78,29 +114,36 @@ def sequence_logprobs(
     with_entropy: bool = False,
     chunk_tokens: int | None = None,
     entropy_grad: bool = True,
+    share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs (N, T) of the responses, with or without their prompts (and the entropy,
     differentiable or only measured: `entropy_grad`).
 
-    conditional: [prompt (left-padded) | response], positions count real tokens from 0.
+    conditional: [prompt (left-padded) | response], positions count real tokens from 0; with
+    `share_prompts` rows with the same prompt share one forward of it (`shared_prompt_hidden_states`;
+    not under activation checkpointing, which drops the cache).
     marginal: [start token | response], the prompt removed entirely; positions restart at 0.
     Either way the EOS token of a finished response is scored (it is inside `response_mask`).
     The logits are never materialised: the head runs chunk by chunk (`ops.head_logprobs`).
     """
+    if space not in ("conditional", "marginal"):
+        raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
     resp, resp_mask = batch.response_ids, batch.response_mask  # (N, T)
     n, t = resp.shape
-    if space == "conditional":
-        ids = torch.cat([batch.prompt_ids, resp], dim=1)  # (N, P + T)
-        attn = torch.cat([batch.prompt_mask, resp_mask], dim=1)  # (N, P + T)
-        pos = (attn.cumsum(1) - 1).clamp(min=0)  # (N, P + T)
-    elif space == "marginal":
-        start = torch.full((n, 1), start_token_id, dtype=resp.dtype, device=resp.device)
-        ids = torch.cat([start, resp], dim=1)  # (N, 1 + T)
-        attn = torch.cat([torch.ones_like(start), resp_mask], dim=1)  # (N, 1 + T)
-        pos = torch.arange(t + 1, device=resp.device).expand(n, -1)  # (N, 1 + T)
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if space == "conditional" and share_prompts and not checkpointing:
+        hidden = shared_prompt_hidden_states(model, batch, *prompt_sharing(batch))  # (N, T, H)
     else:
-        raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
-    hidden = final_hidden_states(model, ids, attn, pos, t + 1)[:, :-1]  # (N, T, H): position j predicts token j
+        if space == "conditional":
+            ids = torch.cat([batch.prompt_ids, resp], dim=1)  # (N, P + T)
+            attn = torch.cat([batch.prompt_mask, resp_mask], dim=1)  # (N, P + T)
+            pos = (attn.cumsum(1) - 1).clamp(min=0)  # (N, P + T)
+        else:
+            start = torch.full((n, 1), start_token_id, dtype=resp.dtype, device=resp.device)
+            ids = torch.cat([start, resp], dim=1)  # (N, 1 + T)
+            attn = torch.cat([torch.ones_like(start), resp_mask], dim=1)  # (N, 1 + T)
+            pos = torch.arange(t + 1, device=resp.device).expand(n, -1)  # (N, 1 + T)
+        hidden = final_hidden_states(model, ids, attn, pos, t + 1)[:, :-1]  # (N, T, H): position j predicts token j
 
     def score(weight: torch.Tensor):  # weight (V, H)
         return head_logprobs(hidden, weight, resp, temperature, with_entropy, chunk_tokens, entropy_grad)
@@ -139,12 +182,14 @@ class MicroBatching:
         skip_zero_advantage: do not forward samples with A = 0 when the objective has no KL or
             entropy term (they add exactly 0 to its loss and gradient: GRPO's flat groups); the
             logged entropy and PPO KL are then means over the samples that were forwarded.
+        share_prompts: rows of a pass that share a prompt forward it once (`shared_prompt_hidden_states`).
     """
 
     size: int | None = None
     max_tokens: int | None = None
     chunk_tokens: int | None = None
     skip_zero_advantage: bool = True
+    share_prompts: bool = True
 
 
 @dataclass(frozen=True)
@@ -169,7 +214,15 @@ def _no_grad_logprobs(
     out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device)  # (N, T)
     with torch.no_grad():
         for rows, mb in batch.micro_batches(micro.size, micro.max_tokens, comm.max):
-            logp, _ = sequence_logprobs(model, mb, space, start_token_id, temperature, chunk_tokens=micro.chunk_tokens)
+            logp, _ = sequence_logprobs(
+                model,
+                mb,
+                space,
+                start_token_id,
+                temperature,
+                chunk_tokens=micro.chunk_tokens,
+                share_prompts=micro.share_prompts,
+            )
             out[rows, : logp.shape[1]] = logp
     return out
 
@@ -270,7 +323,15 @@ def backward_objective(
     for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')
         logp, entropy = sequence_logprobs(
-            policy, mb, objective.space, start_token_id, temperature, True, micro.chunk_tokens, objective.needs_entropy
+            policy,
+            mb,
+            objective.space,
+            start_token_id,
+            temperature,
+            True,
+            micro.chunk_tokens,
+            objective.needs_entropy,
+            micro.share_prompts,
         )  # (n, T'), (n, T'): the entropy is differentiable only when it is in the loss
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()  # (n, T')
         if mismatch is not None and mb.rollout_logprobs is not None and objective.space == "conditional":
@@ -279,7 +340,13 @@ def backward_objective(
         if objective.needs_reference:
             with torch.no_grad():
                 ref_logp, _ = sequence_logprobs(
-                    reference, mb, objective.space, start_token_id, temperature, chunk_tokens=micro.chunk_tokens
+                    reference,
+                    mb,
+                    objective.space,
+                    start_token_id,
+                    temperature,
+                    chunk_tokens=micro.chunk_tokens,
+                    share_prompts=micro.share_prompts,
                 )
         token_loss = objective.token_loss(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights)  # (n, T')
         loss = (token_loss * mask).sum() / kept_tokens * comm.world_size

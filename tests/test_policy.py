@@ -57,9 +57,18 @@ def test_marginal_logprobs_drop_the_prompt_restart_positions_and_score_eos(polic
     assert not torch.allclose(cond[0, : len(resp)], expected, atol=1e-3)
 
 
-def test_conditional_logprobs_match_an_unpadded_forward(policy, tokenizer):
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_conditional_logprobs_match_an_unpadded_forward(policy, tokenizer, share_prompts):
+    """Also when the 2 samples of each prompt share one forward of it (its keys and values)."""
     batch = make_batch(tokenizer)
-    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    rows = []
+    handle = policy.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    try:
+        logp, _ = sequence_logprobs(policy, batch, "conditional", 0, share_prompts=share_prompts)
+    finally:
+        handle.remove()
+    p, t = batch.prompt_ids.shape[1], batch.response_ids.shape[1]
+    assert rows == ([(2, p), (4, t)] if share_prompts else [(4, p + t)])  # distinct prompts once, then responses
     for i in range(4):
         p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
         r = batch.response_ids[i][batch.response_mask[i].bool()]
@@ -75,8 +84,10 @@ def test_gradient_does_not_depend_on_micro_batch_size(policy, tokenizer, space):
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     grads = []
     longest = int((batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).max())
-    # whole batch; 1 and 3 rows; a token budget of ~2 rows; tiny output-head chunks
+    # whole batch, every row with its own prompt forward or sharing them; 1 and 3 rows; a token budget
+    # of ~2 rows; tiny output-head chunks
     for micro in (
+        MicroBatching(share_prompts=False),
         MicroBatching(),
         MicroBatching(size=1),
         MicroBatching(size=3),

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from lightning_prerl.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives import PolicyGradientObjective as PG
 from lightning_prerl.objectives.policy_gradient import PRETRAIN_LR_SCALE
-from lightning_prerl.update import Collectives, backward_objective, prepare, sequence_logprobs
+from lightning_prerl.update import Collectives, MicroBatching, backward_objective, prepare, sequence_logprobs
 from tests.test_policy import make_batch
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -120,9 +120,9 @@ def test_one_update_per_batch_runs_no_extra_pass_and_takes_old_logprobs_from_the
     handle = policy.register_forward_hook(lambda *a: calls.append(1))
     prepared, stats = prepare(PG(), policy, batch, 0, updates=1)
     assert calls == [] and prepared.old_logprobs is None and not stats.sums
-    prepared, _ = prepare(PG(), policy, batch, 0, updates=4)
+    prepared, _ = prepare(PG(), policy, batch, 0, micro=MicroBatching(share_prompts=False), updates=4)
     handle.remove()
-    assert len(calls) == 1 and prepared.old_logprobs is not None
+    assert len(calls) == 1 and prepared.old_logprobs is not None  # one [prompt | response] pass
     logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
     assert torch.equal(prepared.old_logprobs * batch.response_mask, logp.detach() * batch.response_mask)
 
@@ -220,7 +220,7 @@ def test_one_update_per_batch_is_plain_policy_gradient_bit_for_bit(policy, token
     grads = [p.grad.clone() for p in policy.parameters()]
     policy.zero_grad(set_to_none=True)
     adv, _ = PG().advantages(batch.rewards, batch.group_size)
-    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)  # linear_cross_entropy, no entropy
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0, share_prompts=True)  # as the update's forward
     mask = batch.response_mask.float()
     loss = (-adv[:, None] * torch.exp(logp - logp.detach()) * mask).sum() / mask.sum()
     loss.backward()

@@ -1,6 +1,6 @@
 """Benchmark (CPU): achieved FLOP/s of one float32 training step against this machine's float32 matmul peak.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_flops.py [--threads 1 --repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_flops.py [--threads 1 --repeats 3 --micro-batch-tokens 4096 0]
 
 One step = `backward_objective` (GRPO: the conditional forward with chunked head log-probs, loss,
 backward) + an AdamW step, on a random-token batch of the policy's vocabulary: the shipped toy policy
@@ -8,7 +8,9 @@ backward) + an AdamW step, on a random-token batch of the policy's vocabulary: t
 the same family with 32 x (40 + 120). Model FLOPs as in benchmarks/gpu_step.py (6 x body params x
 tokens + 6 x V x H x response tokens + attention; recomputation not counted). The peak is the median
 FLOP/s of a 2048^3 float32 matmul timed in the same run with the same thread count. Median of
-`--repeats` steps after one warm-up. JSON: benchmarks/results/train_flops.json.
+`--repeats` steps after one warm-up, at each `--micro-batch-tokens` budget (the project's default 4,096
+padded tokens per forward/backward; 0: one whole-batch pass); every prompt is forwarded with its own
+row (random prompts: nothing to share). JSON: benchmarks/results/train_flops.json.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lightning_prerl.batch import RolloutBatch  # noqa: E402
 from lightning_prerl.models import load_policy  # noqa: E402
 from lightning_prerl.objectives import PolicyGradientObjective  # noqa: E402
 from lightning_prerl.toyworld import build_model, build_tokenizer  # noqa: E402
-from lightning_prerl.update import backward_objective  # noqa: E402
+from lightning_prerl.update import MicroBatching, backward_objective  # noqa: E402
 
 # name: (hidden, layers, heads, ffn) or None for the shipped toy policy, samples, prompt and response tokens
 SIZES = [("toy", None, 128, 40, 80), ("25M", (512, 8, 8, 1536), 32, 40, 120)]
@@ -46,7 +48,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / statistics.median(times) / 1e9
 
 
-def step_seconds(model, n: int, p: int, t: int, repeats: int) -> float:
+def step_seconds(model, n: int, p: int, t: int, repeats: int, micro: MicroBatching) -> float:
     vocab = model.config.vocab_size
     batch = RolloutBatch(
         torch.randint(0, vocab, (n, p)), torch.ones(n, p, dtype=torch.long),
@@ -59,7 +61,7 @@ def step_seconds(model, n: int, p: int, t: int, repeats: int) -> float:
     for i in range(1 + repeats):
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        backward_objective(objective, model, batch, start_token_id=0)
+        backward_objective(objective, model, batch, start_token_id=0, micro=micro)
         opt.step()
         if i:
             times.append(time.perf_counter() - start)
@@ -70,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--micro-batch-tokens", type=int, nargs="+", default=[4096, 0], help="0: one whole-batch pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -80,19 +83,24 @@ def main() -> None:
         else:
             hidden, layers, heads, ffn = shape
             model = build_model(build_tokenizer(), hidden=hidden, layers=layers, heads=heads, ffn=ffn)
-        peak = matmul_peak_gflops()
-        seconds = step_seconds(model, n, p, t, args.repeats)
-        achieved = model_flops(model, n, p, t) / seconds / 1e9
-        rows.append({
-            "policy": name, "params": sum(q.numel() for q in model.parameters()), "samples": n,
-            "tokens": n * (p + t), "step_s": round(seconds, 3), "gflops": round(achieved, 2),
-            "matmul_peak_gflops": round(peak, 2), "fraction_of_peak": round(achieved / peak, 3),
-        })  # fmt: skip
+        for budget in args.micro_batch_tokens:
+            peak = matmul_peak_gflops()
+            micro = MicroBatching(max_tokens=budget or None, share_prompts=False)
+            seconds = step_seconds(model, n, p, t, args.repeats, micro)
+            achieved = model_flops(model, n, p, t) / seconds / 1e9
+            rows.append({
+                "policy": name, "params": sum(q.numel() for q in model.parameters()), "samples": n,
+                "tokens": n * (p + t), "micro_batch_tokens": budget, "step_s": round(seconds, 3),
+                "gflops": round(achieved, 2), "matmul_peak_gflops": round(peak, 2),
+                "fraction_of_peak": round(achieved / peak, 3),
+            })  # fmt: skip
     print(f"float32, {args.threads} thread(s), median of {args.repeats} steps; peak = 2048^3 matmul, same run")
-    print(f"{'policy':>6} {'params':>11} {'tokens':>7} {'step s':>7} {'GFLOP/s':>8} {'peak':>7} {'of peak':>8}")
+    head = ("policy", 6), ("params", 11), ("tokens", 7), ("budget", 7), ("step s", 7), ("GFLOP/s", 8), ("peak", 7)
+    print(" ".join(f"{name:>{width}}" for name, width in head), f"{'of peak':>8}")
     for r in rows:
         print(
-            f"{r['policy']:>6} {r['params']:>11,} {r['tokens']:>7} {r['step_s']:>7.2f} {r['gflops']:>8.2f} "
+            f"{r['policy']:>6} {r['params']:>11,} {r['tokens']:>7} {r['micro_batch_tokens'] or 'off':>7} "
+            f"{r['step_s']:>7.2f} {r['gflops']:>8.2f} "
             f"{r['matmul_peak_gflops']:>7.1f} {r['fraction_of_peak']:>8.1%}"
         )
     write_json("train_flops", args=vars(args), rows=rows)

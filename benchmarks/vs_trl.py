@@ -6,7 +6,7 @@
 Both train the same policy (the shipped toy policy, or a ~25M-parameter one of its family) on the same
 toy-world prompts: 16 prompts x 8 samples per optimizer step, <= 120 new tokens, temperature 1 (no
 top-k/top-p), float32, boxed exact-match reward, AdamW lr 1e-4, no KL, one optimizer step per rollout
-batch, the same torch thread count. Three contenders, run in alternation `--repeats` times each:
+batch, the same torch thread count. Four contenders, run in alternation `--repeats` times each:
 - project, transformers engine (`rollout=hf`) and project, vLLM engine (`rollout=vllm`): `CondRL` +
   `RolloutDataModule` under a plain `lightning.Trainer` (as the README's Python API example);
 - TRL 1.16 `GRPOTrainer` (transformers generation, `use_vllm=False`: the vLLM server mode TRL offers

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
+from transformers import DynamicCache
 
 from lightning_prerl.batch import RolloutBatch
 from lightning_prerl.correction import MismatchStats, RolloutCorrection
@@ -79,8 +80,6 @@ def shared_prompt_hidden_states(model: torch.nn.Module, batch: RolloutBatch, fir
     parameters in lockstep whatever their rows hold.
     """
     p_ids, p_mask = batch.prompt_ids[first], batch.prompt_mask[first]  # (U, P)
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     last = final_hidden_states(model, p_ids, p_mask, (p_mask.cumsum(1) - 1).clamp(min=0), 1, cache)  # (U, 1, H)
     cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...) in every layer, differentiably
@@ -191,6 +190,11 @@ class MicroBatching:
     skip_zero_advantage: bool = True
     share_prompts: bool = True
 
+    @property
+    def scoring(self) -> dict:
+        """The `sequence_logprobs` arguments every pass takes from here."""
+        return {"chunk_tokens": self.chunk_tokens, "share_prompts": self.share_prompts}
+
 
 @dataclass(frozen=True)
 class Collectives:
@@ -214,15 +218,7 @@ def _no_grad_logprobs(
     out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device)  # (N, T)
     with torch.no_grad():
         for rows, mb in batch.micro_batches(micro.size, micro.max_tokens, comm.max):
-            logp, _ = sequence_logprobs(
-                model,
-                mb,
-                space,
-                start_token_id,
-                temperature,
-                chunk_tokens=micro.chunk_tokens,
-                share_prompts=micro.share_prompts,
-            )
+            logp, _ = sequence_logprobs(model, mb, space, start_token_id, temperature, **micro.scoring)
             out[rows, : logp.shape[1]] = logp
     return out
 
@@ -320,19 +316,12 @@ def backward_objective(
         batch = rows_with_loss(batch, micro.skip_zero_advantage and objective.inert_at_zero_advantage)
         result.forwarded_tokens = comm.sum(batch.loss_mask.sum())
     micro_batches = batch.micro_batches(micro.size, micro.max_tokens, comm.max)
+    space, differentiable_entropy = objective.space, objective.needs_entropy  # the entropy: only in the loss
     for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')
         logp, entropy = sequence_logprobs(
-            policy,
-            mb,
-            objective.space,
-            start_token_id,
-            temperature,
-            True,
-            micro.chunk_tokens,
-            objective.needs_entropy,
-            micro.share_prompts,
-        )  # (n, T'), (n, T'): the entropy is differentiable only when it is in the loss
+            policy, mb, space, start_token_id, temperature, True, entropy_grad=differentiable_entropy, **micro.scoring
+        )  # (n, T'), (n, T')
         old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()  # (n, T')
         if mismatch is not None and mb.rollout_logprobs is not None and objective.space == "conditional":
             mismatch.add(logp, mb.rollout_logprobs, mb.response_mask)
@@ -340,13 +329,7 @@ def backward_objective(
         if objective.needs_reference:
             with torch.no_grad():
                 ref_logp, _ = sequence_logprobs(
-                    reference,
-                    mb,
-                    objective.space,
-                    start_token_id,
-                    temperature,
-                    chunk_tokens=micro.chunk_tokens,
-                    share_prompts=micro.share_prompts,
+                    reference, mb, objective.space, start_token_id, temperature, **micro.scoring
                 )
         token_loss = objective.token_loss(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights)  # (n, T')
         loss = (token_loss * mask).sum() / kept_tokens * comm.world_size

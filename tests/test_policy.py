@@ -77,6 +77,20 @@ def test_conditional_logprobs_match_an_unpadded_forward(policy, tokenizer, share
         assert torch.allclose(logp[i, : len(r)], expected, atol=1e-4), i
 
 
+def test_shared_prompt_passes_are_two_forward_calls_whatever_the_rows_hold(policy, tokenizer):
+    """Sharded ranks gather parameters in every forward call: the call count must not depend on whether
+    a rank's rows repeat a prompt (a data-dependent count hung 2 FSDP2 ranks)."""
+    batch = make_batch(tokenizer)
+    calls = []
+    handle = policy.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        for rows in ([0, 1], [0, 2], [3]):  # one prompt twice; two distinct prompts; a single row
+            sequence_logprobs(policy, batch.select(torch.tensor(rows)), "conditional", 0, share_prompts=True)
+    finally:
+        handle.remove()
+    assert calls == [1, 2, 2, 2, 1, 1]  # (distinct prompts, rows) per pass
+
+
 @pytest.mark.parametrize("space", ["conditional", "marginal"])
 def test_gradient_does_not_depend_on_micro_batch_size(policy, tokenizer, space):
     obj = PolicyGradientObjective(space=space, advantage="group_mean")

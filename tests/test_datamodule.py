@@ -152,6 +152,37 @@ def test_hf_engine_samples_the_policy_itself_not_the_checkpoint_defaults(tiny_mo
     assert (logp * resp_mask).min() < -1.0  # real sampling: unlikely tokens were drawn (top_k=1 would forbid it)
 
 
+def test_hf_engine_decode_loop_draws_what_transformers_generate_draws():
+    """The engine's loop (finished rows leave the batch) samples exactly what `generate` over the same
+    seeded Gumbel noise samples (the path sharded policies take), greedy and with top-k: the shipped toy
+    policy, whose answers end at different lengths."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from lightning_prerl.batch import pad_left
+    from lightning_prerl.models import load_policy, load_tokenizer
+    from lightning_prerl.prompts import render_prompt
+    from lightning_prerl.rollout.engine import SamplingConfig, cut_at_eos, derive_seed
+    from lightning_prerl.rollout.hf import SeededGumbel
+
+    policy, tokenizer = load_policy("toy").eval(), load_tokenizer("toy")
+    engine = HFEngine(tokenizer)
+    engine.sync(policy)
+    prompts = [render_prompt(tokenizer, p) for p in toy_prompts("heldout", 4)]
+    ids, mask = pad_left([p for p in prompts for _ in range(3)], tokenizer.pad_token_id)
+    stop = {tokenizer.eos_token_id}
+    settings = [dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.7, top_k=5)]
+    for sampling in [SamplingConfig(max_new_tokens=80, **kw) for kw in settings]:
+        gen = engine.generate(prompts, 3, sampling, seeds=[11, 12, 13, 14])
+        noise = SeededGumbel([derive_seed(s, j) for s in (11, 12, 13, 14) for j in range(3)], sampling, "cpu")
+        config = GenerationConfig(max_new_tokens=80, do_sample=False, eos_token_id=[tokenizer.eos_token_id],
+                                  pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        processors = LogitsProcessorList([noise] if sampling.temperature else [])
+        out = policy.generate(input_ids=ids, attention_mask=mask, logits_processor=processors, generation_config=config)
+        expected = [cut_at_eos(row, stop, tokenizer.pad_token_id) for row in out[:, ids.shape[1] :].tolist()]
+        assert gen.completions == expected, sampling
+        assert len({len(c) for c in gen.completions}) > 1  # rows finished at different steps
+
+
 def _on_rank(dm: RolloutDataModule, rank: int, world: int) -> RolloutDataModule:
     dm.trainer = SimpleNamespace(**{**vars(dm.trainer), "global_rank": rank, "world_size": world})
     return dm

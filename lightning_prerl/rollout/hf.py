@@ -1,14 +1,19 @@
-"""transformers `generate` engine: samples from the live policy module itself (no weight copy).
+"""transformers engine: samples from the live policy module itself (no weight copy).
 
 The fallback when vLLM is absent, and the reference the vLLM engine is tested against.
 
-Sampling is exact temperature sampling done as Gumbel-max: `generate` runs greedy over
+Sampling is exact temperature sampling done as Gumbel-max: greedy decoding over
 `logits / T + Gumbel noise`, the noise of each sample drawn from its own generator seeded from
 (prompt seed, sample index). A sample therefore depends on its prompt's seed alone, not on which
-other prompts share the `generate` call, the rank, the world size or the run's history: the same
-run on 1 or 8 processes, or resumed from a checkpoint, draws the same completions. `generate`'s
-own defaults (top_k=50, the checkpoint's repetition penalty, ...) never apply: the engine passes a
-fresh `GenerationConfig`.
+other prompts share the call, the rank, the world size or the run's history: the same run on 1 or 8
+processes, or resumed from a checkpoint, draws the same completions.
+
+Decoding is the engine's own loop over the model's forward with a transformers `DynamicCache`
+(`decode`): a finished row leaves the batch and the cache at once, where `generate` computes it until
+the longest row ends (same samples, about half the time on the toy batch). Sharded (FSDP2) policies
+gather parameters in every forward, so their ranks must step together until all finish: they decode
+with `generate(synced_gpus=True)` and the same noise, under a fresh `GenerationConfig` (`generate`'s
+own defaults, top_k=50 or the checkpoint's repetition penalty, never apply).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lightning_prerl.batch import pad_left
@@ -44,14 +49,60 @@ class SeededGumbel(LogitsProcessor):
         ]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.noisy(scores, range(len(self.generators)))  # a `generate` call: every row
+
+    def noisy(self, scores: torch.Tensor, rows) -> torch.Tensor:
+        """`scores / T` (R, V) of the call's rows `rows`, warped, plus each row's own Gumbel noise."""
         scores = scores.float() / self.temperature  # (R, V)
         for warp in self.warpers:
-            scores = warp(input_ids, scores)
+            scores = warp(None, scores)  # top-k / top-p read only the scores
         uniform = torch.stack(
-            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
+            [torch.rand(scores.shape[1], generator=self.generators[i], device=scores.device) for i in rows]
         )  # (R, V)
         gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20)))  # (R, V)
         return scores + gumbel
+
+
+@torch.no_grad()
+def decode(policy, ids, mask, max_new_tokens: int, stop: set[int], noise=None, logprob_temperature=None):
+    """Greedy decoding of `policy` over its logits (or `noise.noisy(logits, rows)`: sampling), finished
+    rows dropped from the batch and the cache. Returns each row's new tokens (up to and including its
+    stop token) and, with a `logprob_temperature` T, the log-probs under softmax(logits / T) of the
+    tokens it picked (else empty lists).
+
+    Args:
+        ids, mask: (R, P) left-padded prompts and their 0/1 mask.
+    """
+    r = ids.shape[0]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # (R, P)
+    cache = DynamicCache(config=policy.config)
+    out = policy(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                 logits_to_keep=1)  # fmt: skip
+    alive = torch.arange(r, device=ids.device)  # (A,) rows still decoding
+    nxt = pos[:, -1:] + 1  # (A, 1) position of the next token
+    tokens, logprobs = [[] for _ in range(r)], [[] for _ in range(r)]
+    stop_ids = torch.tensor(sorted(stop), device=ids.device)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # (A, V)
+        scores = logits if noise is None else noise.noisy(logits, alive.tolist())
+        picked = scores.argmax(-1)  # (A,)
+        for row, t in zip(alive.tolist(), picked.tolist(), strict=True):
+            tokens[row].append(t)
+        if logprob_temperature is not None:
+            chosen = (logits / logprob_temperature).log_softmax(-1).gather(-1, picked[:, None]).squeeze(-1)  # (A,)
+            for row, lp in zip(alive.tolist(), chosen.tolist(), strict=True):
+                logprobs[row].append(lp)
+        going = (~torch.isin(picked, stop_ids)).nonzero().squeeze(1)  # (A',)
+        if len(going) == 0 or step == max_new_tokens - 1:
+            break
+        if len(going) < len(alive):
+            cache.batch_select_indices(going)
+            alive, picked, mask, nxt = alive[going], picked[going], mask[going], nxt[going]
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, P + step + 1)
+        out = policy(input_ids=picked[:, None], attention_mask=mask, position_ids=nxt, past_key_values=cache,
+                     use_cache=True)  # fmt: skip
+        nxt = nxt + 1
+    return tokens, logprobs
 
 
 class HFEngine:
@@ -94,6 +145,30 @@ class HFEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
+    def _generate_in_lockstep(self, policy, ids, mask, noise, max_new_tokens: int, scale: float | None):
+        """`generate(synced_gpus=True)`: every rank steps until all ranks' rows finish (FSDP2 gathers).
+        Log-probs (with a `scale`) keep every step's logits until the call ends: (R, steps, V) float32."""
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id, output_logits=scale is not None, return_dict_in_generate=True,
+        )  # fmt: skip
+        processors = LogitsProcessorList([noise] if noise is not None else [])
+        # `generate` fills unset fields from `policy.generation_config`: swap in a blank one
+        saved, policy.generation_config = policy.generation_config, GenerationConfig()
+        try:
+            out = policy.generate(
+                input_ids=ids, attention_mask=mask, logits_processor=processors, generation_config=config,
+                synced_gpus=True,
+            )  # fmt: skip
+        finally:
+            policy.generation_config = saved
+        new = out.sequences[:, ids.shape[1] :]  # (R, <= max_new_tokens)
+        if scale is None:
+            return new.tolist(), [[] for _ in range(len(new))]
+        steps = (torch.stack(out.logits, dim=1).float() / scale).log_softmax(-1)  # (R, S, V)
+        picked = steps.gather(-1, new[:, :, None]).squeeze(-1)  # (R, S)
+        return new.tolist(), picked.tolist()
+
     @torch.no_grad()
     def generate(
         self,
@@ -110,49 +185,36 @@ class HFEngine:
         was_training = policy.training
         policy.eval()
         device = next(policy.parameters()).device
-        per_call = max(1, self.max_batch_sequences // n)
-        greedy = sampling.temperature == 0
         if seeds is None:  # unseeded: draw prompt seeds from the global torch generator
             seeds = torch.randint(0, 2**62, (len(prompt_ids),)).tolist()
-        # greedy decoding in both cases (sampling = greedy over logits / T + Gumbel noise); rows are
-        # prompts repeated n times
-        config = GenerationConfig(
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=False,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            output_logits=return_logprobs,
-            return_dict_in_generate=True,
-        )
-        # sharded (FSDP2) policies all-gather in every forward: ranks must step in lockstep until all finish
-        kwargs = dict(generation_config=config, synced_gpus=is_sharded(policy))
-        completions, logprobs = [], [] if return_logprobs else None
-        stop = set(self.stop_token_ids)
-        # `generate` fills unset fields from `policy.generation_config`: swap in a blank one
-        saved_config, policy.generation_config = policy.generation_config, GenerationConfig()
+        scale = None  # log-probs of softmax(logits / T), what training scores (before top-k / top-p)
+        if return_logprobs:
+            scale = sampling.temperature if sampling.temperature != 0 else 1.0
         try:
-            for start in range(0, len(prompt_ids), per_call):
-                chunk = range(start, min(start + per_call, len(prompt_ids)))
-                ids, mask = pad_left([prompt_ids[i] for i in chunk for _ in range(n)], self.pad_token_id)
-                width = ids.shape[1]
-                processors = LogitsProcessorList()
-                if not greedy:
-                    row_seeds = [derive_seed(seeds[i], j) for i in chunk for j in range(n)]
-                    processors.append(SeededGumbel(row_seeds, sampling, device))
-                with self._autocast(device):
-                    out = policy.generate(
-                        input_ids=ids.to(device), attention_mask=mask.to(device), logits_processor=processors, **kwargs
-                    )
-                new = out.sequences[:, width:]  # (len(chunk) * n, <= max_new_tokens)
-                cut = [cut_at_eos(row, stop, self.pad_token_id) for row in new.tolist()]
-                completions += cut
-                if return_logprobs:
-                    # the sampling distribution before top-k/top-p: softmax(logits / T), what training scores
-                    scale = 1.0 if greedy else sampling.temperature
-                    steps = (torch.stack(out.logits, dim=1).float() / scale).log_softmax(-1)  # (rows, S, V)
-                    picked = steps.gather(-1, new[:, :, None]).squeeze(-1)  # (rows, S)
-                    logprobs += [picked[r, : len(c)].tolist() for r, c in enumerate(cut)]
+            completions, logprobs = self._decode_chunks(policy, prompt_ids, n, sampling, seeds, scale, device)
         finally:
-            policy.generation_config = saved_config
             policy.train(was_training)
         return Generation(completions=completions, logprobs=logprobs)
+
+    def _decode_chunks(self, policy, prompt_ids, n: int, sampling, seeds: list[int], scale, device):
+        """Decoding in calls of at most `max_batch_sequences` rows (prompts repeated n times)."""
+        per_call = max(1, self.max_batch_sequences // n)
+        stop = set(self.stop_token_ids)
+        completions, logprobs = [], [] if scale is not None else None
+        for start in range(0, len(prompt_ids), per_call):
+            chunk = range(start, min(start + per_call, len(prompt_ids)))  # rows: prompts repeated n times
+            ids, mask = pad_left([prompt_ids[i] for i in chunk for _ in range(n)], self.pad_token_id)
+            ids, mask = ids.to(device), mask.to(device)
+            noise = None  # greedy decoding either way: sampling = greedy over logits / T + Gumbel noise
+            if sampling.temperature != 0:
+                noise = SeededGumbel([derive_seed(seeds[i], j) for i in chunk for j in range(n)], sampling, device)
+            with self._autocast(device):
+                if is_sharded(policy):
+                    new, lps = self._generate_in_lockstep(policy, ids, mask, noise, sampling.max_new_tokens, scale)
+                else:
+                    new, lps = decode(policy, ids, mask, sampling.max_new_tokens, stop, noise, scale)
+            cut = [cut_at_eos(row, stop, self.pad_token_id) for row in new]
+            completions += cut
+            if scale is not None:
+                logprobs += [lp[: len(c)] for lp, c in zip(lps, cut, strict=True)]
+        return completions, logprobs

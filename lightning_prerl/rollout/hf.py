@@ -83,14 +83,15 @@ def decode(policy, ids, mask, max_new_tokens: int, stop: set[int], noise=None, l
     tokens, logprobs = [[] for _ in range(r)], [[] for _ in range(r)]
     stop_ids = torch.tensor(sorted(stop), device=ids.device)
     for step in range(max_new_tokens):
+        rows = alive.tolist()
         logits = out.logits[:, -1].float()  # (A, V)
-        scores = logits if noise is None else noise.noisy(logits, alive.tolist())
+        scores = logits if noise is None else noise.noisy(logits, rows)
         picked = scores.argmax(-1)  # (A,)
-        for row, t in zip(alive.tolist(), picked.tolist(), strict=True):
+        for row, t in zip(rows, picked.tolist(), strict=True):
             tokens[row].append(t)
         if logprob_temperature is not None:
             chosen = (logits / logprob_temperature).log_softmax(-1).gather(-1, picked[:, None]).squeeze(-1)  # (A,)
-            for row, lp in zip(alive.tolist(), chosen.tolist(), strict=True):
+            for row, lp in zip(rows, chosen.tolist(), strict=True):
                 logprobs[row].append(lp)
         going = (~torch.isin(picked, stop_ids)).nonzero().squeeze(1)  # (A',)
         if len(going) == 0 or step == max_new_tokens - 1:
@@ -106,16 +107,17 @@ def decode(policy, ids, mask, max_new_tokens: int, stop: set[int], noise=None, l
 
 
 class HFEngine:
-    """Generates with `policy.generate` in chunks of at most `max_batch_sequences` sequences.
+    """Generates from the live policy (`decode`; sharded policies: `generate`) in calls of at most
+    `max_batch_sequences` sequences.
 
     Args:
         tokenizer: the policy's tokenizer (EOS and padding ids).
-        max_batch_sequences: prompts x samples per `generate` call (bounds memory).
+        max_batch_sequences: prompts x samples per decoding call (bounds memory).
         stop_token_ids: every id that ends a completion (default: the tokenizer's EOS).
         dtype: compute dtype of generation; with float32 master weights and bf16 compute, the
             policy generates under autocast (FSDP2's mixed precision already casts).
-        return_logprobs: hand training batches the sampling log-probs (every step's logits are kept
-            until the call ends: (rows, steps, V) float32, so off by default).
+        return_logprobs: hand training batches the sampling log-probs (off by default: a sharded
+            policy's `generate` keeps every step's logits until the call ends, (rows, steps, V) float32).
     """
 
     def __init__(

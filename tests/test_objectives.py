@@ -104,3 +104,48 @@ def test_chunked_head_logprobs_and_entropy_equal_the_full_logits(temperature):
         grads = torch.autograd.grad(logp.sum() + 0.1 * ent.sum(), (hidden, weight))
         for g, ref in zip(grads, ref_grads, strict=True):
             assert torch.allclose(g, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_head_weight_gradient_is_summed_in_float32_on_every_device(monkeypatch):
+    """`lce_options` names float32 accumulation. torch's "auto" resolves to "compact" for CUDA bf16
+    (`linear_cross_entropy_options._AUTO_DEFAULTS`): every chunk's head-weight gradient added into the
+    bf16 gradient itself. Pinned here on CPU through the options' own resolution (`_adjust`), so a torch
+    that changes that table, or a return to the default options, fails here."""
+    from lightning_prerl.objectives.ops import head_logprobs, lce_options
+
+    cuda, cpu, bf16 = torch.device("cuda"), torch.device("cpu"), torch.bfloat16
+    default = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=883)._adjust(8192, 2560, 151936, bf16, cuda)
+    assert default.acc_policy == "compact"  # the library fact this guards against
+    ours = lce_options(883, cuda, bf16)._adjust(8192, 2560, 151936, bf16, cuda)
+    assert (ours.acc_policy, ours.acc_dtype, ours.batch_chunk_size) == ("balanced", torch.float32, 883)
+    ours = lce_options(883, cpu, bf16)._adjust(8192, 2560, 151936, bf16, cpu)
+    assert (ours.acc_policy, ours.acc_dtype) == ("accurate", torch.float32)
+    ours = lce_options(64, cpu, torch.float32)._adjust(100, 32, 500, torch.float32, cpu)
+    assert ours.acc_dtype == torch.float32
+    seen, lce = [], torch.nn.functional.linear_cross_entropy  # and head_logprobs passes them
+
+    def recording(*args, options, **kwargs):
+        seen.append(options)
+        return lce(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", recording)
+    head_logprobs(torch.randn(2, 5, 8, dtype=bf16), torch.randn(50, 8, dtype=bf16), torch.zeros(2, 5, dtype=torch.long))
+    assert [(o.acc_policy, o.acc_dtype) for o in seen] == [("accurate", torch.float32)]
+
+
+def test_head_logprobs_without_linear_cross_entropy(monkeypatch):
+    """torch < 2.13 (the GPU image's 2.11) has no `linear_cross_entropy`: the checkpointed chunks give the
+    same log-probs and gradients, and an entropy that is only logged carries no gradient."""
+    from lightning_prerl.objectives.ops import head_logprobs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)  # (N, T, H)
+    weight = (0.2 * torch.randn(300, 16)).requires_grad_()  # (V, H)
+    targets = torch.randint(0, 300, (2, 9))  # (N, T)
+    ref, _ = head_logprobs(hidden, weight, targets, 0.7, False, 5)
+    ref_grads = torch.autograd.grad(ref.sum(), (hidden, weight))
+    monkeypatch.delattr(torch.nn.functional, "linear_cross_entropy")
+    logp, ent = head_logprobs(hidden, weight, targets, 0.7, True, 5, entropy_grad=False)
+    assert torch.allclose(logp, ref, atol=1e-6) and not ent.requires_grad
+    for g, r in zip(torch.autograd.grad(logp.sum(), (hidden, weight)), ref_grads, strict=True):
+        assert torch.allclose(g, r, atol=1e-6)

@@ -167,8 +167,11 @@ class RolloutDataModule(L.LightningDataModule):
         return self.engine
 
     def setup(self, stage: str) -> None:
-        """Check the global batch against the world size; drop over-long prompts (same on every rank)."""
+        """Check the global batch against the world size; drop over-long prompts (same on every rank);
+        size the reward pool for the ranks on this node."""
         _, world = self._rank_world()
+        if self.trainer is not None:  # reward processes: this rank's share of the node's cores
+            self.scorer.ranks_per_node = getattr(self.trainer, "num_devices", None)
         if self.prompts_per_step % (world * self.mini_batches):
             raise ValueError(
                 f"data.prompts_per_step={self.prompts_per_step} does not divide by the world size {world} x "

@@ -156,10 +156,13 @@ def machine_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def available_cores() -> int:
-    """This process's share of the CPU cores: `machine_cores()` divided by the ranks on this node
-    (`LOCAL_WORLD_SIZE`), so 8 GPU ranks do not each start a pool as large as the whole node."""
-    return max(1, machine_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+def available_cores(ranks_per_node: int | None = None) -> int:
+    """This process's share of the CPU cores: `machine_cores()` divided by the training ranks on this
+    node, so 8 GPU ranks do not each start a pool as large as the whole node. `ranks_per_node` comes
+    from the trainer (`Trainer.num_devices`); None reads torchrun's `LOCAL_WORLD_SIZE` (Lightning's own
+    launcher sets only LOCAL_RANK, NODE_RANK and WORLD_SIZE: launchers/subprocess_script.py)."""
+    ranks = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, machine_cores() // max(1, ranks))
 
 
 class RewardScorer:
@@ -169,16 +172,23 @@ class RewardScorer:
         reward_fn: the reward callable (must be picklable when `timeout_s` is set).
         timeout_s: per-completion limit on answer extraction plus reward; None runs both in-process with
             no limit (an extractor that raises still only makes `has_answer` None).
-        workers: processes in the pool when `timeout_s` is set (None: the cores available).
+        workers: processes in the pool when `timeout_s` is set (None: this rank's share of the node's
+            cores, `available_cores(ranks_per_node)`, resolved when the pool starts).
     """
+
+    ranks_per_node: int | None = None  # training ranks on this node; the data module sets it at setup
 
     def __init__(self, reward_fn: RewardFn, timeout_s: float | None = None, workers: int | None = None):
         if workers is not None and workers < 1:
             raise ValueError(f"reward workers={workers}: must be >= 1 (or None for the cores available)")
         self.reward_fn = reward_fn
         self.timeout_s = timeout_s
-        self.workers = workers if workers is not None else available_cores()
+        self._workers = workers
         self._pool = None
+
+    @property
+    def workers(self) -> int:
+        return self._workers if self._workers is not None else available_cores(self.ranks_per_node)
 
     def _get_pool(self):
         if self._pool is None:

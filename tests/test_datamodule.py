@@ -220,3 +220,17 @@ def test_every_held_out_prompt_is_scored_once_over_uneven_shards(tiny_model_dir,
             seen += b.texts[: real * b.group_size : b.group_size]
     assert calls == {1}
     assert len(seen) == 6
+
+
+def test_reward_pool_takes_this_ranks_share_of_the_node(tokenizer, monkeypatch):
+    """Lightning's launcher sets no LOCAL_WORLD_SIZE (launchers/subprocess_script.py): the pool size
+    comes from the trainer's devices, so 2 ranks on an 8-core node start 4 reward processes each, not 8."""
+    import lightning as L
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    dm = make_datamodule(tokenizer, None, prompts_per_step=4, reward_timeout_s=5.0)
+    assert dm.scorer.workers == 8  # no trainer yet: the whole machine
+    dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    dm.setup("fit")
+    assert dm.scorer.workers == 4

@@ -199,6 +199,27 @@ class RolloutBatch:
         return out
 
 
+def keep_rollout_dtypes(plugin) -> None:
+    """Let `RolloutBatch`es pass the precision plugin's `convert_input` unchanged.
+
+    Lightning casts every batch before the step (`trainer.precision_plugin.convert_input`, loops/
+    training_epoch_loop.py and evaluation_loop.py), and `DeepSpeedPrecision.convert_input` (also
+    HalfPrecision, FSDPPrecision at "-true", DoublePrecision) casts every floating tensor, into
+    dataclasses: rewards, advantages and the engine's log-probs would become bf16 (the mismatch
+    log-ratio off by ~|logp| * 2^-9). A rollout batch holds integer ids for the model and float32
+    bookkeeping that must stay float32; the model's compute dtype is set by the policy itself.
+    """
+    convert = plugin.convert_input
+    if getattr(convert, "keeps_rollout_dtypes", False):
+        return
+
+    def convert_input(data):
+        return data if isinstance(data, RolloutBatch) else convert(data)
+
+    convert_input.keeps_rollout_dtypes = True
+    plugin.convert_input = convert_input  # an instance attribute shadows the class method
+
+
 def pad_right(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows -> right-padded ids (R, W) and their 0/1 mask (R, W), W = longest row (at least 1)."""
     width = max(1, max(map(len, rows), default=0))

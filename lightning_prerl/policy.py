@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_prerl import zero
-from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.batch import RolloutBatch, keep_rollout_dtypes
 from lightning_prerl.benchmarks import BenchmarkMetrics
 from lightning_prerl.correction import RolloutCorrection
 from lightning_prerl.heldout import HeldOutEvaluation
@@ -170,6 +170,10 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
                     sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
                 ):
                     group["lr"] = base * factor(sched.last_epoch)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        keep_rollout_dtypes(self.trainer.precision_plugin)
 
     def on_fit_start(self) -> None:
         t, hp = self.trainer, self.hparams

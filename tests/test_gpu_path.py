@@ -158,3 +158,31 @@ def test_deepspeed_config_builds_with_the_rollout_loader(option, tokenizer):
         del cfg["logging_batch_size_per_gpu"]
     with pytest.raises(AttributeError, match="batch_size"):  # the library fact behind the key
         formatted(cfg)
+
+
+@pytest.mark.slow
+def test_gpu_install_resolves_in_one_pass_with_one_torch(tmp_path):
+    """`make setup GPU=1` = one pip call through constraints-gpu.txt. pip's resolver (--dry-run: package
+    metadata only, ~20 s) must find every pin on the index and pick the torch vLLM pins, with nothing
+    installed twice. Catches a pin the index no longer serves (vllm 0.34.0's flashinfer-python==0.7.3
+    is why 0.33.0 is pinned) and a pin that contradicts vLLM's own."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "-q", "--report", str(report)]
+    cmd += ["-c", "constraints-gpu.txt", ".[dev,vllm,deepspeed]"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    versions = {}
+    for item in json.loads(report.read_text())["install"]:
+        name = item["metadata"]["name"].lower()
+        assert name not in versions, f"{name} resolved twice"
+        versions[name] = item["metadata"]["version"]
+    lines = (root / "constraints-gpu.txt").read_text().splitlines()
+    pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
+    for name, version in pins.items():
+        assert versions.get(name.lower()) == version, (name, versions.get(name.lower()), version)

@@ -1,4 +1,4 @@
-"""Train a policy with RL on verifiable rewards: compose -> validate -> instantiate -> fit.
+"""Train a policy with RL on verifiable rewards: compose -> validate the config -> instantiate -> fit.
 
     python experiments/run.py                                   # DSRL on the toy world, CPU
     python experiments/run.py objective=grpo trainer=ddp        # any group option / key override
@@ -21,9 +21,7 @@ from omegaconf import DictConfig
 def main(cfg: DictConfig) -> float | None:
     from lightning_prerl.compose import build_run
 
-    run = build_run(cfg)
-    if cfg.eval_before_training and run.ckpt_path is None:
-        run.trainer.validate(run.module, datamodule=run.datamodule)
+    run = build_run(cfg)  # eval_before_training: the module evaluates at step 0 inside fit
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
     if run.module.fault is not None:
         sys.exit(run.module.fault)

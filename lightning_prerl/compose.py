@@ -134,6 +134,7 @@ def build_run(cfg: DictConfig) -> Run:
         # objects go in through partials: Hydra would turn a dataclass argument back into a config
         build_module = instantiate(cfg.module, _partial_=True, _convert_="all")
         module = build_module(objective=getattr(schedule, "initial_objective", objective))
+        module.evaluate_first = bool(cfg.eval_before_training)  # inside fit, at step 0 (HeldOutEvaluation)
         stops = stop_token_ids(module.tokenizer, cfg.model.path, cfg.model.gguf_file, cfg.model.get("stop_token_ids"))
         engine = instantiate(cfg.rollout, stop_token_ids=stops)
         build_data = instantiate(cfg.data, _partial_=True, _convert_="all")

@@ -17,18 +17,27 @@ class HeldOutEvaluation:
     """Validation hooks for a LightningModule with `val_metrics`, `benchmark_metrics`, `eval_k` and
     `updates_per_batch` (see `PolicyModule`)."""
 
-    def on_train_start(self) -> None:
-        """A resumed run first evaluates, if an evaluation was due at the checkpointed step.
+    evaluate_first = False  # `eval_before_training`: evaluate at step 0 of a fresh run (set by compose.build_run)
 
-        Checkpoints are written at the end of a step's training batch, before that step's held-out
-        evaluation; without this the resumed run would skip it and lose a point of the curve.
+    def on_train_start(self) -> None:
+        """Held-out evaluation before the first step, inside `fit`, with the training strategy's model:
+
+        - a fresh run with `evaluate_first` (`eval_before_training`) evaluates at step 0;
+        - a resumed run evaluates if an evaluation was due at the checkpointed step (checkpoints are
+          written at the end of a step's training batch, before that step's held-out evaluation;
+          without this the resumed run would skip it and lose a point of the curve).
+
+        Not `trainer.validate` before `fit`: under DeepSpeed ZeRO-3 that builds Lightning's separate
+        inference engine, whose ZeRO-3 hooks the training engine then adds to (two parameter
+        coordinators on every module); one code path also means the same evaluation on every strategy.
         """
         t = self.trainer
         every, step = t.check_val_every_n_epoch, t.global_step // self.updates_per_batch  # rollout batches done
-        if t.ckpt_path is None or not every or step == 0 or step % every or not t.datamodule.eval_prompts:
+        due = t.ckpt_path is not None and every and step and step % every == 0
+        if not t.datamodule.eval_prompts or not (due or (step == 0 and self.evaluate_first)):
             return
         for i, batch in enumerate(t.datamodule.val_dataloader()):
-            self.validation_step(batch, i)
+            self.validation_step(t.strategy.batch_to_device(batch), i)  # as Lightning's loop moves it
         self.on_validation_epoch_end()
         from lightning_prerl.dsrl import DSRLSwitch  # its metric trigger observes every evaluation
 

@@ -144,14 +144,15 @@ def test_head_logprobs_peak_memory_at_8192_tokens():
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_lightning_deepspeed_runs_dsrl_across_the_switch_exports_and_resumes(stage, tmp_path):
-    """Lightning's DeepSpeedStrategy end to end (bf16 over float32 master weights): a reference built in
-    configure_model and reset at the switch, several micro-batches per step, export, directory resume."""
+    """Lightning's DeepSpeedStrategy end to end (bf16 over float32 master weights): the held-out evaluation
+    at step 0 (eval_before_training, the default), a reference built in configure_model and reset at the
+    switch, several micro-batches per step, export, directory resume."""
     from test_run import read_rows, run_experiment, steps_with
     from transformers import AutoModelForCausalLM
 
     run = [
         f"trainer=deepspeed_zero{stage}", "trainer.devices=1", "model.dtype=bfloat16", "objective=dsrl",
-        "objective.switch_step=1", "objective.main.kl_coef=0.05", "trainer.max_steps=2", "eval_before_training=false",
+        "objective.switch_step=1", "objective.main.kl_coef=0.05", "trainer.max_steps=2", "eval_before_training=true",
         "trainer.check_val_every_n_epoch=100", "data.prompts_per_step=4", "data.samples_per_prompt=4",
         "data.sampling.max_new_tokens=48", "module.micro_batch_size=4", "callbacks.checkpoint.every_n_train_steps=1",
     ]  # fmt: skip
@@ -159,6 +160,7 @@ def test_lightning_deepspeed_runs_dsrl_across_the_switch_exports_and_resumes(sta
     run_experiment(run_dir, *run, timeout=600)
     rows = read_rows(run_dir)
     assert steps_with(rows, "train/loss") == [0, 1]
+    assert steps_with(rows, "val/accuracy") == [0]  # the default evaluation at step 0, inside fit
     assert [float(r["objective/phase"]) for r in rows if r.get("objective/phase")] == [0.0, 1.0]
     assert all(math.isfinite(float(r["train/grad_norm"])) for r in rows if r.get("train/grad_norm"))
     assert (run_dir / "checkpoints" / "step000002.ckpt" / "latest").is_file()

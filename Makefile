@@ -56,3 +56,13 @@ clean:
 .PHONY: docker-test
 docker-test:
 	bash docker/test.sh
+
+# The GPU machine (not part of `make test`): `make gpu-carry` here fills .gpu-carry/ (the wheels of
+# gpu/wheels.txt that the GPU image lacks + the Qwen3 tokenizer, ~17 MiB); carry it with the checkout and
+# run `make gpu-check OUT=dir` there with the image's python3 (no venv, no network). gpu/check.py says what runs.
+.PHONY: gpu-carry gpu-check
+gpu-carry: setup
+	$(PY) gpu/check.py --carry
+
+gpu-check:
+	python3 gpu/check.py --out $(or $(OUT),gpu-check-out)

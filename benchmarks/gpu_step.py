@@ -8,7 +8,10 @@ One step = what `PolicyModule.training_step` does for a GRPO rollout batch: `bac
 `torch.autocast(bfloat16)` over float32 parameters, then an AdamW step at lr 1e-6. Activation
 checkpointing is on (`gradient_checkpointing_enable(use_reentrant=False)`). Models are random-init
 Qwen3 (`transformers.Qwen3Config`, vocabulary 151,936, tied embeddings): "tiny" (hidden 256,
-2 layers) and "0.5b" (hidden 1024, 24 layers, 16 heads, 8 kv heads, head_dim 128, ffn 3072).
+2 layers), "0.5b" (hidden 1024, 24 layers, 16 heads, 8 kv heads, head_dim 128, ffn 3072) and "4b"
+(Qwen3-4B's shape: hidden 2560, 36 layers, 32 heads, 8 kv heads, head_dim 128, ffn 9728).
+`--fsdp2` wraps the model as `trainer=fsdp` does (`models.shard_policy` on a one-rank mesh: bf16
+compute through FSDP2's MixedPrecisionPolicy, float32 shards, no autocast) instead of bf16 autocast.
 
 Model FLOPs per step (forward + backward, recomputation by checkpointing not counted):
     6 * body_params * N * (P + T)       every prompt and response token through the blocks
@@ -23,7 +26,9 @@ over the measured steps (weights, grads, AdamW state and activations).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -40,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 151_936
 WIDTHS = (6, 14, 9, 11, 9, 7, 10, 10)  # table columns
 # name: hidden, layers, heads, kv heads, head_dim, ffn
-SIZES = {"tiny": (256, 2, 4, 2, 64, 768), "0.5b": (1024, 24, 16, 8, 128, 3072)}
+SIZES = {"tiny": (256, 2, 4, 2, 64, 768), "0.5b": (1024, 24, 16, 8, 128, 3072), "4b": (2560, 36, 32, 8, 128, 9728)}
 
 
 def build(name: str, max_positions: int, device: torch.device) -> torch.nn.Module:
@@ -115,10 +120,27 @@ def head_input_dtype(model: torch.nn.Module, device: torch.device) -> str:
     return str(hidden.dtype).removeprefix("torch.")
 
 
+def fsdp2(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """FSDP2 on a one-rank mesh, as `trainer=fsdp` shards the policy (`models.shard_policy`)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_prerl.models import shard_policy
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29531")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    return shard_policy(model, init_device_mesh(device.type, (1,)), torch.bfloat16)
+
+
 def bench_size(name: str, args, device: torch.device) -> dict:
     n, p, t = args.batch, args.prompt_len, args.response_len
     model = build(name, p + t + 1, device)
     params = sum(q.numel() for q in model.parameters())
+    if args.fsdp2:
+        model = fsdp2(model, device)
+    autocast = contextlib.nullcontext() if args.fsdp2 else torch.autocast(device.type, dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     objective = PolicyGradientObjective(name="grpo")
     batch = random_batch(n, p, t, device)
@@ -130,7 +152,7 @@ def bench_size(name: str, args, device: torch.device) -> dict:
         sync(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with autocast:
             result = backward_objective(objective, model, batch, start_token_id=0, micro=micro)
         opt.step()
         sync(device)
@@ -144,7 +166,8 @@ def bench_size(name: str, args, device: torch.device) -> dict:
         "size": name,
         "params": params,
         "dtypes": {"params": str(next(model.parameters()).dtype).removeprefix("torch."), "compute": "bfloat16"},
-        "head_input_dtype": head_input_dtype(model, device),
+        "wrapping": "fsdp2" if args.fsdp2 else "autocast",
+        "head_input_dtype": None if args.fsdp2 else head_input_dtype(model, device),
         "batch": {"samples": n, "prompt_tokens": p, "response_tokens": t, "micro_batch": args.micro_batch},
         "step_s": seconds,
         "step_s_all": times,
@@ -157,7 +180,7 @@ def bench_size(name: str, args, device: torch.device) -> dict:
     }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
     ap.add_argument("--batch", type=int, default=8, help="samples per step (even: groups of 2)")
@@ -169,7 +192,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-6)
     ap.add_argument("--matmul-size", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_step.json")
+    ap.add_argument("--fsdp2", action="store_true", help="wrap as trainer=fsdp does (one rank) instead of autocast")
     ap.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": debug the script, tiny sizes
+    return ap
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.batch < 2 or args.batch % 2:
         ap.error(f"--batch {args.batch}: must be even (groups of 2 samples)")
@@ -192,16 +221,18 @@ def main() -> None:
             torch.cuda.empty_cache()
     n, p, t = args.batch, args.prompt_len, args.response_len
     print(
-        f"\none step: {n} x ({p} prompt + {t} response) tokens, bf16 autocast over float32 params, "
+        f"\none step: {n} x ({p} prompt + {t} response) tokens, "
+        f"bf16 {'FSDP2 compute' if args.fsdp2 else 'autocast'} over float32 params, "
         f"activation checkpointing, AdamW; median of {args.repeats} after {args.warmup} warm-up"
     )
     header = ("size", "params", "step s", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "head in")
     print(f"{header[0]:<{WIDTHS[0]}}" + "".join(f"{h:>{w}}" for h, w in zip(header[1:], WIDTHS[1:], strict=True)))
     for r in rows:
         mem = f"{r['peak_mem_gib']:.2f}" if r["peak_mem_gib"] is not None else "n/a"
+        head_in = r["head_input_dtype"] or "n/a"
         print(
             f"{r['size']:<6}{r['params']:>14,}{r['step_s']:>9.3f}{r['tokens_per_s']:>11.0f}"
-            f"{r['tflops']:>9.1f}{r['mfu']:>7.1%}{mem:>10}{r['head_input_dtype']:>10}"
+            f"{r['tflops']:>9.1f}{r['mfu']:>7.1%}{mem:>10}{head_in:>10}"
         )
     print("FLOPs = 6*body_params*N*(P+T) + 6*V*H*N*T + 6*layers*heads*head_dim*N*(P+T)^2 (no recompute counted)")
     args.out.parent.mkdir(parents=True, exist_ok=True)

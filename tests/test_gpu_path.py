@@ -186,3 +186,28 @@ def test_gpu_install_resolves_in_one_pass_with_one_torch(tmp_path):
     pins = dict(line.split("==") for line in lines if line and not line.startswith("#"))
     for name, version in pins.items():
         assert versions.get(name.lower()) == version, (name, versions.get(name.lower()), version)
+
+
+def test_gpu_check_plan_fits_ten_minutes_and_its_runs_validate(tmp_path):
+    """`gpu/check.py --dry-run` (no GPU): every run stage's overrides compose and pass the config checks,
+    the memory probe's arguments parse, the stage budgets add up to at most 600 s, and the carried wheels
+    are the versions `make setup` installs here (one source of truth). Catches a renamed key in a stage,
+    a budget over the limit, and a wheel pin left behind by an upgrade."""
+    import json
+    import subprocess
+    import sys
+    from importlib.metadata import version
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "gpu/check.py", "--dry-run", "--out", str(tmp_path)], cwd=root, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert plan["budget_s"] <= 600
+    assert {name for name, _ in plan["wheels"]} >= {"hydra-core", "omegaconf", "pydantic", "math-verify", "deepspeed"}
+    for name, pinned in plan["wheels"]:
+        assert version(name) == pinned, (name, version(name), pinned)
+    for stage in ("setup", "model", "tests", "fsdp", "resume", "zero3", "memory"):
+        assert stage in done.stdout

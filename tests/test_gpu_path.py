@@ -211,3 +211,82 @@ def test_gpu_check_plan_fits_ten_minutes_and_its_runs_validate(tmp_path):
         assert version(name) == pinned, (name, version(name), pinned)
     for stage in ("setup", "model", "tests", "fsdp", "resume", "zero3", "memory"):
         assert stage in done.stdout
+
+
+class _RecordingLLM:
+    """Stands in for `vllm.LLM`: records its arguments, the environment it is built in, and calls."""
+
+    def __init__(self, **kwargs):
+        import os
+
+        self.kwargs = kwargs
+        self.env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+        self.calls = []
+
+    def wake_up(self):
+        self.calls.append("wake_up")
+
+    def sleep(self, level):
+        self.calls.append(f"sleep({level})")
+
+
+def _placement_worker(rank: int, port: int, out: str) -> None:
+    """One rank as Lightning's launcher leaves it: MASTER_*, NODE_RANK, LOCAL_RANK, WORLD_SIZE set (no
+    RANK: launchers/subprocess_script.py), the process group initialised, on a machine that has CUDA."""
+    import os
+    import sys
+    import types
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0", LOCAL_RANK=str(rank))
+    os.environ.update(WORLD_SIZE="2")
+    os.environ.pop("RANK", None)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        sys.modules["vllm"] = types.SimpleNamespace(LLM=_RecordingLLM)
+        torch.cuda.is_available = lambda: True  # the placement decision; nothing here touches a GPU
+        from lightning_prerl.models import load_tokenizer
+        from lightning_prerl.rollout.vllm import VLLMEngine
+
+        engine = VLLMEngine(load_tokenizer("toy"), "toy")
+        torch.save({"kwargs": engine.llm.kwargs, "env": engine.llm.env}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_ranks_vllm_engine_is_placed_on_its_own_gpu(tmp_path):
+    """2 ranks as Lightning starts them, each building its colocated engine with a recording stand-in for
+    `vllm.LLM`: the external launcher with this rank's RANK / LOCAL_RANK / WORLD_SIZE. Without it vLLM's
+    uni-process executor takes local rank 0 from the device name "cuda" (uniproc_executor.py
+    `_distributed_args`) and every engine lands on GPU 0. Catches the placement arguments removed, and a
+    RANK left unset (Lightning does not set it; the external launcher reads it)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path / "llm")
+    mp.spawn(_placement_worker, args=(port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = torch.load(f"{out}.{rank}", weights_only=False)
+        assert seen["kwargs"]["distributed_executor_backend"] == "external_launcher"
+        assert seen["kwargs"]["tensor_parallel_size"] == 1
+        assert seen["env"] == {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+
+
+def test_sleeping_engine_frees_torchs_cache_before_it_wakes(monkeypatch):
+    """`sleep_between_rollouts`: the training step's freed memory sits in torch's caching allocator;
+    `torch.cuda.empty_cache()` must run before `LLM.wake_up` maps vLLM's pool back. Catches the call
+    removed or moved after the wake-up."""
+    from lightning_prerl.rollout.vllm import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # the sleep/wake logic only: no engine is built
+    engine.llm, engine.sleep_between_rollouts, engine._asleep = _RecordingLLM(), True, False
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: engine.llm.calls.append("empty_cache"))
+    engine.sleep()
+    engine._wake()
+    engine._wake()  # awake: nothing more
+    assert engine.llm.calls == ["sleep(1)", "empty_cache", "wake_up"]

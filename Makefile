@@ -1,6 +1,6 @@
 # Quickstart: `make run` (default experiment) and `make test` (the test suite).
 # Both create or refresh the project's environment in .venv first; nothing else is assumed.
-#   GPU machines: make run GPU=1   (one pip call through constraints-gpu.txt: vLLM's CUDA torch, once)
+#   GPU machines: make setup GPU=1, make run GPU=1   (one pip call through constraints-gpu.txt: vLLM's CUDA torch, once)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

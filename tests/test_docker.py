@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 COMPOSE = DOCKER / "compose.yaml"
-GPU_LINE = "EXTRAS=dev,vllm,deepspeed CONSTRAINTS= TORCH=torch"  # the Makefile's documented GPU install
+GPU_LINE = "GPU=1"  # the Makefile's documented GPU install (make setup GPU=1)
 
 
 def _hadolint() -> str:

@@ -290,3 +290,38 @@ def test_sleeping_engine_frees_torchs_cache_before_it_wakes(monkeypatch):
     engine._wake()
     engine._wake()  # awake: nothing more
     assert engine.llm.calls == ["sleep(1)", "empty_cache", "wake_up"]
+
+
+ZERO3_HOOKS = """
+import os, socket, torch, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo", rank=0, world_size=1)
+import deepspeed
+model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+count = lambda: sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+counts = [count()]
+deepspeed.initialize(model=model, config=config)  # what Trainer.validate builds (no optimizer)
+counts.append(count())
+deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)  # Trainer.fit
+counts.append(count())
+print("HOOKS", *counts)
+"""
+
+
+@pytest.mark.slow
+def test_zero3_engines_built_one_after_the_other_stack_their_hooks():
+    """Why `eval_before_training` must not call `Trainer.validate` before `fit` under ZeRO-3: Lightning's
+    inference engine (`_initialize_deepspeed_inference`, `deepspeed.initialize` without an optimizer) and
+    the training engine each register DeepSpeed's parameter hooks on every module, and nothing removes
+    the first set (raw DeepSpeed ZeRO-3 on CPU, one gloo rank, ~4 s). The project's side is pinned by
+    tests/test_run.py (the default run evaluates at step 0 inside fit)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", ZERO3_HOOKS], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    before, inference, training = map(int, done.stdout.split("HOOKS")[1].split())
+    assert before == 0 and inference > 0 and training == 2 * inference

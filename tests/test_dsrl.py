@@ -66,6 +66,9 @@ def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
 
 
 def test_switch_swaps_objective_resets_reference_and_learning_rate(tiny_model_dir):
+    """The switch happens at `switch_step`, not one step before; the reference becomes the trained policy,
+    not the base model. Catches: `>=` turned into `>` or an off-by-one step, and `reset_reference` without
+    the copy (the policy trains before the switch here, so base != policy)."""
     import lightning as L
 
     from lightning_prerl.dsrl import DSRLSwitch
@@ -87,14 +90,23 @@ def test_switch_swaps_objective_resets_reference_and_learning_rate(tiny_model_di
 
     trainer.strategy.lr_scheduler_configs = [LRSchedulerConfig(opt_cfg["lr_scheduler"]["scheduler"])]
     assert opt_cfg["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-4)  # warm-up phase: lr x 0.1
-    opt_cfg["optimizer"].state[next(module.policy.parameters())] = {"step": torch.tensor(1.0)}
-    trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total.completed = 3  # global_step 3
+    base = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    loss = sum(p.square().sum() for p in module.policy.parameters())  # a stand-in warm-up step: the policy trains
+    loss.backward()
+    opt_cfg["optimizer"].step()
+    assert any(not torch.equal(p, base[n]) for n, p in module.policy.named_parameters())
+    progress = trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress.total
+    progress.completed = 2  # global_step 2 = switch_step - 1: still the warm-up
+    switch.on_train_batch_start(trainer, module, None, 0)
+    assert module.objective is warm and module.phase == 0 and switch.switched_at is None
+    progress.completed = 3  # global_step 3 = switch_step
     switch.on_train_batch_start(trainer, module, None, 0)
     assert module.objective is main and module.phase == 1 and switch.switched_at == 3
     assert opt_cfg["optimizer"].param_groups[0]["lr"] == pytest.approx(1e-3)  # main phase from this step on
     assert not opt_cfg["optimizer"].state  # reset_optimizer
     ref = dict(module.reference.named_parameters())
     assert all(torch.equal(p, ref[n]) for n, p in module.policy.named_parameters())  # reference = policy
+    assert any(not torch.equal(ref[n], b) for n, b in base.items())  # ... the trained one, not the base
     assert not any(p.requires_grad for p in ref.values())
 
 
@@ -124,6 +136,46 @@ def test_metric_plateau_triggers_the_switch():
     assert calls == [("main", 1)] and switch.switched_at == 4
     with pytest.raises(ValueError, match="would never switch"):
         DSRLSwitch(PG(), PG(), switch_step=None, monitor=None)
+
+
+def test_metric_plateau_switches_a_real_cpu_fit(tiny_model_dir):
+    """`objective.monitor` on a real CPU Trainer: `train/skipped_steps` is logged every step through
+    Lightning's callback metrics and stays 0, so with patience 2 it plateaus after step 2's batch and the
+    main objective trains from step 3. Catches the monitor never reaching the callback (a metric logged
+    only to the loggers), the observation hook not running, or a switch a step early or late."""
+    import lightning as L
+
+    from lightning_prerl.datamodule import RolloutDataModule
+    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.policy import PolicyModule
+    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.rollout.hf import HFEngine
+
+    warm = PG(name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative")
+    switch = DSRLSwitch(warm, PG(name="grpo"), switch_step=None, monitor="train/skipped_steps", patience=2)
+    module = PolicyModule(switch.initial_objective, model_path=str(tiny_model_dir), lr=1e-3)
+    prompts = toy_prompts("train", 16)
+    dm = RolloutDataModule(module.tokenizer, HFEngine, BoxedExactMatch(), prompts, None, 2, 2, {"max_new_tokens": 8})
+    phases = []
+
+    class Phases(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            phases.append(pl_module.phase)
+
+    trainer = L.Trainer(
+        accelerator="cpu",
+        callbacks=[switch, Phases()],
+        max_steps=5,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    assert phases == [0, 0, 0, 1, 1] and switch.switched_at == 3
 
 
 def test_the_nsr_weight_is_the_warmup_learning_rate_multiplier_and_the_loss_coef_is_separate():

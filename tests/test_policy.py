@@ -206,3 +206,51 @@ def test_one_adamw_step_at_lr_1e6_moves_the_weights_only_with_fp32_masters(tiny_
     changed = sum(int((after[k] != before[k]).sum()) for k in before)
     total = sum(v.numel() for v in before.values())
     assert low <= changed / total <= high, changed / total
+
+
+def test_gradient_clipping_applies_to_the_update_as_torch_clip_grad_norm(tiny_model_dir):
+    """One real CPU step with `max_grad_norm` far below the toy's gradient norms (0.2-0.5, so no end-to-end
+    run ever clips): the weights after the step equal torch AdamW applied to the step's raw gradients after
+    `torch.nn.utils.clip_grad_norm_`. Catches the clipping removed from `PolicyModule._update` (the update
+    is then AdamW on unclipped gradients, and eps makes that visible) or applied with another norm."""
+    import lightning as L
+
+    from lightning_prerl.datamodule import RolloutDataModule
+    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.rollout.hf import HFEngine
+
+    max_norm, lr = 1e-5, 1e-3
+    module = CondRL(model_path=str(tiny_model_dir), lr=lr, max_grad_norm=max_norm)
+    names = lambda: dict(module.policy.named_parameters())  # noqa: E731
+    seen = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen["before"] = {n: p.detach().clone() for n, p in names().items()}
+
+        def on_after_backward(self, trainer, pl_module):  # after each micro-batch: the last holds the sum
+            seen["grads"] = {n: p.grad.detach().clone() for n, p in names().items() if p.grad is not None}
+
+    prompts = toy_prompts("train", 16)
+    dm = RolloutDataModule(module.tokenizer, HFEngine, _length_parity, prompts, None, 4, 4, {"max_new_tokens": 16})
+    trainer = L.Trainer(
+        accelerator="cpu",
+        callbacks=[Capture()],
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        inference_mode=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    params = {n: seen["before"][n].clone().requires_grad_() for n in seen["grads"]}
+    for n, p in params.items():
+        p.grad = seen["grads"][n].clone()
+    raw = torch.nn.utils.clip_grad_norm_(list(params.values()), max_norm)
+    assert raw > 100 * max_norm  # the clip is active
+    hp = module.hparams
+    torch.optim.AdamW(params.values(), lr=lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay).step()
+    after = names()
+    for n, p in params.items():
+        assert torch.allclose(after[n].detach(), p.detach(), atol=1e-7, rtol=0), n

@@ -234,3 +234,27 @@ def test_reward_pool_takes_this_ranks_share_of_the_node(tokenizer, monkeypatch):
     dm.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
     dm.setup("fit")
     assert dm.scorer.workers == 4
+
+
+def test_the_engine_is_synced_once_per_optimizer_step(tiny_model_dir, tokenizer):
+    """Weights change only at optimizer steps: the engine takes the policy before the first batch of every
+    step (training or held-out) and not again within a step. Catches a data module that syncs only once
+    (the vLLM tests could not see it: their engine started from the same weights)."""
+    from lightning_prerl.models import load_policy
+
+    class Counting(HFEngine):
+        syncs: list[int] = []
+
+        def sync(self, policy):
+            Counting.syncs.append(dm.trainer.global_step)
+            super().sync(policy)
+
+    dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)))
+    dm._engine_arg = Counting
+    for step in (0, 0, 1, 2):
+        dm.trainer.global_step = step
+        dm.train_batch(step)
+    next(iter(dm.val_dataloader()))  # held-out batch at step 2: same weights, no sync
+    dm.trainer.global_step = 3
+    next(iter(dm.val_dataloader()))
+    assert Counting.syncs == [0, 1, 2, 3]

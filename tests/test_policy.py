@@ -254,3 +254,25 @@ def test_gradient_clipping_applies_to_the_update_as_torch_clip_grad_norm(tiny_mo
     after = names()
     for n, p in params.items():
         assert torch.allclose(after[n].detach(), p.detach(), atol=1e-7, rtol=0), n
+
+
+def test_validation_step_never_scores_lockstep_padding_rows(tiny_model_dir, tokenizer):
+    """`validation_step` itself (not a re-implementation of its slicing): the last prompt of an uneven
+    evaluation shard is padding (`padding_prompts=1`), generated for rank lockstep; its rows are all
+    correct here and must not lift accuracy, pass@k or the per-benchmark counts. Catches the slice
+    removed, or cut by prompts instead of rows."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    module = CondRL(model_path=str(tiny_model_dir), pass_k=[1, 2])
+    module._trainer = SimpleNamespace(world_size=1, datamodule=None)  # what validation_step reads of it
+    real = make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 0.0))  # 2 real prompts x 2: accuracy 1/4, pass@2 1/2
+    pad = make_batch(tokenizer, rewards=(1.0, 1.0, 1.0, 1.0))
+    both = {f.name: getattr(real, f.name) for f in dataclasses.fields(real) if f.type == "torch.Tensor"}
+    for name in both:
+        both[name] = torch.cat([both[name], getattr(pad, name)[:2]])  # + 1 padding prompt x 2 samples
+    batch = dataclasses.replace(real, **both, texts=[""] * 6, has_answer=[True] * 6, padding_prompts=1)
+    module.validation_step(batch, 0)
+    values = module.val_metrics.compute()
+    assert values["val/accuracy"] == pytest.approx(0.25)
+    assert values["val/pass@2"] == pytest.approx(0.5)

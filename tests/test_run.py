@@ -74,11 +74,18 @@ def test_default_experiment_runs_and_writes_every_artefact(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_train_and_agree(tmp_path):
-    """Lightning DDP (gloo) with 2 CPU processes: each rank draws its own prompts, one update."""
+def test_ddp_two_processes_train_and_agree(tmp_path, monkeypatch):
+    """Lightning DDP (gloo) with 2 CPU processes: each rank draws its own prompts, and both end on the
+    same weights, bit for bit (tests/rank_probe.py writes each rank's prompts and weight digest). Catches
+    ranks that train on the same slice, and replicas that drift apart (an update outside DDP's sync)."""
+    import json
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
     run_dir = tmp_path / "ddp"
     run_experiment(
         run_dir,
+        "+callbacks.probe._target_=rank_probe.RankProbe",
+        f"+callbacks.probe.out_dir={run_dir}",
         "trainer=ddp",
         "objective=grpo",
         "trainer.max_steps=2",
@@ -92,6 +99,11 @@ def test_ddp_two_processes_train_and_agree(tmp_path):
     rows = read_rows(run_dir)
     assert steps_with(rows, "train/loss") == [0, 1]
     assert steps_with(rows, "val/accuracy") == [0, 2]
+    ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [len(r["prompts"]) for r in ranks] == [2, 2]  # one rollout batch per step on each rank
+    for step in (0, 1):
+        assert ranks[0]["prompts"][step] != ranks[1]["prompts"][step]  # each rank its own slice
+    assert ranks[0]["weights"] == ranks[1]["weights"]
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "policy") is not None

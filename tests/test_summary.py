@@ -6,6 +6,7 @@ import csv
 import importlib.util
 import json
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -218,8 +219,11 @@ def test_real_run_prints_its_summary_once_and_writes_summary_json(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_WANDB, reason="wandb not installed (pip install -e .[wandb])")
 def test_wandb_run_is_offline_and_keeps_the_api_key_out_of_the_run_dir(tmp_path, monkeypatch):
+    if not HAS_WANDB:  # make setup installs the wandb extra: under CI a missing wandb is a broken setup
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("wandb is required under CI=true (make setup installs the wandb extra)")
+        pytest.skip("wandb not installed (pip install -e .[wandb])")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", SECRET)  # inherited by the run: must not be written anywhere
     run_dir = tmp_path / "wandb-run"

@@ -199,3 +199,26 @@ def test_the_nsr_weight_is_the_warmup_learning_rate_multiplier_and_the_loss_coef
         cfg = compose("config", overrides=["objective.warmup.lr_scale=0.5", "run_dir=/tmp/x"])
         with pytest.raises(ConfigError, match=r"objective.warmup.lr_scale=0.5 contradicts objective.nsr_weight=0.1"):
             validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "stale"),
+    [
+        ("max", [1.0, 1.05, 1.2, 1.25], [0, 1, 0, 1]),  # improvements by more than min_delta only
+        ("min", [1.0, 0.95, 0.8, 0.75], [0, 1, 0, 1]),
+    ],
+)
+def test_plateau_counts_only_improvements_beyond_min_delta_in_either_mode(mode, values, stale):
+    """`min_delta` 0.1: a step of 0.05 is no improvement, 0.15-0.2 is, in `mode: max` and `mode: min`
+    (found untested by `make mutation`: the min branch and the sign of min_delta)."""
+    from types import SimpleNamespace
+
+    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+
+    switch = DSRLSwitch(PG(), PG(), switch_step=None, monitor="m", mode=mode, min_delta=0.1, patience=5)
+    seen = []
+    for step, value in enumerate(values):
+        switch._observe(SimpleNamespace(callback_metrics={"m": value}, global_step=step))
+        seen.append(switch._stale)
+    assert seen == stale

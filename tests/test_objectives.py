@@ -149,3 +149,25 @@ def test_head_logprobs_without_linear_cross_entropy(monkeypatch):
     assert torch.allclose(logp, ref, atol=1e-6) and not ent.requires_grad
     for g, r in zip(torch.autograd.grad(logp.sum(), (hidden, weight)), ref_grads, strict=True):
         assert torch.allclose(g, r, atol=1e-6)
+
+
+def test_clamps_and_dual_clip_by_hand():
+    """The guards mutation testing found untested (`make mutation`): the PPO ratio's exp clamp at +-20
+    (dual clip off, a negative advantage at log-ratio 30 costs |A| e^20, not e^30; a positive one at -30
+    earns e^-20), k3's clamp at 10 (log-ratio -3: e^3 - 4 = 16.1 -> 10; k3 >= 0, so its lower bound is
+    unreachable), the objective passing its dual-clip bound to the loss, and a group whose spread equals
+    the tolerance counting as flat."""
+    import math
+
+    from lightning_prerl.objectives.advantages import flat_groups
+    from lightning_prerl.objectives.ops import kl_estimate, ppo_clip_loss
+
+    logp, old = torch.tensor([[30.0, -30.0]]), torch.zeros(1, 2)  # (1, 2)
+    loss = ppo_clip_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.2, None)
+    assert loss[0, 0] == pytest.approx(math.exp(20), rel=1e-6)
+    loss = ppo_clip_loss(logp, old, torch.tensor([1.0]), 0.2, 0.2, None)
+    assert loss[0, 1] == pytest.approx(-math.exp(-20), rel=1e-5)
+    assert kl_estimate(torch.tensor([-3.0]), torch.zeros(1), "k3").item() == 10.0
+    capped = PolicyGradientObjective(clip_c=3.0).token_loss(logp, old, torch.tensor([-2.0]))  # (1, 2)
+    assert capped[0, 0].item() == pytest.approx(6.0)  # -A * c
+    assert flat_groups(torch.tensor([[0.0, 0.5], [0.0, 0.75]]), tol=0.5).tolist() == [True, False]

@@ -299,3 +299,57 @@ def test_step_intervals_must_be_multiples_of_the_updates_per_batch():
         cfg = compose("config", overrides=["module.rollout_correction.tis=token", "run_dir=/tmp/x"])
         with pytest.raises(ConfigError, match=r"needs the engine's log-probs: rollout.return_logprobs=false"):
             validate_config(cfg)
+
+
+# -- what `make mutation` found untested in backward_objective ------------------------------------------
+def _grads(policy) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in policy.parameters() if p.grad is not None]
+
+
+def test_backward_is_the_same_update_per_micro_batch_and_per_world_size(policy, tokenizer):
+    """One batch, three ways: one pass; one-row micro-batches (`backward` told which pass is the step's
+    last, DeepSpeed's accumulation boundary; the loss and the logged sums add up over passes); and one of
+    two ranks that hold the same batch (`comm.sum` doubles the token count, `* world_size` and DDP's
+    averaging cancel it). Same gradient each time. Catches `/ world_size` for `* world_size`, a wrong
+    boundary flag, and sums overwritten instead of added (found by `make mutation`)."""
+    objective = PG(kl_coef=0.0)
+    batch, _ = prepare(objective, policy, make_batch(tokenizer), 0, updates=2)  # old log-probs kept
+    torch.manual_seed(0)
+    batch = replace(batch, old_logprobs=batch.old_logprobs + 0.5 * torch.randn_like(batch.old_logprobs))
+    one = backward_objective(objective, policy, batch, 0)
+    assert one.clipped_sum > 0  # a later update: ratios away from 1, some clipped
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)  # (N, T)
+    log_ratio = logp.detach() - batch.old_logprobs  # (N, T) log new/old
+    k3 = ((torch.exp(log_ratio) - 1 - log_ratio) * batch.loss_mask).sum()  # KL(old || new), by hand
+    assert torch.allclose(one.ppo_kl_sum, k3, rtol=1e-4)
+    ref = _grads(policy)
+    policy.zero_grad(set_to_none=True)
+    flags = []
+    micro = MicroBatching(size=1, skip_zero_advantage=False)
+    backward = lambda loss, last: (flags.append(last), loss.backward())  # noqa: E731
+    many = backward_objective(objective, policy, batch, 0, micro=micro, backward=backward)
+    assert flags == [False, False, False, True]
+    for g, r in zip(_grads(policy), ref, strict=True):
+        assert torch.allclose(g, r, atol=1e-6)
+    for field in ("loss", "entropy_sum", "clipped_sum", "ppo_kl_sum"):
+        assert torch.allclose(getattr(many, field), getattr(one, field), atol=1e-5), field
+    policy.zero_grad(set_to_none=True)
+    two = Collectives(world_size=2, sum=lambda x: 2 * x, max=lambda x: x)  # the other rank: the same batch
+    backward_objective(objective, policy, batch, 0, comm=two)
+    for g, r in zip(_grads(policy), ref, strict=True):
+        assert torch.allclose(g, r, atol=1e-6)  # this rank's gradient = the global one before DDP's mean
+
+
+def test_the_entropy_bonus_reaches_the_gradient_and_an_empty_batch_runs_no_pass(policy, tokenizer):
+    """`entropy_coef > 0` with every advantage 0 (all rewards equal): the only gradient is the entropy's,
+    so it must not be zero; and a batch with no loss token (NSR with no wrong sample) calls no backward.
+    Catches the entropy computed without its gradient or dropped from the loss, and `kept_tokens <= 0`
+    loosened (found by `make mutation`)."""
+    flat = make_batch(tokenizer, rewards=(1.0, 1.0, 1.0, 1.0))
+    backward_objective(PG(entropy_coef=0.01), policy, flat, 0)
+    assert sum(float(g.abs().sum()) for g in _grads(policy)) > 0
+    policy.zero_grad(set_to_none=True)
+    calls = []
+    nsr = PG(space="marginal", advantage="group_mean", samples="negative")
+    result = backward_objective(nsr, policy, flat, 0, backward=lambda loss, last: calls.append(last))
+    assert calls == [] and float(result.kept_tokens) == 0.0 and float(result.loss) == 0.0

@@ -1,0 +1,61 @@
+"""`make mutation`'s report: mutmut's results per core module, and every surviving mutant's diff.
+
+    .venv/bin/python tests/mutation_report.py [--out mutation.md]
+
+Reads mutmut 3's per-file results (mutants/<path>.meta, written by `mutmut run`); score = killed /
+(killed + survived + timeout + suspicious): mutants no test covers are counted apart ("no tests").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout"}
+STATUS |= {-24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}
+
+
+def results() -> dict[str, dict[str, str]]:
+    """{module: {mutant name: status}} from mutants/**/*.py.meta."""
+    out = {}
+    for meta in sorted((ROOT / "mutants").rglob("*.py.meta")):
+        module = str(meta.relative_to(ROOT / "mutants")).removesuffix(".meta")
+        codes = json.loads(meta.read_text())["exit_code_by_key"]
+        out[module] = {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "mutants" / "mutation.md")
+    args = ap.parse_args()
+    by_module = results()
+    if not by_module:
+        sys.exit("no mutmut results under mutants/: run `make mutation` (mutmut run) first")
+    lines = ["| module | mutants | killed | survived | timeout | no tests | score |", "|---|---|---|---|---|---|---|"]
+    survivors = []
+    for module, statuses in by_module.items():
+        n = Counter(statuses.values())
+        judged = n["killed"] + n["survived"] + n["timeout"] + n["suspicious"]
+        score = f"{n['killed'] / judged:.1%}" if judged else "n/a"
+        lines.append(
+            f"| {module} | {len(statuses)} | {n['killed']} | {n['survived']} | {n['timeout']} | {n['no tests']} | {score} |"
+        )
+        survivors += [name for name, status in statuses.items() if status == "survived"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    details = []
+    for name in survivors:
+        shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=ROOT, capture_output=True, text=True)
+        details.append(f"### {name}\n```diff\n{shown.stdout.strip()}\n```\n")
+    args.out.write_text(text + f"\n## {len(survivors)} surviving mutants\n\n" + "\n".join(details))
+    print(f"{len(survivors)} surviving mutants, diffs in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

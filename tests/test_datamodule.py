@@ -279,3 +279,17 @@ def test_engine_logprobs_reach_the_training_batch(tiny_model_dir, tokenizer):
         logp, _ = sequence_logprobs(policy, batch, "conditional", 0)  # (N, T)
     real = batch.response_mask.bool()
     assert torch.allclose(batch.rollout_logprobs[real], logp[real], atol=1e-4)
+
+
+def test_training_prompts_are_shuffled_by_their_own_seeds(tokenizer):
+    """`shuffle_seed` orders the training stream, and dynamic sampling's extra prompts come from a second
+    stream shuffled apart from it; None keeps file order. Catches either seed dropped (found by
+    `make mutation`)."""
+    file_order = make_datamodule(tokenizer, None, shuffle_seed=None)
+    seeded = make_datamodule(tokenizer, None, shuffle_seed=0)
+    for dm in (file_order, seeded):
+        dm._load_prompts()
+    questions = lambda s: [p.question for p in s.take(0, 20)]  # noqa: E731
+    assert questions(file_order.train_set) == [p.question for p in toy_prompts("train", 50)[:20]]
+    assert questions(seeded.train_set) != questions(file_order.train_set)
+    assert questions(seeded.extra_set) not in (questions(seeded.train_set), questions(file_order.train_set))

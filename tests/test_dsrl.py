@@ -222,3 +222,13 @@ def test_plateau_counts_only_improvements_beyond_min_delta_in_either_mode(mode, 
         switch._observe(SimpleNamespace(callback_metrics={"m": value}, global_step=step))
         seen.append(switch._stale)
     assert seen == stale
+
+
+def test_switch_step_zero_is_grpo_from_the_first_step():
+    """`objective.switch_step=0` is valid (no warm-up: GRPO throughout), negative is not."""
+    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+
+    assert DSRLSwitch(PG(), PG(), switch_step=0).switch_step == 0
+    with pytest.raises(ValueError, match=r"objective.switch_step=-1"):
+        DSRLSwitch(PG(), PG(), switch_step=-1)

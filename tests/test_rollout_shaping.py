@@ -240,3 +240,19 @@ def test_extra_prompt_positions_are_disjoint_and_apart_from_the_main_stream(toke
     main_seeds = set(dm._seeds("train", 0, list(range(1000))))
     assert not main_seeds & set(dm._seeds("train_extra", 0, flat))
     assert dm.extra_set.take(0, 50) != dm.train_set.take(0, 50)  # a separately shuffled stream
+
+
+def test_concat_keeps_every_optional_tensor_after_a_sample_mask():
+    """Dynamic sampling concatenates batches that carry a sample mask and the engine's log-probs: every
+    optional tensor is concatenated, the missing sample mask counts as all True. Catches the loop that
+    stops at the sample mask (`break` for `continue`: TIS would silently lose its log-probs; found by
+    `make mutation`)."""
+    from dataclasses import replace
+
+    a, b = _batch([5, 7, 8, 10], [1.0, 0.0, 1.0, 1.0]), _batch([3, 3], [0.0, 1.0])
+    a = replace(a, sample_mask=torch.tensor([True, False, True, True]), rollout_logprobs=-a.response_mask.float())
+    b = replace(b, rollout_logprobs=-2 * b.response_mask.float())
+    out = concat_batches([a, b], pad=0)
+    assert out.sample_mask.tolist() == [True, False, True, True, True, True]
+    assert out.rollout_logprobs is not None and out.rollout_logprobs.shape == out.response_ids.shape
+    assert out.rollout_logprobs.sum(1).tolist() == [-5.0, -7.0, -8.0, -10.0, -6.0, -6.0]

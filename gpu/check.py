@@ -91,7 +91,7 @@ def stages(out: Path) -> list[Stage]:
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow"]
     pip = [py, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--upgrade"]
     return [
-        Stage("setup", 30, [*pip, "--target", str(site), str(CARRY / "wheels")]),
+        Stage("setup", 30, [*pip, "--target", str(site), *sorted(map(str, (CARRY / "wheels").glob("*.whl")))]),
         Stage("model", 40, [py, __file__, "--build-model", str(model)], needs=("setup",)),
         Stage("tests", 170, [*pytest, "tests/test_gpu.py", "tests/test_gpu_path.py"], needs=("setup",)),
         Stage("fsdp", 100, fsdp, work / "fsdp", needs=("model",)),

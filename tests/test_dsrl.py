@@ -144,6 +144,7 @@ def test_metric_plateau_switches_a_real_cpu_fit(tiny_model_dir):
     main objective trains from step 3. Catches the monitor never reaching the callback (a metric logged
     only to the loggers), the observation hook not running, or a switch a step early or late."""
     import lightning as L
+    from test_policy import quiet_cpu_trainer
 
     from lightning_prerl.datamodule import RolloutDataModule
     from lightning_prerl.dsrl import DSRLSwitch
@@ -164,16 +165,7 @@ def test_metric_plateau_switches_a_real_cpu_fit(tiny_model_dir):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             phases.append(pl_module.phase)
 
-    trainer = L.Trainer(
-        accelerator="cpu",
-        callbacks=[switch, Phases()],
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-    )
+    trainer = quiet_cpu_trainer(callbacks=[switch, Phases()], max_steps=5)
     trainer.fit(module, datamodule=dm)
     assert phases == [0, 0, 0, 1, 1] and switch.switched_at == 3
 

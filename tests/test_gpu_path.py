@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from test_policy import make_batch
+from test_policy import make_batch, quiet_cpu_trainer
 
 from lightning_prerl.batch import RolloutBatch, keep_rollout_dtypes
 
@@ -108,17 +108,7 @@ def test_the_step_sees_the_batch_as_the_data_module_made_it(tiny_model_dir):
     module = CondRL(model_path=str(tiny_model_dir))
     prompts = toy_prompts("train", 8)
     dm = RolloutDataModule(module.tokenizer, HFEngine, BoxedExactMatch(), prompts, None, 2, 2, {"max_new_tokens": 8})
-    trainer = L.Trainer(
-        accelerator="cpu",
-        plugins=[CastsLikeDeepSpeed()],
-        callbacks=[Dtypes()],
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-    )
+    trainer = quiet_cpu_trainer(plugins=[CastsLikeDeepSpeed()], callbacks=[Dtypes()], max_steps=1)
     trainer.fit(module, datamodule=dm)
     assert len(seen) == 1 and seen[0]["rewards"] == torch.float32
     assert all(dtype != torch.bfloat16 for dtype in seen[0].values()), seen

@@ -41,6 +41,16 @@ def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> Rollout
     )
 
 
+def quiet_cpu_trainer(**kwargs):
+    """A one-process CPU Trainer for in-process fits: no logger, checkpoints, progress bar or summary, and
+    no inference mode (metric states outlive validation). `kwargs` add or override Trainer arguments."""
+    import lightning as L
+
+    quiet = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    quiet.update(enable_model_summary=False, inference_mode=False)
+    return L.Trainer(**{**quiet, **kwargs})
+
+
 def test_marginal_logprobs_drop_the_prompt_restart_positions_and_score_eos(policy, tokenizer):
     batch = make_batch(tokenizer)
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
@@ -233,16 +243,7 @@ def test_gradient_clipping_applies_to_the_update_as_torch_clip_grad_norm(tiny_mo
 
     prompts = toy_prompts("train", 16)
     dm = RolloutDataModule(module.tokenizer, HFEngine, _length_parity, prompts, None, 4, 4, {"max_new_tokens": 16})
-    trainer = L.Trainer(
-        accelerator="cpu",
-        callbacks=[Capture()],
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        inference_mode=False,
-    )
+    trainer = quiet_cpu_trainer(callbacks=[Capture()], max_steps=1)
     trainer.fit(module, datamodule=dm)
     params = {n: seen["before"][n].clone().requires_grad_() for n in seen["grads"]}
     for n, p in params.items():

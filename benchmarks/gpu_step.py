@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.update import MicroBatching, backward_objective, final_hidden_states
+from lightning_prerl.training.update import MicroBatching, backward_objective, final_hidden_states
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +125,7 @@ def fsdp2(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_prerl.models import shard_policy
+    from lightning_prerl.scale.models import shard_policy
 
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

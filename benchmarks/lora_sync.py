@@ -30,11 +30,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from results_io import write_json  # noqa: E402
 
-from lightning_prerl.lora import LoraSettings, apply_lora  # noqa: E402
-from lightning_prerl.models import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
-from lightning_prerl.prompts import render_prompt, toy_prompts  # noqa: E402
+from lightning_prerl.data.prompts import render_prompt, toy_prompts  # noqa: E402
+from lightning_prerl.data.toyworld import build_model, build_tokenizer  # noqa: E402
 from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
-from lightning_prerl.toyworld import build_model, build_tokenizer  # noqa: E402
+from lightning_prerl.scale.lora import LoraSettings, apply_lora  # noqa: E402
+from lightning_prerl.scale.models import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
 
 SIZES = [("toy", None), ("25M", (512, 8, 8, 1536))]
 

@@ -28,15 +28,15 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 from results_io import write_json  # noqa: E402
 
-from lightning_prerl.datamodule import RolloutDataModule  # noqa: E402
-from lightning_prerl.models import load_policy, load_tokenizer  # noqa: E402
+from lightning_prerl.data.prompts import toy_prompts  # noqa: E402
+from lightning_prerl.data.rewards import BoxedExactMatch  # noqa: E402
 from lightning_prerl.objectives import PolicyGradientObjective  # noqa: E402
-from lightning_prerl.policy import CondRL, NSRPreRL, PreRL, PSRPreRL  # noqa: E402
-from lightning_prerl.prompts import toy_prompts  # noqa: E402
-from lightning_prerl.rewards import BoxedExactMatch  # noqa: E402
 from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
 from lightning_prerl.rollout.hf import HFEngine  # noqa: E402
-from lightning_prerl.update import MicroBatching, backward_objective, prepare, rows_with_loss  # noqa: E402
+from lightning_prerl.scale.models import load_policy, load_tokenizer  # noqa: E402
+from lightning_prerl.training.datamodule import RolloutDataModule  # noqa: E402
+from lightning_prerl.training.policy import CondRL, NSRPreRL, PreRL, PSRPreRL  # noqa: E402
+from lightning_prerl.training.update import MicroBatching, backward_objective, prepare, rows_with_loss  # noqa: E402
 
 OBJECTIVES = {"grpo": CondRL, "prerl": PreRL, "nsr_prerl": NSRPreRL, "psr_prerl": PSRPreRL}
 

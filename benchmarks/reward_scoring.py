@@ -22,8 +22,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from results_io import write_json  # noqa: E402
 
-from lightning_prerl.prompts import load_prompts  # noqa: E402
-from lightning_prerl.rewards import MathVerifyReward, RewardScorer, available_cores  # noqa: E402
+from lightning_prerl.data.prompts import load_prompts  # noqa: E402
+from lightning_prerl.data.rewards import MathVerifyReward, RewardScorer, available_cores  # noqa: E402
 
 DATA = Path(os.environ.get("LIGHTNING_PRERL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 

@@ -28,11 +28,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
-from lightning_prerl.models import load_policy, load_tokenizer  # noqa: E402
-from lightning_prerl.prompts import render_prompt, toy_prompts  # noqa: E402
+from lightning_prerl.data.prompts import render_prompt, toy_prompts  # noqa: E402
+from lightning_prerl.data.toyworld import build_model, build_tokenizer  # noqa: E402
 from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
 from lightning_prerl.rollout.hf import HFEngine  # noqa: E402
-from lightning_prerl.toyworld import build_model, build_tokenizer  # noqa: E402
+from lightning_prerl.scale.models import load_policy, load_tokenizer  # noqa: E402
 
 SIZES = [("toy", 128, 2, 2, 384), ("2.6M", 256, 3, 4, 768), ("7M", 384, 4, 6, 1024), ("25M", 512, 8, 8, 1536)]
 

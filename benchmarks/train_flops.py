@@ -26,11 +26,11 @@ import torch  # noqa: E402
 from gpu_step import model_flops  # noqa: E402
 from results_io import write_json  # noqa: E402
 
-from lightning_prerl.batch import RolloutBatch  # noqa: E402
-from lightning_prerl.models import load_policy  # noqa: E402
+from lightning_prerl.data.batch import RolloutBatch  # noqa: E402
+from lightning_prerl.data.toyworld import build_model, build_tokenizer  # noqa: E402
 from lightning_prerl.objectives import PolicyGradientObjective  # noqa: E402
-from lightning_prerl.toyworld import build_model, build_tokenizer  # noqa: E402
-from lightning_prerl.update import MicroBatching, backward_objective  # noqa: E402
+from lightning_prerl.scale.models import load_policy  # noqa: E402
+from lightning_prerl.training.update import MicroBatching, backward_objective  # noqa: E402
 
 # name: (hidden, layers, heads, ffn) or None for the shipped toy policy, samples, prompt and response tokens
 SIZES = [("toy", None, 128, 40, 80), ("25M", (512, 8, 8, 1536), 32, 40, 120)]

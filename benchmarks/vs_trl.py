@@ -38,8 +38,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from results_io import write_json  # noqa: E402
 
-from lightning_prerl.prompts import toy_prompts  # noqa: E402
-from lightning_prerl.rewards import BoxedExactMatch  # noqa: E402
+from lightning_prerl.data.prompts import toy_prompts  # noqa: E402
+from lightning_prerl.data.rewards import BoxedExactMatch  # noqa: E402
 
 PROMPTS, G, MAX_NEW, LR = 16, 8, 120, 1e-4
 SHAPES = {"toy": None, "25M": (512, 8, 8, 1536)}
@@ -72,7 +72,7 @@ class StepClock:
 def policy_dir(size: str, tmp: Path) -> str:
     if SHAPES[size] is None:
         return "toy"
-    from lightning_prerl.toyworld import build_model, build_tokenizer
+    from lightning_prerl.data.toyworld import build_model, build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -124,7 +124,7 @@ def run_trl(path: str, steps: int, micro_batches: int = 1) -> tuple[list[float],
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from lightning_prerl.models import load_policy, load_tokenizer
+    from lightning_prerl.scale.models import load_policy, load_tokenizer
 
     tok = load_tokenizer(path)
     counter = CountingReward(tok)

@@ -36,8 +36,8 @@ HELDOUT = "heldout"
 
 
 def _settings(cfg: DictConfig) -> dict:
-    """The `eval:` keys (types and ranges declared in `lightning_prerl/schema.py`); one line on a bad value."""
-    from lightning_prerl.config import ConfigError, validate_config
+    """The `eval:` keys (types and ranges declared in `lightning_prerl/config/schema.py`); one line on a bad value."""
+    from lightning_prerl.config.checks import ConfigError, validate_config
 
     try:
         run = validate_config(cfg)
@@ -48,7 +48,7 @@ def _settings(cfg: DictConfig) -> dict:
 
 def _load_suites(cfg: DictConfig, settings: dict) -> dict[str, list]:
     """Every benchmark's problems, before any model is loaded; a missing file is one line."""
-    from lightning_prerl.benchmarks import load_benchmark
+    from lightning_prerl.data.benchmarks import load_benchmark
 
     suites = {}
     for name in settings["benchmarks"]:
@@ -65,7 +65,7 @@ def _load_suites(cfg: DictConfig, settings: dict) -> dict[str, list]:
 def _prompt_lengths(cfg: DictConfig, dm, suites: dict[str, list], max_new_tokens: int) -> dict[str, int]:
     """Per benchmark, how many prompts exceed `data.max_prompt_tokens` (evaluated anyway, counted); exits in
     one line, before the policy is loaded, when a prompt and its completion budget exceed the engine's context."""
-    from lightning_prerl.prompts import render_prompt
+    from lightning_prerl.data.prompts import render_prompt
 
     context = cfg.rollout.get("max_model_len")  # vLLM's context; transformers has no fixed budget here
     long = {}
@@ -87,15 +87,15 @@ def evaluate_policy(cfg: DictConfig, suites: dict[str, list | None], settings: d
     """Generate and score `settings["samples"]` samples per problem of every benchmark with `cfg`'s policy."""
     import torch
 
-    from lightning_prerl.batch import truncated_flags
-    from lightning_prerl.compose import build_run
-    from lightning_prerl.evaluation import (
+    from lightning_prerl.config.compose import build_run
+    from lightning_prerl.data.batch import truncated_flags
+    from lightning_prerl.data.rewards import MathVerifyReward, RewardScorer
+    from lightning_prerl.evaluation.scoring import (
         BenchmarkSamples,
         MathEquivalence,
         benchmark_metrics,
         unparsable_ground_truths,
     )
-    from lightning_prerl.rewards import MathVerifyReward, RewardScorer
 
     run = build_run(cfg)  # module (tokenizer only so far), data module, engine factory, scorer
     module, dm = run.module, run.datamodule
@@ -173,8 +173,14 @@ def evaluate_policy(cfg: DictConfig, suites: dict[str, list | None], settings: d
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> list[dict]:
-    from lightning_prerl.evaluation import add_thought_ratios, format_table, plot_pass_at_k, write_csv, write_json
-    from lightning_prerl.models import resolve_model_path
+    from lightning_prerl.evaluation.scoring import (
+        add_thought_ratios,
+        format_table,
+        plot_pass_at_k,
+        write_csv,
+        write_json,
+    )
+    from lightning_prerl.scale.models import resolve_model_path
 
     settings = _settings(cfg)
     suites = _load_suites(cfg, settings)
@@ -218,7 +224,7 @@ def main(cfg: DictConfig) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from lightning_prerl.config import check_command_line
+    from lightning_prerl.config.checks import check_command_line
 
     check_command_line(sys.argv[1:])
     main()

@@ -7,7 +7,7 @@
 Supervised next-token training on a fresh synthetic batch every step (no repeated epochs):
 correct traces, slipped traces and self-corrections of the chosen world (`--world arith`: one-paragraph
 answers; `--world thoughts`: one thought per step, blank lines between, reflection and transition
-thoughts repairing slips; see `lightning_prerl.toyworld`), loss on the
+thoughts repairing slips; see `lightning_prerl.data.toyworld`), loss on the
 assistant turn only (its closing `<|im_end|>` included). Held-out problems never enter the corpus.
 The recipe (AdamW 2e-3, betas 0.9/0.95, wd 0.1, 100 warm-up steps, cosine to 10 %, clip 1.0,
 batch 64) is the one measured in shared/TOY-NOTES.md to land at 20-60 % pass@1 at temperature 1.
@@ -25,18 +25,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from lightning_prerl.batch import pad_right
-from lightning_prerl.prompts import render_prompt, toy_prompts
-from lightning_prerl.rewards import BoxedExactMatch, Prompt
-from lightning_prerl.rollout.engine import SamplingConfig
-from lightning_prerl.rollout.hf import HFEngine
-from lightning_prerl.toyworld import (
+from lightning_prerl.data.batch import pad_right
+from lightning_prerl.data.prompts import render_prompt, toy_prompts
+from lightning_prerl.data.rewards import BoxedExactMatch, Prompt
+from lightning_prerl.data.toyworld import (
     WORLDS,
     build_model,
     build_tokenizer,
     is_held_out,
     sample_problem,
 )
+from lightning_prerl.rollout.engine import SamplingConfig
+from lightning_prerl.rollout.hf import HFEngine
 
 
 def make_batch(tok, rng: random.Random, size: int, trace=WORLDS["arith"][0]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@
 A sweep dir gets sweep_summary.csv, sweep_heatmap.png (sweep_bars.png for one swept key),
 sweep_curves.png and sweep_behavior.png, as the multirun's own SweepReport callback writes them;
 with --reproduction, an `experiment=reproduce_toy` sweep gets reproduction.md/.json and its PNGs
-(`lightning_prerl.reproduction`), the real-model alignment column read from --real-model's logs/alignment.csv.
+(`lightning_prerl.reproduction.report`), the real-model alignment column read from --real-model's logs/alignment.csv.
 """
 
 from __future__ import annotations
@@ -29,14 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.reproduction:
-        from lightning_prerl.reproduction import write_reproduction_report
+        from lightning_prerl.reproduction.report import write_reproduction_report
 
         if args.real_model and not (args.real_model / "logs" / "alignment.csv").is_file():
             sys.exit(f"report: --real-model {args.real_model}: no logs/alignment.csv")
         for path in write_reproduction_report(args.dir, args.real_model, slip_problems=args.slip_problems):
             print(path)
         return 0
-    from lightning_prerl.report import plot_run, write_sweep_report
+    from lightning_prerl.reports.plots import plot_run, write_sweep_report
 
     if not args.dir.is_dir():
         sys.exit(f"report: {args.dir} is not a directory")

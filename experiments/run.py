@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from lightning_prerl.compose import build_run
+    from lightning_prerl.config.compose import build_run
 
     run = build_run(cfg)  # eval_before_training: the module evaluates at step 0 inside fit
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
@@ -30,7 +30,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from lightning_prerl.config import check_command_line
+    from lightning_prerl.config.checks import check_command_line
 
     check_command_line(sys.argv[1:])
     main()

@@ -204,7 +204,7 @@ def dry_run(out: Path, plan: list[Stage]) -> None:
     checks, the memory probe's arguments parse, and the budgets fit the 10-minute limit."""
     from hydra import compose, initialize_config_dir
 
-    from lightning_prerl.config import validate_config
+    from lightning_prerl.config.checks import validate_config
 
     specs = wheel_specs()
     for stage in plan:

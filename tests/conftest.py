@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised toy-world policy (hidden 64, head_dim 32) saved as an HF directory."""
-    from lightning_prerl.toyworld import build_model, build_tokenizer
+    from lightning_prerl.data.toyworld import build_model, build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
@@ -33,7 +33,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture()
 def policy(tiny_model_dir):
     """A fresh tiny policy (seeded) per test."""
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     torch.manual_seed(0)
     return load_policy(str(tiny_model_dir))
@@ -41,7 +41,7 @@ def policy(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
-    from lightning_prerl.models import load_tokenizer
+    from lightning_prerl.scale.models import load_tokenizer
 
     return load_tokenizer(str(tiny_model_dir))
 

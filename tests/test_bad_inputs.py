@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_prerl.prompts import load_prompts
-from lightning_prerl.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer
+from lightning_prerl.data.prompts import load_prompts
+from lightning_prerl.data.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer
 
 
 def jsonl(*records) -> bytes:
@@ -222,7 +222,7 @@ def test_bad_data_file(case_id, tmp_path, caplog):
         path.write_bytes(case.content)
     else:
         case.content(path)
-    caplog.set_level(logging.WARNING, logger="lightning_prerl.prompts")
+    caplog.set_level(logging.WARNING, logger="lightning_prerl.data.prompts")
     if case.error is not None:
         with pytest.raises(ValueError) as info:
             load_prompts(str(path), **case.kwargs)
@@ -231,7 +231,7 @@ def test_bad_data_file(case_id, tmp_path, caplog):
     prompts = load_prompts(str(path), **case.kwargs)
     assert [p.answer for p in prompts] == case.answers
     assert prompts.skipped == case.skipped
-    warnings = [r.getMessage() for r in caplog.records if r.name == "lightning_prerl.prompts"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "lightning_prerl.data.prompts"]
     assert warnings == ([f"{path}: {case.warning}"] if case.warning else [])
 
 

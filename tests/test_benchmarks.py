@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lightning_prerl.benchmarks import (
+from lightning_prerl.data.benchmarks import (
     PAPER_SYSTEM,
     BenchmarkMetrics,
     benchmark_names,
@@ -17,7 +17,7 @@ from lightning_prerl.benchmarks import (
     decontaminate,
     load_benchmark,
 )
-from lightning_prerl.rewards import MathVerifyReward, Prompt
+from lightning_prerl.data.rewards import MathVerifyReward, Prompt
 
 
 def _jsonl(path, records):
@@ -113,9 +113,9 @@ def test_decontamination_drops_benchmark_problems_written_differently(data_root)
 
 
 def test_datamodule_counts_decontaminated_training_problems(data_root, tokenizer):
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.data.rewards import BoxedExactMatch
     from lightning_prerl.rollout.hf import HFEngine
+    from lightning_prerl.training.datamodule import RolloutDataModule
 
     train = [Prompt("P2", "3"), Prompt("C1", "27"), Prompt("new", "1"), Prompt("newer", "2")]
     dm = RolloutDataModule(

@@ -11,8 +11,8 @@ import pytest
 import torch
 from test_run import ROOT, run_experiment
 
-from lightning_prerl.checkpoints import CheckpointError, check_checkpoint, newest_checkpoint
-from lightning_prerl.models import resolve_model_path
+from lightning_prerl.scale.models import resolve_model_path
+from lightning_prerl.training.checkpoints import CheckpointError, check_checkpoint, newest_checkpoint
 
 SHORT = [
     "objective=grpo",

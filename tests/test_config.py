@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from lightning_prerl.config import ConfigError, validate_config
+from lightning_prerl.config.checks import ConfigError, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -113,7 +113,7 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         (["trainer=ddp", "data.prompts_per_step=3"], "prompts_per_step=3 does not divide by the world size 2"),
         (["trainer=fsdp", "trainer.num_nodes=2", "data.prompts_per_step=6"], "does not divide by the world size 4"),
         (["model.dtype=float16"], "model.dtype=float16: fp16 compute needs loss scaling"),
-        # declared types and ranges (lightning_prerl/schema.py)
+        # declared types and ranges (lightning_prerl/config/schema.py)
         (["module.lr=abc"], "module.lr='abc': input should be a valid number"),
         (["objective.main.eps_high=1.5"], "objective.main.eps_high=1.5: must be < 1"),
         (["objective=grpo", "objective.eps_low=-0.1"], "objective.eps_low=-0.1: must be >= 0"),
@@ -168,7 +168,7 @@ def test_run_script_reports_config_errors_in_one_line(tmp_path):
 
 
 def test_unknown_group_options_are_named_with_the_allowed_ones():
-    from lightning_prerl.config import check_group_choices
+    from lightning_prerl.config.checks import check_group_choices
 
     check_group_choices(["objective=grpo,dsrl", "trainer.max_steps=3", "experiment=null"], CONF)
     with pytest.raises(ConfigError, match=r"objective='nope' is not an option: choose one of \['dsrl'"):
@@ -219,8 +219,8 @@ def test_distributed_trainers_use_the_gpus_when_present_else_two_cpu_processes(m
 def test_deepspeed_trainers_build_their_strategy_here_and_refuse_cpu_runs_in_one_line(stage):
     from types import SimpleNamespace
 
-    from lightning_prerl.compose import check_deepspeed
-    from lightning_prerl.zero import offloads_optimizer, set_gradient_clipping
+    from lightning_prerl.config.compose import check_deepspeed
+    from lightning_prerl.scale.zero import offloads_optimizer, set_gradient_clipping
 
     cfg = compose_cfg(f"trainer=deepspeed_zero{stage}", "model.dtype=bfloat16", "module.max_grad_norm=0.5")
     validate_config(cfg)
@@ -238,7 +238,7 @@ def test_deepspeed_trainers_build_their_strategy_here_and_refuse_cpu_runs_in_one
         validate_config(compose_cfg(f"trainer=deepspeed_zero{stage}", "model.lora.r=4"))
     # the engine exists only after deepspeed.initialize: configure_model (which builds the reference)
     # runs while the strategy still holds the LightningModule
-    from lightning_prerl.zero import engine_of
+    from lightning_prerl.scale.zero import engine_of
 
     assert engine_of(trainer) is None
     strategy.model = torch.nn.Linear(1, 1)

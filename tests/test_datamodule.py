@@ -6,10 +6,10 @@ from types import SimpleNamespace
 
 import torch
 
-from lightning_prerl.datamodule import RolloutDataModule
-from lightning_prerl.prompts import PromptSet, toy_prompts
-from lightning_prerl.rewards import BoxedExactMatch
+from lightning_prerl.data.prompts import PromptSet, toy_prompts
+from lightning_prerl.data.rewards import BoxedExactMatch
 from lightning_prerl.rollout.hf import HFEngine
+from lightning_prerl.training.datamodule import RolloutDataModule
 
 
 def make_datamodule(tokenizer, policy, **kwargs) -> RolloutDataModule:
@@ -35,7 +35,7 @@ def make_datamodule(tokenizer, policy, **kwargs) -> RolloutDataModule:
 
 
 def test_train_batch_shapes_masks_and_stats(tiny_model_dir, tokenizer):
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)))
     batch = next(iter(dm.train_dataloader()))
@@ -63,7 +63,7 @@ def test_prompt_slices_depend_only_on_epoch_rank_and_world(tiny_model_dir, token
 
 
 def test_eval_batches_cover_the_held_out_set(tiny_model_dir, tokenizer):
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     dm = make_datamodule(tokenizer, load_policy(str(tiny_model_dir)))
     batches = list(dm.val_dataloader())
@@ -73,8 +73,8 @@ def test_eval_batches_cover_the_held_out_set(tiny_model_dir, tokenizer):
 def test_prompts_over_the_length_limit_are_dropped_once_at_load(tiny_model_dir, tokenizer):
     import pytest
 
-    from lightning_prerl.models import load_policy
-    from lightning_prerl.prompts import render_prompt
+    from lightning_prerl.data.prompts import render_prompt
+    from lightning_prerl.scale.models import load_policy
 
     policy = load_policy(str(tiny_model_dir))
     lengths = [len(render_prompt(tokenizer, p)) for p in toy_prompts("train", 50)]
@@ -96,7 +96,7 @@ def test_load_prompts_reads_each_answer_format(tmp_path):
     import pyarrow.parquet as pq
     import pytest
 
-    from lightning_prerl.prompts import load_prompts
+    from lightning_prerl.data.prompts import load_prompts
 
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "Q?", "answer": "3+4=<<3+4=7>>7\n#### 1,234"}))
@@ -126,11 +126,11 @@ def test_hf_engine_samples_the_policy_itself_not_the_checkpoint_defaults(tiny_mo
     """Checkpoint generation defaults (top_k, repetition penalty) must not distort the samples."""
     import torch
 
-    from lightning_prerl.batch import RolloutBatch, pad_left, pad_right
-    from lightning_prerl.models import load_policy
-    from lightning_prerl.prompts import render_prompt
+    from lightning_prerl.data.batch import RolloutBatch, pad_left, pad_right
+    from lightning_prerl.data.prompts import render_prompt
     from lightning_prerl.rollout.engine import SamplingConfig
-    from lightning_prerl.update import sequence_logprobs
+    from lightning_prerl.scale.models import load_policy
+    from lightning_prerl.training.update import sequence_logprobs
 
     policy = load_policy(str(tiny_model_dir))
     policy.generation_config.top_k = 1
@@ -158,11 +158,11 @@ def test_hf_engine_decode_loop_draws_what_transformers_generate_draws():
     policy, whose answers end at different lengths."""
     from transformers import GenerationConfig, LogitsProcessorList
 
-    from lightning_prerl.batch import pad_left
-    from lightning_prerl.models import load_policy, load_tokenizer
-    from lightning_prerl.prompts import render_prompt
+    from lightning_prerl.data.batch import pad_left
+    from lightning_prerl.data.prompts import render_prompt
     from lightning_prerl.rollout.engine import SamplingConfig, cut_at_eos, derive_seed
     from lightning_prerl.rollout.hf import SeededGumbel
+    from lightning_prerl.scale.models import load_policy, load_tokenizer
 
     policy, tokenizer = load_policy("toy").eval(), load_tokenizer("toy")
     engine = HFEngine(tokenizer)
@@ -193,7 +193,7 @@ def test_global_batch_is_split_over_ranks_with_the_same_samples(tiny_model_dir, 
     seeded engine gives them the same completions (a sample depends on its prompt's seed only)."""
     import pytest
 
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     policy = load_policy(str(tiny_model_dir))
     whole = make_datamodule(tokenizer, policy, prompts_per_step=4).train_batch(1)
@@ -206,7 +206,7 @@ def test_global_batch_is_split_over_ranks_with_the_same_samples(tiny_model_dir, 
 
 
 def test_every_held_out_prompt_is_scored_once_over_uneven_shards(tiny_model_dir, tokenizer):
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     policy = load_policy(str(tiny_model_dir))
     world, seen, calls = 4, [], set()
@@ -240,7 +240,7 @@ def test_the_engine_is_synced_once_per_optimizer_step(tiny_model_dir, tokenizer)
     """Weights change only at optimizer steps: the engine takes the policy before the first batch of every
     step (training or held-out) and not again within a step. Catches a data module that syncs only once
     (the vLLM tests could not see it: their engine started from the same weights)."""
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     class Counting(HFEngine):
         syncs: list[int] = []
@@ -266,8 +266,8 @@ def test_engine_logprobs_reach_the_training_batch(tiny_model_dir, tokenizer):
     rollout correction reads them. Catches them dropped in `make_batch` (found by `make mutation`)."""
     from functools import partial
 
-    from lightning_prerl.models import load_policy
-    from lightning_prerl.update import sequence_logprobs
+    from lightning_prerl.scale.models import load_policy
+    from lightning_prerl.training.update import sequence_logprobs
 
     policy = load_policy(str(tiny_model_dir))
     dm = make_datamodule(tokenizer, policy, sampling={"max_new_tokens": 12, "temperature": 1.0})

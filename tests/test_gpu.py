@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_policy import make_batch
 
-from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.data.batch import RolloutBatch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -42,8 +42,8 @@ def to_device(batch: RolloutBatch, device) -> RolloutBatch:
 
 
 def test_bf16_step_keeps_float32_master_weights_and_moves_them(tiny_model_dir, tokenizer):
-    from lightning_prerl.policy import CondRL
-    from lightning_prerl.update import backward_objective
+    from lightning_prerl.training.policy import CondRL
+    from lightning_prerl.training.update import backward_objective
 
     module = CondRL(model_path=str(tiny_model_dir), dtype="bfloat16", lr=1e-6)
     module.configure_model()
@@ -74,8 +74,8 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import DTensor
 
-        from lightning_prerl.models import load_policy, load_tokenizer, shard_policy
-        from lightning_prerl.update import sequence_logprobs
+        from lightning_prerl.scale.models import load_policy, load_tokenizer, shard_policy
+        from lightning_prerl.training.update import sequence_logprobs
 
         batch = to_device(make_batch(load_tokenizer(model_dir)), "cuda")
         with torch.no_grad():

@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_policy import make_batch, quiet_cpu_trainer
 
-from lightning_prerl.batch import RolloutBatch, keep_rollout_dtypes
+from lightning_prerl.data.batch import RolloutBatch, keep_rollout_dtypes
 
 
 def _full_batch(tokenizer) -> RolloutBatch:
@@ -90,11 +90,11 @@ def test_the_step_sees_the_batch_as_the_data_module_made_it(tiny_model_dir):
     import lightning as L
     from lightning.pytorch.plugins.precision import DeepSpeedPrecision, Precision
 
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.policy import CondRL
-    from lightning_prerl.prompts import toy_prompts
-    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.data.prompts import toy_prompts
+    from lightning_prerl.data.rewards import BoxedExactMatch
     from lightning_prerl.rollout.hf import HFEngine
+    from lightning_prerl.training.datamodule import RolloutDataModule
+    from lightning_prerl.training.policy import CondRL
 
     class CastsLikeDeepSpeed(Precision):  # DeepSpeedPrecision needs CUDA to run a fit; its casting does not
         convert_input = DeepSpeedPrecision("bf16-mixed").convert_input
@@ -126,10 +126,10 @@ def test_deepspeed_config_builds_with_the_rollout_loader(option, tokenizer):
     from omegaconf import open_dict
     from test_config import compose_cfg
 
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.prompts import toy_prompts
-    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.data.prompts import toy_prompts
+    from lightning_prerl.data.rewards import BoxedExactMatch
     from lightning_prerl.rollout.hf import HFEngine
+    from lightning_prerl.training.datamodule import RolloutDataModule
 
     def formatted(strategy_cfg) -> dict:
         strategy = instantiate(strategy_cfg)
@@ -236,8 +236,8 @@ def _placement_worker(rank: int, port: int, out: str) -> None:
     try:
         sys.modules["vllm"] = types.SimpleNamespace(LLM=_RecordingLLM)
         torch.cuda.is_available = lambda: True  # the placement decision; nothing here touches a GPU
-        from lightning_prerl.models import load_tokenizer
         from lightning_prerl.rollout.vllm import VLLMEngine
+        from lightning_prerl.scale.models import load_tokenizer
 
         engine = VLLMEngine(load_tokenizer("toy"), "toy")
         torch.save({"kwargs": engine.llm.kwargs, "env": engine.llm.env}, f"{out}.{rank}")

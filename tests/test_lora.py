@@ -11,8 +11,8 @@ import torch
 from test_resume import kill_after_step, metrics, weights
 from test_run import run_experiment
 
-from lightning_prerl.lora import BASE, SNAPSHOT, AdapterView, LoraSettings, apply_lora, snapshot_adapter
-from lightning_prerl.models import full_weights, load_policy
+from lightning_prerl.scale.lora import BASE, SNAPSHOT, AdapterView, LoraSettings, apply_lora, snapshot_adapter
+from lightning_prerl.scale.models import full_weights, load_policy
 
 IDS = torch.tensor([[1, 5, 9, 20, 30, 40, 50], [2, 6, 10, 21, 31, 41, 51]])
 

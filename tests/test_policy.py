@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.policy import CondRL, PolicyModule
-from lightning_prerl.update import MicroBatching, backward_objective, sequence_logprobs
+from lightning_prerl.training.policy import CondRL, PolicyModule
+from lightning_prerl.training.update import MicroBatching, backward_objective, sequence_logprobs
 
 
 def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> RolloutBatch:
@@ -139,7 +139,7 @@ def test_no_reference_model_at_kl_zero(tiny_model_dir):
 
 
 def test_kl_term_enters_the_loss(policy, tokenizer, tiny_model_dir):
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     reference = load_policy(str(tiny_model_dir))
     with torch.no_grad():
@@ -160,8 +160,8 @@ def test_final_hidden_states_are_the_normed_ones_the_head_reads(tiny_model_dir):
     Qwen3 (the toy) and Llama (SmolLM2's architecture) that is the final-norm output."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lightning_prerl.models import load_policy
-    from lightning_prerl.update import final_hidden_states, output_head_weight
+    from lightning_prerl.scale.models import load_policy
+    from lightning_prerl.training.update import final_hidden_states, output_head_weight
 
     llama = LlamaForCausalLM(
         LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -186,10 +186,10 @@ def test_one_adamw_step_at_lr_1e6_moves_the_weights_only_with_fp32_masters(tiny_
 
     import lightning as L
 
-    from lightning_prerl.config import _precision
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.config.checks import _precision
+    from lightning_prerl.data.prompts import toy_prompts
     from lightning_prerl.rollout.hf import HFEngine
+    from lightning_prerl.training.datamodule import RolloutDataModule
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the pure-bf16 warning is the point of the second case
@@ -225,9 +225,9 @@ def test_gradient_clipping_applies_to_the_update_as_torch_clip_grad_norm(tiny_mo
     is then AdamW on unclipped gradients, and eps makes that visible) or applied with another norm."""
     import lightning as L
 
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.prompts import toy_prompts
+    from lightning_prerl.data.prompts import toy_prompts
     from lightning_prerl.rollout.hf import HFEngine
+    from lightning_prerl.training.datamodule import RolloutDataModule
 
     max_norm, lr = 1e-5, 1e-3
     module = CondRL(model_path=str(tiny_model_dir), lr=lr, max_grad_norm=max_norm)

@@ -11,11 +11,11 @@ import dataclasses
 import pytest
 import torch
 
-from lightning_prerl.alignment import gradient_alignment
-from lightning_prerl.batch import RolloutBatch
+from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective as PG
-from lightning_prerl.policy import NSRPreRL, PreRL, PSRPreRL
-from lightning_prerl.update import MicroBatching, backward_objective, sequence_logprobs
+from lightning_prerl.reports.alignment import gradient_alignment
+from lightning_prerl.training.policy import NSRPreRL, PreRL, PSRPreRL
+from lightning_prerl.training.update import MicroBatching, backward_objective, sequence_logprobs
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 LENGTHS = [2, 3, 1, 2, 1, 2, 3, 4]
@@ -92,7 +92,7 @@ def toy_batch(tokenizer, rewards: list[float], group_size: int) -> RolloutBatch:
 
 @pytest.fixture()
 def policy(tiny_model_dir):
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     torch.manual_seed(0)
     return load_policy(str(tiny_model_dir))
@@ -157,7 +157,7 @@ def test_prerl_runs_only_prompt_free_forward_passes(policy, tokenizer):
 
 def test_nsr_prerl_forwards_only_its_negatives_with_the_same_gradient(policy, tokenizer, monkeypatch):
     """Rows whose loss mask is empty are never forwarded; the gradient is the all-rows one."""
-    import lightning_prerl.update as update
+    import lightning_prerl.training.update as update
 
     start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     batch = toy_batch(tokenizer, [1, 0, 0, 1, 1, 1, 0, 1], 4)  # negatives: rows 1, 2, 6
@@ -236,7 +236,7 @@ def test_micro_batches_hold_rows_of_similar_length(tokenizer):
 
 
 def test_a_rank_with_fewer_kept_rows_fills_the_agreed_micro_batch_count(tokenizer):
-    from lightning_prerl.update import rows_with_loss
+    from lightning_prerl.training.update import rows_with_loss
 
     batch = toy_batch(tokenizer, [1, 0, 0, 1, 1, 1, 1, 1], 4)
     adv, keep = NSR_PRERL.advantages(batch.rewards, 4)
@@ -259,7 +259,7 @@ def test_lightning_modules_fix_their_objective(tiny_model_dir):
 
 
 def test_start_token_resolution(tokenizer):
-    from lightning_prerl.models import resolve_start_token_id
+    from lightning_prerl.scale.models import resolve_start_token_id
 
     # no BOS in the toy (Qwen-like) tokenizer: the chat template's first special token
     assert resolve_start_token_id(tokenizer) == tokenizer.convert_tokens_to_ids("<|im_start|>")

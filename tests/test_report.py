@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from lightning_prerl.report import plot_run, read_metrics
+from lightning_prerl.reports.logs import read_metrics
+from lightning_prerl.reports.plots import plot_run
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:

@@ -12,12 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_prerl.metrics import ThoughtCounts
-from lightning_prerl.passk import pass_at_ks
-from lightning_prerl.repairs import slip_stats
-from lightning_prerl.report import read_metrics
-from lightning_prerl.reproduction import read_alignment, write_reproduction_report
-from lightning_prerl.toyworld import (
+from lightning_prerl.data.toyworld import (
     THOUGHTS_MODEL_DIR,
     SlipCounts,
     ToyProblem,
@@ -25,6 +20,11 @@ from lightning_prerl.toyworld import (
     slip_counts,
     thought_trace,
 )
+from lightning_prerl.evaluation.metrics import ThoughtCounts
+from lightning_prerl.evaluation.passk import pass_at_ks
+from lightning_prerl.reports.logs import read_metrics
+from lightning_prerl.reproduction.repairs import slip_stats
+from lightning_prerl.reproduction.report import read_alignment, write_reproduction_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SEAL = ThoughtCounts(

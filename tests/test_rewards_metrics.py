@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prerl.metrics import (
+from lightning_prerl.data.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer, last_boxed
+from lightning_prerl.evaluation.metrics import (
     SEAL_REFLECTION,
     SEAL_TRANSITION,
     GenerationMetrics,
@@ -19,7 +20,6 @@ from lightning_prerl.metrics import (
     pass_at_k,
     split_thoughts,
 )
-from lightning_prerl.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer, last_boxed
 
 
 def test_last_boxed_handles_nesting_and_picks_the_last():
@@ -201,7 +201,7 @@ SEAL_RESPONSE = (
 
 
 def test_thought_counts_classify_as_seals_code():
-    from lightning_prerl.metrics import ThoughtCounts
+    from lightning_prerl.evaluation.metrics import ThoughtCounts
 
     metric = ThoughtCounts(SEAL_TRANSITION, SEAL_REFLECTION)
     kinds = metric.classify(SEAL_RESPONSE)
@@ -221,7 +221,7 @@ def test_thought_counts_classify_as_seals_code():
 def test_the_defaults_are_seals_lists_and_the_config_groups_hold_the_same_lists():
     from hydra import compose, initialize_config_dir
 
-    from lightning_prerl import metrics
+    from lightning_prerl.evaluation import metrics
 
     assert metrics.DEFAULT_TRANSITION == SEAL_TRANSITION and metrics.DEFAULT_REFLECTION == SEAL_REFLECTION
     assert "'s correct" in SEAL_REFLECTION and "^alternatively" in SEAL_TRANSITION

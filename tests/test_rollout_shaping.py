@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_prerl.batch import RolloutBatch, concat_batches, pad_left, pad_right, take_groups
-from lightning_prerl.datamodule import RolloutDataModule
-from lightning_prerl.prompts import toy_prompts
-from lightning_prerl.rewards import BoxedExactMatch, Prompt
+from lightning_prerl.data.batch import RolloutBatch, concat_batches, pad_left, pad_right, take_groups
+from lightning_prerl.data.prompts import toy_prompts
+from lightning_prerl.data.rewards import BoxedExactMatch, Prompt
+from lightning_prerl.data.shaping import OverlongShaping, overlong_penalty
 from lightning_prerl.rollout.hf import HFEngine
-from lightning_prerl.shaping import OverlongShaping, overlong_penalty
+from lightning_prerl.training.datamodule import RolloutDataModule
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -86,7 +86,7 @@ def test_overlong_bad_values_name_the_key(kwargs, message):
 def test_bad_shaping_config_fails_in_one_line(overrides, message):
     from hydra import compose, initialize_config_dir
 
-    from lightning_prerl.config import ConfigError, validate_config
+    from lightning_prerl.config.checks import ConfigError, validate_config
 
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("config", overrides=["run_dir=/tmp/unused", *overrides])
@@ -145,7 +145,7 @@ def _datamodule(tokenizer, policy, reward=None, world: int = 1, others_short: bo
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
-    from lightning_prerl.models import load_policy
+    from lightning_prerl.scale.models import load_policy
 
     return load_policy(str(tiny_model_dir))
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from lightning_prerl.models import load_policy, load_tokenizer, stop_token_ids
-from lightning_prerl.prompts import render_prompt
-from lightning_prerl.rewards import Prompt
+from lightning_prerl.data.prompts import render_prompt
+from lightning_prerl.data.rewards import Prompt
 from lightning_prerl.rollout.engine import SamplingConfig
 from lightning_prerl.rollout.hf import HFEngine
+from lightning_prerl.scale.models import load_policy, load_tokenizer, stop_token_ids
 
 
 def test_stop_ids_come_from_the_tokenizer_the_generation_config_and_the_config(qwen3_mini_dir):

@@ -17,9 +17,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_run import FAST, ROOT, read_rows, run_experiment
 
-from lightning_prerl.callbacks import RunSummary
-from lightning_prerl.compose import build_run, route_lightning_logs, without_secrets
-from lightning_prerl.summary import build_summary, print_summary
+from lightning_prerl.config.compose import build_run, route_lightning_logs, without_secrets
+from lightning_prerl.reports.callbacks import RunSummary
+from lightning_prerl.reports.summary import build_summary, print_summary
 
 SECRET = "sk-not-a-real-key-0123456789"
 HAS_WANDB = importlib.util.find_spec("wandb") is not None

@@ -16,8 +16,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from lightning_prerl.report import write_sweep_report
-from lightning_prerl.sweep import ParallelJobs, find_jobs, oversubscription, short_names, swept_keys
+from lightning_prerl.reports.plots import write_sweep_report
+from lightning_prerl.reports.sweep import ParallelJobs, find_jobs, oversubscription, short_names, swept_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 COEF, SWITCH, LR = "objective.warmup.coef", "objective.switch_step", "objective.warmup.lr_scale"
@@ -213,7 +213,7 @@ def test_parallel_jobs_never_ask_for_more_threads_than_cores(n_jobs, threads, co
 
 
 def test_parallel_jobs_callback_refuses_an_oversubscribed_sweep(monkeypatch):
-    monkeypatch.setattr("lightning_prerl.sweep.machine_cores", lambda: 2)
+    monkeypatch.setattr("lightning_prerl.reports.sweep.machine_cores", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
 
     def config(threads, task=()):
@@ -261,7 +261,7 @@ def test_launcher_configs_compose():
 
 
 def test_command_line_check_leaves_hydras_own_launcher_options_to_hydra():
-    from lightning_prerl.config import ConfigError, check_group_choices
+    from lightning_prerl.config.checks import ConfigError, check_group_choices
 
     check_group_choices(["-m", "hydra/launcher=joblib", "hydra/launcher=basic", "seed=0,1"], ROOT / "conf")
     with pytest.raises(ConfigError, match="objective='nope' is not an option"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import re
 
-from lightning_prerl.rewards import BoxedExactMatch, Prompt
-from lightning_prerl.toyworld import SHIPPED_MODEL_DIR, build_tokenizer, generate_problems, solution_trace
+from lightning_prerl.data.rewards import BoxedExactMatch, Prompt
+from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, build_tokenizer, generate_problems, solution_trace
 
 
 def test_splits_are_deterministic_and_disjoint():

@@ -11,10 +11,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from lightning_prerl.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives import PolicyGradientObjective as PG
+from lightning_prerl.objectives.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives.policy_gradient import PRETRAIN_LR_SCALE
-from lightning_prerl.update import Collectives, MicroBatching, backward_objective, prepare, sequence_logprobs
+from lightning_prerl.training.update import Collectives, MicroBatching, backward_objective, prepare, sequence_logprobs
 from tests.test_policy import make_batch
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -49,7 +49,7 @@ def test_signed_advantage_is_not_group_relative_so_a_flat_wrong_group_stays_nega
 
 # -- one learning-rate rule --------------------------------------------------------------------------
 def test_the_lr_scale_rule_is_the_same_for_classes_and_yaml():
-    from lightning_prerl.policy import CondRL, NSRPreRL, PreRL, PSRPreRL
+    from lightning_prerl.training.policy import CondRL, NSRPreRL, PreRL, PSRPreRL
 
     assert PG(space="marginal").lr_scale == PRETRAIN_LR_SCALE == 0.1 and PG().lr_scale == 1.0
     for cls, scale in ((CondRL, 1.0), (PreRL, 0.1), (NSRPreRL, 0.1), (PSRPreRL, 0.1)):
@@ -228,8 +228,8 @@ def test_one_update_per_batch_is_plain_policy_gradient_bit_for_bit(policy, token
 
 
 def test_each_rank_holds_its_share_of_every_global_mini_batch(tokenizer):
-    from lightning_prerl.datamodule import RolloutDataModule
-    from lightning_prerl.rewards import BoxedExactMatch
+    from lightning_prerl.data.rewards import BoxedExactMatch
+    from lightning_prerl.training.datamodule import RolloutDataModule
 
     def positions(mini_batches, world):
         dm = RolloutDataModule(tokenizer, lambda **_: None, BoxedExactMatch(), [], prompts_per_step=8)
@@ -283,8 +283,8 @@ def test_two_epochs_of_two_mini_batches_with_vllm_and_tis_end_to_end(vllm, tmp_p
 
 
 def test_step_intervals_must_be_multiples_of_the_updates_per_batch():
-    from lightning_prerl.config import validate_config
-    from lightning_prerl.schema import ConfigError
+    from lightning_prerl.config.checks import validate_config
+    from lightning_prerl.config.schema import ConfigError
 
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose("config", overrides=["module.ppo_epochs=2", "module.mini_batches=2", "run_dir=/tmp/x"])

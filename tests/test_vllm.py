@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_prerl.models import load_policy, load_tokenizer
-from lightning_prerl.prompts import render_prompt, toy_prompts
+from lightning_prerl.data.prompts import render_prompt, toy_prompts
 from lightning_prerl.rollout.engine import SamplingConfig
 from lightning_prerl.rollout.hf import HFEngine
+from lightning_prerl.scale.models import load_policy, load_tokenizer
 
 pytestmark = pytest.mark.vllm
 GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=100)
@@ -65,8 +65,8 @@ def test_greedy_parity_before_and_after_a_real_optimizer_step_and_sync(setup):
 
 
 def test_vllm_logprobs_match_the_policy(setup):
-    from lightning_prerl.batch import RolloutBatch
-    from lightning_prerl.update import sequence_logprobs
+    from lightning_prerl.data.batch import RolloutBatch
+    from lightning_prerl.training.update import sequence_logprobs
 
     tok, policy, engine, prompts = setup
     engine.sync(policy)
@@ -130,7 +130,7 @@ def test_fsdp2_policy_syncs_into_one_vllm_engine_per_rank(vllm, tmp_path):
 def test_lora_policy_syncs_merged_and_matches_transformers_greedy(setup):
     """A LoRA policy after real adapter steps: vLLM gets the merged weights and decodes what the
     adapted transformers model decodes."""
-    from lightning_prerl.lora import LoraSettings, apply_lora
+    from lightning_prerl.scale.lora import LoraSettings, apply_lora
 
     tok, _, engine, prompts = setup
     policy = apply_lora(load_policy("toy"), LoraSettings(r=8, alpha=16))

@@ -21,11 +21,11 @@ from test_policy import make_batch
 from test_run import ROOT
 from zero_worker import CLIP, GREEDY, LR, STEPS, greedy_prompts
 
-from lightning_prerl.checkpoints import CheckpointError, check_checkpoint, newest_checkpoint
-from lightning_prerl.models import load_policy, load_tokenizer
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.rollout.hf import HFEngine
-from lightning_prerl.update import MicroBatching, backward_objective
+from lightning_prerl.scale.models import load_policy, load_tokenizer
+from lightning_prerl.training.checkpoints import CheckpointError, check_checkpoint, newest_checkpoint
+from lightning_prerl.training.update import MicroBatching, backward_objective
 
 pytestmark = pytest.mark.slow
 # float32 throughout, but gradients are summed over ranks and micro-steps in another order, and AdamW's

@@ -22,15 +22,15 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from test_policy import make_batch  # noqa: E402
 
-from lightning_prerl.batch import take_groups  # noqa: E402
-from lightning_prerl.models import full_weights, load_policy, load_tokenizer  # noqa: E402
+from lightning_prerl.data.batch import take_groups  # noqa: E402
+from lightning_prerl.data.prompts import render_prompt, toy_prompts  # noqa: E402
 from lightning_prerl.objectives import PolicyGradientObjective  # noqa: E402
-from lightning_prerl.policy import CondRL, NSRPreRL  # noqa: E402
-from lightning_prerl.prompts import render_prompt, toy_prompts  # noqa: E402
 from lightning_prerl.rollout.engine import SamplingConfig  # noqa: E402
 from lightning_prerl.rollout.hf import HFEngine  # noqa: E402
-from lightning_prerl.update import Collectives, MicroBatching, backward_objective  # noqa: E402
-from lightning_prerl.zero import copy_weights, micro_step, zero3_loading  # noqa: E402
+from lightning_prerl.scale.models import full_weights, load_policy, load_tokenizer  # noqa: E402
+from lightning_prerl.scale.zero import copy_weights, micro_step, zero3_loading  # noqa: E402
+from lightning_prerl.training.policy import CondRL, NSRPreRL  # noqa: E402
+from lightning_prerl.training.update import Collectives, MicroBatching, backward_objective  # noqa: E402
 
 LR, CLIP = 1e-3, 1.0
 STEPS = [NSRPreRL.preset, CondRL.preset]

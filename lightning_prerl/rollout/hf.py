@@ -24,9 +24,9 @@ import torch
 from transformers import DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lightning_prerl.batch import pad_left
-from lightning_prerl.models import DTYPES, is_sharded
+from lightning_prerl.data.batch import pad_left
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos, derive_seed
+from lightning_prerl.scale.models import DTYPES, is_sharded
 
 
 class SeededGumbel(LogitsProcessor):

@@ -31,8 +31,8 @@ from collections.abc import Iterator
 
 import torch
 
-from lightning_prerl.models import DTYPES, full_weights, resolve_model_path
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos
+from lightning_prerl.scale.models import DTYPES, full_weights, resolve_model_path
 
 BUCKET_BYTES = 256 * 2**20
 

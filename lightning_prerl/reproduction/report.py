@@ -29,12 +29,12 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from lightning_prerl.alignment import summarize
-from lightning_prerl.repairs import FIELDS as SLIP_FIELDS
-from lightning_prerl.repairs import sweep_slip_stats
-from lightning_prerl.repro_plots import plot_alignment, plot_over_steps, plot_pass_at_k
-from lightning_prerl.repro_text import ACCURACY, FINALS, THOUGHTS, findings, markdown
-from lightning_prerl.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
+from lightning_prerl.reports.alignment import summarize
+from lightning_prerl.reports.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
+from lightning_prerl.reproduction.plots import plot_alignment, plot_over_steps, plot_pass_at_k
+from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
+from lightning_prerl.reproduction.repairs import sweep_slip_stats
+from lightning_prerl.reproduction.text import ACCURACY, FINALS, THOUGHTS, findings, markdown
 
 OBJECTIVE_KEY = "objective"
 ROLLOUT_ACCURACY = "rollout/accuracy"  # every step, on the step's training rollouts

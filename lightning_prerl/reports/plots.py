@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import csv
 import itertools
 import math
 import statistics
@@ -14,7 +13,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from lightning_prerl.sweep import (
+from lightning_prerl.reports.logs import read_metrics
+from lightning_prerl.reports.sweep import (
     SEED_KEY,
     Configuration,
     Job,
@@ -39,23 +39,6 @@ PANELS = [
     ),
     ("Seconds per step", ["time/generate", "time/score", "time/train", "time/sync"]),
 ]
-
-
-def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """{metric: [(step, value), ...]} from a Lightning CSVLogger `metrics.csv`."""
-    series: dict[str, list[tuple[float, float]]] = {}
-    with open(path, newline="") as fh:
-        for row in csv.DictReader(fh):
-            step = row.get("step")
-            if not step:
-                continue
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in ("", None):
-                    continue
-                v = float(value)
-                if math.isfinite(v):
-                    series.setdefault(key, []).append((float(step), v))
-    return series
 
 
 def _phase_switches(series) -> list[float]:

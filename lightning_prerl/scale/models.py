@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_prerl.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
+from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -126,7 +126,7 @@ def full_weights(model: torch.nn.Module, cpu: bool = False) -> Iterator[tuple[st
     Args:
         cpu: move each tensor to CPU as it is yielded (export: the whole model never sits on a GPU).
     """
-    from lightning_prerl import lora
+    from lightning_prerl.scale import lora
 
     items = _gathered(model)
     if lora.is_lora(model):
@@ -168,7 +168,7 @@ def export_policy(
     ranks keep and write them. `dtype` (e.g. the run's `model.dtype`) is the dtype written, whatever
     the master weights are. A LoRA policy is written merged, and its adapter alone to `out_dir/adapter`.
     """
-    from lightning_prerl import lora
+    from lightning_prerl.scale import lora
 
     target = DTYPES[dtype] if dtype is not None else None
     state = {}

@@ -27,8 +27,9 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-SHIPPED_MODEL_DIR = Path(__file__).parent / "assets" / "toy-base"
-THOUGHTS_MODEL_DIR = Path(__file__).parent / "assets" / "toy-thoughts"  # the "thoughts" world's base policy
+ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the shipped toy policies
+SHIPPED_MODEL_DIR = ASSETS / "toy-base"
+THOUGHTS_MODEL_DIR = ASSETS / "toy-thoughts"  # the "thoughts" world's base policy
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lightning_prerl.batch import RolloutBatch, concat_batches, take_groups
+from lightning_prerl.data.batch import RolloutBatch, concat_batches, take_groups
 from lightning_prerl.objectives.advantages import REWARD_TOLERANCE, flat_groups
 
 OVERLONG_MODES = ("keep", "mask", "penalty")

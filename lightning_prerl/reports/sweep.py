@@ -20,7 +20,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
-from lightning_prerl.rewards import machine_cores
+from lightning_prerl.data.rewards import machine_cores
+from lightning_prerl.reports.logs import read_metrics
 
 SEED_KEY = "seed"
 log = logging.getLogger(__name__)
@@ -70,8 +71,6 @@ def read_overrides(job_dir: Path) -> dict[str, str]:
 
 def find_jobs(sweep_dir: Path) -> list[Job]:
     """Every job directory under `sweep_dir`, in job-number order, with its metrics (if any)."""
-    from lightning_prerl.report import read_metrics
-
     dirs = {p.parent.parent for p in Path(sweep_dir).rglob("overrides.yaml") if p.parent.name == ".hydra"}
     jobs = []
     for d in sorted(dirs, key=lambda d: (len(d.name), d.name)):

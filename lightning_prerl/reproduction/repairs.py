@@ -20,12 +20,12 @@ from pathlib import Path
 
 import torch
 
-from lightning_prerl.models import load_policy, load_tokenizer, stop_token_ids
-from lightning_prerl.prompts import render_prompt, toy_prompts
-from lightning_prerl.rewards import Prompt
+from lightning_prerl.data.prompts import render_prompt, toy_prompts
+from lightning_prerl.data.rewards import Prompt
+from lightning_prerl.data.toyworld import SlipCounts, slip_counts
 from lightning_prerl.rollout.engine import SamplingConfig, derive_seed
 from lightning_prerl.rollout.hf import HFEngine
-from lightning_prerl.toyworld import SlipCounts, slip_counts
+from lightning_prerl.scale.models import load_policy, load_tokenizer, stop_token_ids
 
 FIELDS = ["slips_per_answer", "repair_share", "reflect_share", "switch_share", "check_share"]
 

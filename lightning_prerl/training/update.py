@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 import torch
 from transformers import DynamicCache
 
-from lightning_prerl.batch import RolloutBatch
-from lightning_prerl.correction import MismatchStats, RolloutCorrection
+from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
+from lightning_prerl.objectives.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives.ops import head_logprobs
-from lightning_prerl.zero import through_own_call
+from lightning_prerl.scale.zero import through_own_call
 
 NO_CORRECTION = RolloutCorrection()
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from lightning_prerl.models import export_policy
-from lightning_prerl.report import plot_run
-from lightning_prerl.summary import build_summary, print_summary, write_summary
+from lightning_prerl.reports.plots import plot_run
+from lightning_prerl.reports.summary import build_summary, print_summary, write_summary
+from lightning_prerl.scale.models import export_policy
 
 log = logging.getLogger(__name__)
 

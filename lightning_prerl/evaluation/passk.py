@@ -18,8 +18,8 @@ import time
 import lightning as L
 import torch
 
-from lightning_prerl.evaluation import pass_ks
-from lightning_prerl.metrics import pass_at_k
+from lightning_prerl.evaluation.metrics import pass_at_k
+from lightning_prerl.evaluation.scoring import pass_ks
 
 log = logging.getLogger(__name__)
 PREFIX = "passk"

@@ -32,12 +32,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from lightning_prerl.batch import RolloutBatch, pad_left, pad_right, truncated_flags
-from lightning_prerl.benchmarks import decontaminate
-from lightning_prerl.prompts import PromptSet, render_prompt
-from lightning_prerl.rewards import Prompt, RewardFn, RewardScorer
+from lightning_prerl.data.batch import RolloutBatch, pad_left, pad_right, truncated_flags
+from lightning_prerl.data.benchmarks import decontaminate
+from lightning_prerl.data.prompts import PromptSet, render_prompt
+from lightning_prerl.data.rewards import Prompt, RewardFn, RewardScorer
+from lightning_prerl.data.shaping import OverlongShaping, sample_informative
 from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig, derive_seed
-from lightning_prerl.shaping import OverlongShaping, sample_informative
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_prerl.callbacks import ResumableCSVLogger
-from lightning_prerl.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
-from lightning_prerl.config import ConfigError, uses_deepspeed, validate_config
-from lightning_prerl.models import resolve_model_path, stop_token_ids
+from lightning_prerl.config.checks import ConfigError, uses_deepspeed, validate_config
+from lightning_prerl.reports.callbacks import ResumableCSVLogger
+from lightning_prerl.scale.models import resolve_model_path, stop_token_ids
+from lightning_prerl.training.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
 
 log = logging.getLogger(__name__)
 # loggers that need an optional extra: (class name, import name, extra)

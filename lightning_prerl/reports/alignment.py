@@ -19,9 +19,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from lightning_prerl.batch import RolloutBatch
-from lightning_prerl.models import is_sharded
-from lightning_prerl.update import sequence_logprobs
+from lightning_prerl.data.batch import RolloutBatch
+from lightning_prerl.scale.models import is_sharded
+from lightning_prerl.training.update import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class GradientAlignment(L.Callback):
 
     @staticmethod
     def _write_samples(trainer: L.Trainer, rows: list[dict[str, float]]) -> None:
-        from lightning_prerl.callbacks import csv_logger
+        from lightning_prerl.reports.callbacks import csv_logger
 
         logger = csv_logger(trainer)
         if logger is None:

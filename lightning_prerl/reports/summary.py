@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from lightning_prerl.report import read_metrics
+from lightning_prerl.reports.logs import read_metrics
 
 # val/<metric> and val/<benchmark>/<metric>: avg@k is the paper's accuracy (mean over k samples)
 HELDOUT = re.compile(

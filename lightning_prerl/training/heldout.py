@@ -1,6 +1,6 @@
 """Held-out evaluation of a `PolicyModule`: pass@k, avg@k, format and behaviour metrics per benchmark.
 
-A mixin of `PolicyModule` (lightning_prerl/policy.py), split out to keep each file readable. Held-out
+A mixin of `PolicyModule` (lightning_prerl/training/policy.py), split out to keep each file readable. Held-out
 rollouts come from the data module's validation loader (generated with the current weights, padding
 prompts for rank lockstep are never scored); metrics are logged against optimizer steps done.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import math
 
-from lightning_prerl.batch import RolloutBatch
-from lightning_prerl.benchmarks import BenchmarkMetrics
+from lightning_prerl.data.batch import RolloutBatch
+from lightning_prerl.data.benchmarks import BenchmarkMetrics
 
 
 class HeldOutEvaluation:
@@ -39,7 +39,7 @@ class HeldOutEvaluation:
         for i, batch in enumerate(t.datamodule.val_dataloader()):
             self.validation_step(t.strategy.batch_to_device(batch), i)  # as Lightning's loop moves it
         self.on_validation_epoch_end()
-        from lightning_prerl.dsrl import DSRLSwitch  # its metric trigger observes every evaluation
+        from lightning_prerl.training.dsrl import DSRLSwitch  # its metric trigger observes every evaluation
 
         for callback in t.callbacks:
             if isinstance(callback, DSRLSwitch):

@@ -7,8 +7,8 @@ import math
 import statistics
 from pathlib import Path
 
-from lightning_prerl.report import _pyplot, _save
-from lightning_prerl.sweep import Job
+from lightning_prerl.reports.plots import _pyplot, _save
+from lightning_prerl.reports.sweep import Job
 
 OBJECTIVE_KEY = "objective"
 ACCURACY = "val/accuracy"

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from lightning_prerl.metrics import GenerationMetrics
-from lightning_prerl.prompts import load_prompts
-from lightning_prerl.rewards import Prompt
+from lightning_prerl.data.prompts import load_prompts
+from lightning_prerl.data.rewards import Prompt
+from lightning_prerl.evaluation.metrics import GenerationMetrics
 
 PAPER_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
-BENCHMARK_DIR = Path(__file__).resolve().parents[1] / "conf" / "benchmark"
+BENCHMARK_DIR = Path(__file__).resolve().parents[2] / "conf" / "benchmark"
 log = logging.getLogger(__name__)
 
 

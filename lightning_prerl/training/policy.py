@@ -33,17 +33,17 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_prerl import zero
-from lightning_prerl.batch import RolloutBatch, keep_rollout_dtypes
-from lightning_prerl.benchmarks import BenchmarkMetrics
-from lightning_prerl.correction import RolloutCorrection
-from lightning_prerl.heldout import HeldOutEvaluation
-from lightning_prerl.lora import BASE, SNAPSHOT, LoraSettings, snapshot_adapter
-from lightning_prerl.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
-from lightning_prerl.models import DTYPES, is_sharded, load_tokenizer, resolve_start_token_id
-from lightning_prerl.networks import PolicyNetworks
+from lightning_prerl.data.batch import RolloutBatch, keep_rollout_dtypes
+from lightning_prerl.data.benchmarks import BenchmarkMetrics
+from lightning_prerl.evaluation.metrics import DEFAULT_REFLECTION, DEFAULT_TRANSITION, GenerationMetrics
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.update import Collectives, MicroBatching, StepStats, backward_objective, prepare
+from lightning_prerl.objectives.correction import RolloutCorrection
+from lightning_prerl.scale import zero
+from lightning_prerl.scale.lora import BASE, SNAPSHOT, LoraSettings, snapshot_adapter
+from lightning_prerl.scale.models import DTYPES, is_sharded, load_tokenizer, resolve_start_token_id
+from lightning_prerl.scale.networks import PolicyNetworks
+from lightning_prerl.training.heldout import HeldOutEvaluation
+from lightning_prerl.training.update import Collectives, MicroBatching, StepStats, backward_objective, prepare
 
 log = logging.getLogger(__name__)
 

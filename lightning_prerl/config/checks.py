@@ -14,11 +14,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from lightning_prerl.models import resolve_model_path
-from lightning_prerl.schema import DSRL, ConfigError, RunConfig, validate_schema
+from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
+from lightning_prerl.scale.models import resolve_model_path
 
 GROUP_ADVANTAGES = ("grpo", "group_mean")
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def _devices(cpu_processes: int) -> int:

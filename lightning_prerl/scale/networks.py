@@ -1,6 +1,6 @@
 """The networks a `PolicyModule` trains and scores with: the policy, and the frozen reference of the KL term.
 
-A mixin of `PolicyModule` (lightning_prerl/policy.py), split out to keep each file readable. The policy
+A mixin of `PolicyModule` (lightning_prerl/training/policy.py), split out to keep each file readable. The policy
 is loaded in `configure_model`, so every strategy can shape it first: FSDP2 shards it over the mesh
 (`models.shard_policy`), DeepSpeed ZeRO-3 loads it into partitions (`zero.zero3_loading`), LoRA wraps
 it in peft adapters (`lora.apply_lora`). The reference is a frozen copy in the compute dtype, sharded
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_prerl import zero
-from lightning_prerl.lora import SNAPSHOT, AdapterView, add_snapshot, apply_lora, snapshot_adapter
-from lightning_prerl.models import DTYPES, load_policy, shard_policy
+from lightning_prerl.scale import zero
+from lightning_prerl.scale.lora import SNAPSHOT, AdapterView, add_snapshot, apply_lora, snapshot_adapter
+from lightning_prerl.scale.models import DTYPES, load_policy, shard_policy
 
 
 class PolicyNetworks:

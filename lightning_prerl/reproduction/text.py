@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from lightning_prerl.repairs import FIELDS as SLIP_FIELDS
+from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
 
 ACCURACY = "val/accuracy"
 THOUGHTS = ["val/transition_thoughts", "val/reflection_thoughts"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_prerl.metrics import (
+from lightning_prerl.evaluation.metrics import (
     DEFAULT_REFLECTION,
     DEFAULT_TRANSITION,
     KeywordRate,

@@ -13,8 +13,8 @@ import random
 import re
 from pathlib import Path
 
-from lightning_prerl.rewards import Prompt, last_boxed
-from lightning_prerl.toyworld import generate_problems
+from lightning_prerl.data.rewards import Prompt, last_boxed
+from lightning_prerl.data.toyworld import generate_problems
 
 ANSWER_FORMATS = ("plain", "gsm8k", "boxed", "latex")
 log = logging.getLogger(__name__)

@@ -1,0 +1,7 @@
+"""Data (layer 3): what training reads and how a rollout batch looks.
+
+Owns the rollout batch (`batch.RolloutBatch`), rewards and their scorer (`rewards`), prompt sets and
+chat rendering (`prompts`), the toy world (`toyworld`), the paper's benchmarks and decontamination
+(`benchmarks`), and the shaping of a batch before the update (overlong penalty, informative groups:
+`shaping`). May import: `objectives`, `evaluation`.
+"""

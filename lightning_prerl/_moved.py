@@ -47,7 +47,11 @@ MOVED = {
     "repairs": "reproduction.repairs",
 }
 # old module -> new module, for the old modules whose name is now a subpackage's
-RENAMED_IN_PLACE = {"config": "config.checks", "evaluation": "evaluation.scoring", "reproduction": "reproduction.report"}
+RENAMED_IN_PLACE = {
+    "config": "config.checks",
+    "evaluation": "evaluation.scoring",
+    "reproduction": "reproduction.report",
+}
 _warned: set[str] = set()
 
 

@@ -54,6 +54,13 @@ def test_default_experiment_runs_and_writes_every_artefact(tmp_path):
     # step 0's evaluation runs inside fit: Trainer.validate (which prints this table) would build
     # DeepSpeed's separate inference engine under ZeRO-3 (heldout.HeldOutEvaluation.on_train_start)
     assert "Validate metric" not in proc.stdout
+    # the first five minutes: nothing printed that the user did not ask for (compose.quiet_libraries)
+    output = proc.stdout + proc.stderr
+    for noise in ("Setting accelerator to CPU", "LeafSpec", "Loading weights", "Writing model shards", "Warning"):
+        assert noise not in output, noise
+    after_summary = proc.stdout.split("Run summary")[1]
+    assert "Epoch" not in after_summary, "the progress bar was drawn again after the summary"
+    assert "_thoughts" not in after_summary  # the toy world has no thoughts: 0 -> 0 rows are not shown
     for key in ("rollout/reward_mean", "rollout/format_valid", "time/generate", "val/pass@2"):
         assert steps_with(rows, key), key
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"last.ckpt", "step000002.ckpt"}

@@ -115,6 +115,20 @@ def test_printed_table_keeps_long_paths_whole(tmp_path, capsys):
     assert f"policy: {path}\n" in out
 
 
+def test_thought_counts_that_are_zero_at_both_ends_are_not_printed_but_kept_in_the_json(tmp_path, capsys):
+    """A world without thoughts logs 0 -> 0 thought counts: meaningless rows, hidden (a count that moved stays)."""
+    rows = [
+        {"step": 0, "val/accuracy": 0.25, "val/reflection_thoughts": 0.0, "val/transition_thoughts": 0.0},
+        {"step": 2, "val/accuracy": 0.5, "val/reflection_thoughts": 0.0, "val/transition_thoughts": 0.5},
+    ]
+    summary = build_summary(write_metrics(tmp_path / "metrics.csv", rows))
+    print_summary(summary)
+    out = capsys.readouterr().out
+    assert "val/reflection_thoughts" not in out
+    assert re.search(r"val/transition_thoughts\s*│\s*0\.000\s*│\s*0\.500", out)
+    assert summary["heldout"]["metrics"]["val/reflection_thoughts"] == {"before": 0.0, "after": 0.0}
+
+
 def test_summary_is_written_by_rank_zero_only(tmp_path):
     trainer = SimpleNamespace(is_global_zero=False, loggers=[], callbacks=[])
     RunSummary(str(tmp_path)).on_fit_end(trainer, None)

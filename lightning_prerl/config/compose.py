@@ -55,6 +55,27 @@ def route_lightning_logs() -> None:
             logger.addFilter(_DropAdverts())
 
 
+def quiet_libraries(cfg: DictConfig) -> None:
+    """Silences what libraries print on every run that the user did not ask for, at the source.
+
+    - DeepSpeed guesses its accelerator when imported (accelerate imports it in `save_pretrained`) and
+      warns "Setting accelerator to CPU" (deepspeed/accelerator/real_accelerator.py); on a CPU run
+      `DS_ACCELERATOR=cpu` is that same choice, made explicitly (a user's own value is kept).
+    - Lightning's `utilities/_pytree.py` builds torch's deprecated `LeafSpec` (a FutureWarning from
+      torch.utils._pytree) on every fit; nothing in this project can change that call.
+    - transformers draws "Loading weights" / "Writing model shards" bars mid-log on every load and export.
+    """
+    from lightning.fabric.accelerators.cuda import num_cuda_devices  # NVML count: no CUDA context
+    from transformers.utils import logging as hf_logging
+
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator == "cpu" or (accelerator == "auto" and num_cuda_devices() == 0):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    leafspec = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+    warnings.filterwarnings("ignore", message=leafspec, category=FutureWarning)
+    hf_logging.disable_progress_bar()
+
+
 def check_logger_packages(cfg: DictConfig) -> None:
     """One line naming the install command when a configured logger's optional package is missing."""
     for name, node in (cfg.get("logger") or {}).items():
@@ -123,6 +144,7 @@ def resolve_checkpoint(cfg: DictConfig) -> tuple[str | None, int]:
 def build_run(cfg: DictConfig) -> Run:
     """Validate `cfg`, then instantiate everything; exits with one line on a config mistake."""
     route_lightning_logs()
+    quiet_libraries(cfg)
     try:
         validate_config(cfg)
         check_logger_packages(cfg)

@@ -85,6 +85,10 @@ class RunSummary(L.Callback):
         summary = build_summary(metrics, {**self._artefacts(trainer), "metrics": str(metrics), "summary": str(out)})
         summary["optimizer_steps"] = trainer.global_step
         write_summary(summary, out)
+        # the progress bar's live display stops at teardown, after on_fit_end: stopped later, Rich
+        # draws its last frame again below the summary. Its teardown stops it now (idempotent).
+        if trainer.progress_bar_callback is not None:
+            trainer.progress_bar_callback.teardown(trainer, pl_module, "fit")
         print_summary(summary)
 
     def _artefacts(self, trainer: L.Trainer) -> dict[str, str]:

@@ -114,6 +114,8 @@ def summary_table(summary: dict) -> Table | None:
         table.add_column(label if step is None else f"{label} (step {step})", justify="right")
     table.add_column("change", justify="right")
     for key, v in held["metrics"].items():
+        if key.endswith("_thoughts") and not v["before"] and not v["after"]:
+            continue  # no thought of this kind at either end (a world without thoughts): kept in summary.json
         change = None if v["before"] is None or v["after"] is None else v["after"] - v["before"]
         table.add_row(key, _fmt(v["before"]), _fmt(v["after"]), "-" if change is None else f"{change:+.3f}")
     return table

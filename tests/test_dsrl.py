@@ -224,3 +224,98 @@ def test_switch_step_zero_is_grpo_from_the_first_step():
     assert DSRLSwitch(PG(), PG(), switch_step=0).switch_step == 0
     with pytest.raises(ValueError, match=r"objective.switch_step=-1"):
         DSRLSwitch(PG(), PG(), switch_step=-1)
+
+
+def test_python_defaults_are_the_configs_and_the_paper_s():
+    """`DSRLSwitch(warmup, main)` from Python means what `objective=dsrl` means (switch before step 20,
+    reference reset, optimizer kept, plateau settings): a changed default in either place fails here."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from lightning_prerl.training.dsrl import DSRLSwitch
+
+    yaml = OmegaConf.load(ROOT / "conf" / "objective" / "dsrl.yaml")
+    keys = ("reset_reference", "reset_optimizer", "monitor", "mode", "patience", "min_delta", "min_warmup_steps")
+    defaults = {k: p.default for k, p in inspect.signature(DSRLSwitch).parameters.items()}
+    assert {k: defaults[k] for k in keys} == {k: yaml[k] for k in keys}
+    assert defaults["switch_step"] == 20 and "dsrl.switch_step,20}" in (ROOT / "conf/objective/dsrl.yaml").read_text()
+    assert defaults["name"] == yaml["name"] == "dsrl"
+
+
+def test_plateau_observes_each_evaluation_once_and_nan_is_no_improvement():
+    """A `val/` monitor is observed at validation end only: observing it again at every training batch
+    end (the `and` of the routing test turned `or`, or the prefix test broken) would count one stale
+    evaluation `patience` times and switch early. In `mode: min` an equal value is no improvement
+    (`<` turned `<=` never plateaus). A NaN metric counts as no improvement from the first observation."""
+    from types import SimpleNamespace
+
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.training.dsrl import DSRLSwitch
+
+    switch = DSRLSwitch(PG(), PG(), switch_step=None, monitor="val/accuracy", patience=2)
+    trainer = SimpleNamespace(callback_metrics={"val/accuracy": 0.5}, global_step=5, sanity_checking=False)
+    switch.on_validation_end(trainer, None)
+    for _ in range(3):
+        switch.on_train_batch_end(trainer, None, None, None, 0)
+    assert (switch._best, switch._stale, switch._plateaued) == (0.5, 0, False)
+    switch.on_validation_end(trainer, None)
+    switch.on_validation_end(trainer, None)
+    assert switch._plateaued
+
+    no_monitor = DSRLSwitch(PG(), PG(), switch_step=3)
+    no_monitor.on_train_batch_end(trainer, None, None, None, 0)  # no monitor: nothing observed, no error
+    assert no_monitor._stale == 0
+
+    for mode, values, plateau_after in (("min", [1.0, 1.0, 1.0], 3), ("max", [float("nan")] * 3, 3)):
+        switch = DSRLSwitch(PG(), PG(), switch_step=None, monitor="m", mode=mode, patience=plateau_after - 1)
+        flags = []
+        for step, value in enumerate(values):
+            switch._observe(SimpleNamespace(callback_metrics={"m": value}, global_step=step + 1))
+            flags.append(switch._plateaued)
+        expected = [False] * (plateau_after - 1) + [True]
+        if mode == "max":  # NaN never improves on -inf: stale from the first observation
+            expected = [False, True, True]
+        assert flags == expected, (mode, flags)
+
+
+def test_the_switch_is_logged_with_its_phases_step_and_reason(caplog):
+    """The one line a user reads to know when DSRL switched and why (step or plateau)."""
+    import logging
+    from types import SimpleNamespace
+
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.training.dsrl import DSRLSwitch
+
+    module = SimpleNamespace(reference=None, set_objective=lambda obj, phase: None)
+    trainer = SimpleNamespace(callback_metrics={}, global_step=4, optimizers=[], sanity_checking=False)
+    with caplog.at_level(logging.INFO, logger="lightning_prerl.training.dsrl"):
+        DSRLSwitch(PG(name="nsr_prerl"), PG(name="grpo"), switch_step=4).on_train_batch_start(trainer, module, None, 0)
+        plateau = DSRLSwitch(PG(name="a"), PG(name="b"), switch_step=None, monitor="val/accuracy", patience=1)
+        plateau._plateaued = True
+        plateau.on_train_batch_start(trainer, module, None, 0)
+    assert caplog.messages == [
+        "DSRL: nsr_prerl -> grpo at step 4 (step)",
+        "DSRL: a -> b at step 4 (val/accuracy plateau)",
+    ]
+    with pytest.raises(ValueError) as err:
+        DSRLSwitch(PG(), PG(), switch_step=None, monitor=None)
+    assert str(err.value) == "objective.switch_step=null and objective.monitor=null: DSRL would never switch"
+
+
+@pytest.mark.parametrize("kl_in", ["warmup", "main"])
+def test_a_reference_is_built_when_either_phase_needs_one(kl_in):
+    """KL in only one phase still makes the module build the reference with the policy (FSDP2 shards to
+    restore into on either side of the switch); `or` turned `and` would leave it to neither."""
+    from types import SimpleNamespace
+
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
+    from lightning_prerl.training.dsrl import DSRLSwitch
+
+    phases = {"warmup": PG(), "main": PG(), kl_in: PG(kl_coef=0.1)}
+    module = SimpleNamespace(reference_needed=False)
+    DSRLSwitch(phases["warmup"], phases["main"]).setup(None, module, "fit")
+    assert module.reference_needed
+    module = SimpleNamespace(reference_needed=False)
+    DSRLSwitch(PG(), PG()).setup(None, module, "fit")
+    assert not module.reference_needed

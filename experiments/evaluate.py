@@ -174,6 +174,7 @@ def evaluate_policy(cfg: DictConfig, suites: dict[str, list | None], settings: d
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> list[dict]:
     from lightning_prerl.evaluation.scoring import (
+        add_paired_differences,
         add_thought_ratios,
         format_table,
         plot_pass_at_k,
@@ -199,6 +200,7 @@ def main(cfg: DictConfig) -> list[dict]:
         gc.collect()  # the previous policy and engine go before the next ones load
     if len(policies) > 1:
         add_thought_ratios(results)  # the paper's "N x" thoughts of each policy vs the first
+        add_paired_differences(results)  # each policy minus the first, paired over problems, with intervals
     out = Path(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {

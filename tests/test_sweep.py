@@ -137,6 +137,14 @@ def test_one_swept_key_gives_a_bar_chart(tmp_path):
     rows = read_summary(tmp_path)
     assert [(r[SWITCH], float(r["val/accuracy_mean"])) for r in rows] == [("5", pytest.approx(0.3)), ("20", 0.6)]
     assert list(rows[0])[:3] == [SWITCH, "seeds", "jobs"]
+    # t interval over 2 seeds: mean 0.3, s = 0.141421, t(0.975, 1) = 12.7062 -> half-width 1.27062
+    ci = (float(rows[0]["val/accuracy_ci_low"]), float(rows[0]["val/accuracy_ci_high"]))
+    assert ci == (pytest.approx(0.3 - 1.27062, abs=1e-5), pytest.approx(0.3 + 1.27062, abs=1e-5))
+    assert (rows[1]["val/accuracy_ci_low"], rows[1]["val/accuracy_ci_high"]) == ("0.6", "0.6")  # equal seeds
+    # switch 20 minus switch 5, paired by seed: 0.4 and 0.2 -> the same arithmetic around 0.3
+    assert rows[0]["val/accuracy_minus_first"] == ""
+    assert float(rows[1]["val/accuracy_minus_first"]) == pytest.approx(0.3)
+    assert float(rows[1]["val/accuracy_minus_first_ci_low"]) == pytest.approx(0.3 - 1.27062, abs=1e-5)
     assert png_size(tmp_path / "sweep_bars.png") == (600, 450)
     assert png_size(tmp_path / "sweep_curves.png") == (700, 275)  # 2 configurations in one row
     assert png_size(tmp_path / "sweep_behavior.png") == (800, 700)  # "not logged" panels, still a real image

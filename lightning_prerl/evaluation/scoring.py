@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_prerl.evaluation import intervals
 from lightning_prerl.evaluation.metrics import (
     DEFAULT_REFLECTION,
     DEFAULT_TRANSITION,
@@ -133,8 +134,10 @@ def benchmark_metrics(
     counts = correct.sum(1).tolist()  # (P,) correct samples per problem
     groups = [answer_groups(s.problem(i, s.answers), equivalent) for i in range(problems)]
     metrics = {f"avg@{k}": correct.double().mean().item()}
+    metrics |= intervals.over_problems([c / k for c in counts]).as_dict(f"avg@{k}")  # bootstrap over problems
     for j in ks:
         metrics[f"pass@{j}"] = sum(pass_at_k(k, c, j) for c in counts) / problems
+        metrics |= intervals.over_problems([pass_at_k(k, c, j) for c in counts]).as_dict(f"pass@{j}")
     for j in ks:
         wins = [majority_winner(g[:j]) for g in groups]
         metrics[f"maj@{j}"] = sum(w is not None and bool(correct[i, w]) for i, w in enumerate(wins)) / problems
@@ -190,6 +193,37 @@ def add_thought_ratios(results: Sequence[dict]) -> Sequence[dict]:
     return results
 
 
+def per_problem(result: dict, metric: str) -> list[float]:
+    """(P,) the per-problem values whose mean is `metric` ("avg@k" or "pass@j") in an evaluator result."""
+    k, name, j = result["samples"], *metric.partition("@")[::2]
+    correct = [p["correct"] for p in result["problems_detail"]]
+    return [c / k for c in correct] if name == "avg" else [pass_at_k(k, c, int(j)) for c in correct]
+
+
+def add_paired_differences(results: Sequence[dict]) -> Sequence[dict]:
+    """Each policy minus the first on the same benchmark's problems: avg@k and pass@k (largest k) with a
+    paired bootstrap interval (`intervals.paired_difference`), as `delta_<metric>` and its `_ci_low/high`.
+    The first policy's own results get none."""
+    first = results[0]["policy"]
+    base = {r["benchmark"]: r for r in results if r["policy"] == first}
+    for r in results:
+        if r["policy"] == first:
+            continue
+        k = r["samples"]
+        for metric in (f"avg@{k}", f"pass@{k}"):
+            diff = intervals.paired_difference(per_problem(base[r["benchmark"]], metric), per_problem(r, metric))
+            r["metrics"][f"delta_{metric}"] = diff.estimate
+            r["metrics"] |= diff.as_dict(f"delta_{metric}")
+    return results
+
+
+def _with_interval(m: dict, key: str) -> str:
+    if f"{key}_ci_low" not in m:
+        return f"{m[key]:+.3f}" if key.startswith("delta_") else f"{m[key]:.3f}"
+    sign = "+" if key.startswith("delta_") else ""
+    return f"{m[key]:{sign}.3f} [{m[f'{key}_ci_low']:{sign}.3f}, {m[f'{key}_ci_high']:{sign}.3f}]"
+
+
 # -- outputs ------------------------------------------------------------------------------------
 def _row(result: dict) -> dict:
     head = {key: result[key] for key in ("policy", "benchmark", "problems", "samples")}
@@ -226,6 +260,9 @@ def write_json(report: dict, path: Path) -> Path:
 def format_table(results: Sequence[dict]) -> str:
     """The results as an aligned Markdown table: one row per (policy, benchmark).
 
+    avg@k with its 95 % bootstrap interval over problems; with `add_paired_differences`, each policy's
+    avg@k minus the first policy's on the same problems, with its paired interval.
+
     `transition/resp` / `reflection/resp`: mean thoughts of that kind per response; with `add_thought_ratios`,
     `transition x` / `reflection x`: those means relative to the first policy's (`-`: its mean is 0).
     """
@@ -233,13 +270,16 @@ def format_table(results: Sequence[dict]) -> str:
     ratios = all("transition_thoughts_ratio" in r["metrics"] for r in results)
     k = results[0]["samples"]
     ks = pass_ks(k)
-    header = (["policy"] if several else []) + ["benchmark", "problems", f"avg@{k}"]
+    deltas = any(f"delta_avg@{k}" in r["metrics"] for r in results)
+    header = (["policy"] if several else []) + ["benchmark", "problems", f"avg@{k} [95% CI]"]
+    header += [f"avg@{k} - first [95% CI]"] if deltas else []
     header += [f"pass@{j}" for j in ks] + [f"maj@{k}", "length", "truncated", "format", "unparsable"]
     header += ["transition/resp", "reflection/resp"] + (["transition x", "reflection x"] if ratios else [])
     rows = []
     for r in results:
         m = r["metrics"]
-        cells = ([r["policy"]] if several else []) + [r["benchmark"], str(r["problems"]), f"{m[f'avg@{k}']:.3f}"]
+        cells = ([r["policy"]] if several else []) + [r["benchmark"], str(r["problems"]), _with_interval(m, f"avg@{k}")]
+        cells += [_with_interval(m, f"delta_avg@{k}") if f"delta_avg@{k}" in m else "-"] if deltas else []
         cells += [f"{m[f'pass@{j}']:.3f}" for j in ks] + [f"{m[f'maj@{k}']:.3f}", f"{m['response_length']:.1f}"]
         cells += [f"{m['truncated']:.3f}", f"{m['format_valid']:.3f}", str(m["unparsable_ground_truths"])]
         cells += [f"{m['transition_thoughts']:.3f}", f"{m['reflection_thoughts']:.3f}"]

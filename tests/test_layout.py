@@ -18,10 +18,11 @@ PACKAGE = Path(lightning_prerl.__file__).parent
 
 def _modules() -> dict[str, Path]:
     """{dotted name: file} of every module of the package."""
-    return {
-        "lightning_prerl." + ".".join(p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__"): p
-        for p in sorted(PACKAGE.rglob("*.py"))
-    }
+    names = {}
+    for p in sorted(PACKAGE.rglob("*.py")):
+        parts = p.relative_to(PACKAGE).with_suffix("").parts
+        names[".".join(("lightning_prerl", *parts[: -1 if parts[-1] == "__init__" else None]))] = p
+    return names
 
 
 def _imports(path: Path, name: str) -> set[str]:
@@ -39,7 +40,7 @@ def _imports(path: Path, name: str) -> set[str]:
 
 def _layer(module: str) -> int:
     parts = module.split(".")
-    if len(parts) < 3:  # the package root (`lightning_prerl`, `lightning_prerl._moved`): imports nothing eagerly
+    if len(parts) < 2 or parts[1] not in LAYERS:  # the package root and its own modules (`atomic`, `_moved`)
         return -1
     return LAYERS.index(parts[1])
 
@@ -62,6 +63,13 @@ def test_a_lower_layer_never_imports_a_higher_one():
         if _layer(dep) > _layer(name)
     ]
     assert not wrong, "\n".join(wrong)
+
+
+def test_root_modules_import_no_subpackage():
+    """`atomic`, `_moved`: importable from every layer because they import nothing of the package."""
+    roots = {name: path for name, path in _modules().items() if _layer(name) < 0 and name != "lightning_prerl"}
+    assert set(roots) >= {"lightning_prerl.atomic", "lightning_prerl._moved"}
+    assert {name: _imports(path, name) for name, path in roots.items()} == dict.fromkeys(roots, set())
 
 
 def test_no_import_cycles():

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_prerl import atomic
 from lightning_prerl.evaluation import intervals
 from lightning_prerl.evaluation.metrics import (
     DEFAULT_REFLECTION,
@@ -253,8 +254,7 @@ def _dumps(value, indent: int = 0) -> str:
 
 
 def write_json(report: dict, path: Path) -> Path:
-    path.write_text(_dumps(report) + "\n")
-    return path
+    return atomic.write_text(path, _dumps(report) + "\n")
 
 
 def format_table(results: Sequence[dict]) -> str:

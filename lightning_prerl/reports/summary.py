@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from lightning_prerl import atomic
 from lightning_prerl.reports.logs import read_metrics
 
 # val/<metric> and val/<benchmark>/<metric>: avg@k is the paper's accuracy (mean over k samples)
@@ -93,8 +94,7 @@ def build_summary(metrics_csv: Path, artefacts: dict[str, str] | None = None) ->
 
 def write_summary(summary: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
-    return path
+    return atomic.write_text(path, json.dumps(summary, indent=2) + "\n")  # a failed write keeps the old file
 
 
 def _fmt(value: float | None) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_prerl import atomic
 from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,7 +172,7 @@ def export_policy(
     from lightning_prerl.scale import lora
 
     target = DTYPES[dtype] if dtype is not None else None
-    state = {}
+    state, adapter_state, lora_model = {}, None, None
     for name, tensor in full_weights(model, cpu=write):  # other ranks only take part in the gathers
         if write:
             state[name] = tensor.to(target) if target is not None and tensor.is_floating_point() else tensor
@@ -181,19 +182,19 @@ def export_policy(
             if ".lora_" in name:
                 for _, tensor in _gathered_tensor(name, value):
                     adapter_state[name] = tensor.to("cpu")
-        if write:
-            lora.export_adapter(model, adapter_state, out_dir / "adapter")
-        model = model.get_base_model()
+        lora_model, model = model, model.get_base_model()
     if write:
         if getattr(model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)  # tied: save_pretrained writes the embedding once
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, state_dict=state)
-        if dtype is not None:  # save_pretrained records the live parameters' dtype: record the one written
-            config = copy.deepcopy(model.config)
-            config.dtype = DTYPES[dtype]
-            config.save_pretrained(out_dir)
-        tokenizer.save_pretrained(out_dir)
+        with atomic.atomic_directory(out_dir) as partial:  # a failed write leaves the previous export whole
+            if lora_model is not None:
+                lora.export_adapter(lora_model, adapter_state, partial / "adapter")
+            model.save_pretrained(partial, state_dict=state)
+            if dtype is not None:  # save_pretrained records the live parameters' dtype: record the one written
+                config = copy.deepcopy(model.config)
+                config.dtype = DTYPES[dtype]
+                config.save_pretrained(partial)
+            tokenizer.save_pretrained(partial)
     return out_dir
 
 

@@ -173,6 +173,7 @@ def evaluate_policy(cfg: DictConfig, suites: dict[str, list | None], settings: d
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> list[dict]:
+    from lightning_prerl.errors import ConfigError
     from lightning_prerl.evaluation.scoring import (
         add_paired_differences,
         add_thought_ratios,
@@ -196,7 +197,10 @@ def main(cfg: DictConfig) -> list[dict]:
         policy_cfg = copy.deepcopy(cfg)
         with open_dict(policy_cfg):
             policy_cfg.model.path = str(path)
-        results += evaluate_policy(policy_cfg, suites, settings)
+        try:
+            results += evaluate_policy(policy_cfg, suites, settings)
+        except ConfigError as exc:  # found once the model is loaded (e.g. LoRA target modules): one line
+            sys.exit(f"config error: {' '.join(str(exc).split())}")
         gc.collect()  # the previous policy and engine go before the next ones load
     if len(policies) > 1:
         add_thought_ratios(results)  # the paper's "N x" thoughts of each policy vs the first

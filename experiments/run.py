@@ -20,9 +20,13 @@ from omegaconf import DictConfig
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from lightning_prerl.config.compose import build_run
+    from lightning_prerl.errors import ConfigError
 
     run = build_run(cfg)  # eval_before_training: the module evaluates at step 0 inside fit
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
+    try:
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
+    except ConfigError as exc:  # found once the model is loaded (e.g. LoRA target modules): one line
+        sys.exit(f"config error: {' '.join(str(exc).split())}")
     if run.module.fault is not None:
         sys.exit(run.module.fault)
     accuracy = run.trainer.callback_metrics.get("val/accuracy")

@@ -165,6 +165,21 @@ def test_run_script_reports_config_errors_in_one_line(tmp_path):
     )
     assert unknown.returncode != 0
     assert unknown.stderr.strip().splitlines()[-1].startswith("config error: objective='nope' is not an option")
+    # mistakes found only once the model is loaded inside fit, or with its tokenizer: the key typed, no traceback
+    for override, message in (
+        ("model.lora.target_modules=[no_such_module]", "config error: model.lora.target_modules=['no_such_module']:"),
+        ("model.start_token='<nope>'", "config error: model.start_token='<nope>': not a single token"),
+    ):
+        late = subprocess.run(
+            [sys.executable, "experiments/run.py", "objective=grpo", "model.lora.r=8", override, "trainer.max_steps=1"]
+            + [f"hydra.run.dir={tmp_path / 'late'}"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert late.returncode != 0 and "Traceback" not in late.stderr, late.stderr[-2000:]
+        assert late.stderr.strip().splitlines()[-1].startswith(message), late.stderr[-500:]
 
 
 def test_unknown_group_options_are_named_with_the_allowed_ones():

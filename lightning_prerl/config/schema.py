@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from lightning_prerl.errors import ConfigError
+
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 NonNeg = Annotated[float, Field(ge=0)]
@@ -22,10 +24,6 @@ Probability = Annotated[float, Field(gt=0, le=1)]
 ClipRange = Annotated[float, Field(ge=0, lt=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run."""
 
 
 class _Node(BaseModel):

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_prerl.errors import ConfigError
+
 BASE = "__base__"  # peft's name for "no adapter" in `adapter_names`
 SNAPSHOT = "reference"  # the frozen copy of the trained adapter (DSRL reset_reference)
 
@@ -69,10 +71,10 @@ def apply_lora(model: torch.nn.Module, settings: LoraSettings) -> torch.nn.Modul
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:  # e.g. target modules not found
-        raise ValueError(f"model.lora.target_modules={targets!r}: {' '.join(str(exc).split())}") from None
+        raise ConfigError(f"model.lora.target_modules={targets!r}: {' '.join(str(exc).split())}") from None
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_embedding_A") and module.lora_embedding_A:
-            raise ValueError(f"model.lora.target_modules: {name} is an embedding; only linear layers are supported")
+            raise ConfigError(f"model.lora.target_modules: {name} is an embedding; only linear layers are supported")
     return peft_model
 
 

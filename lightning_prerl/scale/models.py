@@ -10,6 +10,7 @@ import torch
 
 from lightning_prerl import atomic
 from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
+from lightning_prerl.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -208,7 +209,7 @@ def resolve_start_token_id(tokenizer, start_token: str | None = None) -> int:
     if start_token is not None:
         ids = tokenizer.convert_tokens_to_ids([start_token])
         if not ids or ids[0] is None or ids[0] == tokenizer.unk_token_id:
-            raise ValueError(f"objective start_token={start_token!r} is not a single token of the tokenizer")
+            raise ConfigError(f"model.start_token={start_token!r}: not a single token of the tokenizer")
         return ids[0]
     if tokenizer.bos_token_id is not None:
         return tokenizer.bos_token_id

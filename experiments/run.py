@@ -19,6 +19,23 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return train(cfg)
+    from lightning_prerl.reports.sweep import record_failure
+
+    try:  # a sweep job that fails is recorded and the sweep goes on (its report lists the failure)
+        return train(cfg)
+    except (Exception, SystemExit) as exc:
+        if isinstance(exc, SystemExit) and exc.code in (None, 0):
+            return None
+        record_failure(cfg.run_dir, exc)
+        return None
+
+
+def train(cfg: DictConfig) -> float | None:
     from lightning_prerl.config.compose import build_run
     from lightning_prerl.errors import ConfigError
 

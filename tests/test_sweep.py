@@ -337,3 +337,33 @@ def test_real_joblib_sweep_writes_a_report_that_matches_its_jobs(tmp_path):
     assert png_size(sweep / "sweep_heatmap.png") == (550, 450)
     assert png_size(sweep / "sweep_curves.png") == (700, 550)
     assert png_size(sweep / "sweep_behavior.png") == (800, 700)
+
+
+@pytest.mark.slow
+def test_a_failed_job_does_not_stop_the_sweep_and_the_report_names_it(tmp_path):
+    """Four jobs, two knobs: samples_per_prompt=1 is a config error for GRPO (sys.exit in the job), a run
+    report target of `builtins.int` raises when the trainer is built. Each failure is recorded in its job
+    dir, the jobs after it run, the report summarises the one that finished and lists the three that did
+    not with their line, and the sweep exits 1 saying so (Hydra's sweeper would otherwise stop at the
+    first failure, before on_multirun_end: no report)."""
+    sweep, run_report = tmp_path / "sweep", "lightning_prerl.reports.callbacks.RunReport"
+    proc = subprocess.run(
+        [sys.executable, "experiments/run.py", "-m", f"hydra.sweep.dir={sweep}", "objective=grpo",
+         "data.samples_per_prompt=1,2", f"callbacks.report._target_={run_report},builtins.int",
+         "trainer.max_steps=2", "trainer.enable_progress_bar=false", "eval_before_training=false",
+         "trainer.check_val_every_n_epoch=2", "data.prompts_per_step=2", "data.eval_prompts.count=4",
+         "data.sampling.max_new_tokens=32"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"3 of 4 sweep jobs failed: {sweep / 'sweep_failures.csv'}"
+    failed = {d.name: (d / "failed.txt").read_text().strip() for d in sweep.iterdir() if (d / "failed.txt").exists()}
+    assert sorted(failed) == ["0", "1", "3"]
+    assert failed["0"].startswith("config error: data.samples_per_prompt=1") and failed["1"] == failed["0"]
+    assert failed["3"].startswith("InstantiationException: Error in call to target 'builtins.int'")
+    with open(sweep / "sweep_failures.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["job"], r["error"]) for r in rows] == [(j, failed[j]) for j in ("0", "1", "3")]
+    (row,) = read_summary(sweep)  # only the job that finished is summarised
+    assert row["jobs"] == "2" and row["val/accuracy_mean"]
+    assert "job 3 failed: InstantiationException" in proc.stdout

@@ -26,6 +26,7 @@ from lightning_prerl.reports.sweep import (
     short_names,
     summary_metrics,
     swept_keys,
+    write_failures,
     write_summary,
 )
 
@@ -110,12 +111,16 @@ def write_sweep_report(sweep_dir: Path, metric: str = "val/accuracy") -> list[Pa
         The files written (none when no job has a metrics CSV yet).
     """
     sweep_dir = Path(sweep_dir)
-    jobs = find_jobs(sweep_dir)
+    everything = find_jobs(sweep_dir)
+    jobs = [job for job in everything if job.failed is None]  # a failed job's last values are not finals
     if not any(job.series for job in jobs):
         return []
     keys = [k for k in swept_keys(jobs, sweep_dir) if k != SEED_KEY]
     configs = group_configurations(jobs, keys)
-    title = f"sweep {sweep_dir.name}: {len(jobs)} jobs, {len(configs)} configurations"
+    failed = len(everything) - len(jobs)
+    title = f"sweep {sweep_dir.name}: {len(jobs)} jobs, {len(configs)} configurations" + (
+        f" ({failed} failed jobs left out)" if failed else ""
+    )
     summary = sweep_dir / "sweep_summary.csv"
     written = [write_summary(summary, configs, keys, summary_metrics(jobs, metric), metric)]
     if len(keys) >= 2:
@@ -328,5 +333,14 @@ class SweepReport(Callback):
         self.metric = metric
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        for path in write_sweep_report(Path(config.hydra.sweep.dir), metric=self.metric):
+        """The report of the jobs that ran; then, if some failed, one line per failure and exit status 1."""
+        sweep_dir = Path(config.hydra.sweep.dir)
+        for path in write_sweep_report(sweep_dir, metric=self.metric):
             print(f"sweep report: {path}")
+        jobs = find_jobs(sweep_dir)
+        failures = write_failures(sweep_dir / "sweep_failures.csv", jobs)
+        if failures is not None:
+            failed = [job for job in jobs if job.failed is not None]
+            for job in failed:
+                print(f"job {job.dir.name} failed: {job.failed}")
+            raise SystemExit(f"{len(failed)} of {len(jobs)} sweep jobs failed: {failures}")

@@ -25,7 +25,23 @@ from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.logs import read_metrics
 
 SEED_KEY = "seed"
+FAILED = "failed.txt"  # in a job's directory: the one line that ended it (`record_failure`)
 log = logging.getLogger(__name__)
+
+
+def record_failure(job_dir: str | Path, exc: BaseException) -> str:
+    """Writes why a sweep job ended (one line: a config error's own line, an exit code, or the exception's
+    type and first line) to `job_dir/failed.txt`, logs the traceback to the job's log, returns the line."""
+    if isinstance(exc, SystemExit):
+        line = exc.code if isinstance(exc.code, str) else f"exit code {exc.code}"
+    else:
+        line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        log.error("job failed", exc_info=exc)
+    line = " ".join(str(line).split())
+    Path(job_dir).mkdir(parents=True, exist_ok=True)
+    (Path(job_dir) / FAILED).write_text(line + "\n")
+    log.error("job failed: %s", line)
+    return line
 
 
 @dataclass
@@ -35,6 +51,7 @@ class Job:
     dir: Path
     overrides: dict[str, str]
     series: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    failed: str | None = None  # the line that ended a failed job (`record_failure`)
 
     def final(self, metric: str) -> float | None:
         """The last logged value of `metric` (None when never logged)."""
@@ -85,9 +102,24 @@ def find_jobs(sweep_dir: Path) -> list[Job]:
     dirs = {p.parent.parent for p in Path(sweep_dir).rglob("overrides.yaml") if p.parent.name == ".hydra"}
     jobs = []
     for d in sorted(dirs, key=lambda d: (len(d.name), d.name)):
-        metrics = d / "logs" / "metrics.csv"
-        jobs.append(Job(d, read_overrides(d), read_metrics(metrics) if metrics.is_file() else {}))
+        metrics, failed = d / "logs" / "metrics.csv", d / FAILED
+        series = read_metrics(metrics) if metrics.is_file() else {}
+        jobs.append(Job(d, read_overrides(d), series, failed.read_text().strip() if failed.is_file() else None))
     return jobs
+
+
+def write_failures(path: Path, jobs: list[Job]) -> Path | None:
+    """`sweep_failures.csv`: job directory, overrides and the line that ended each failed job (None: none failed)."""
+    failed = [job for job in jobs if job.failed is not None]
+    if not failed:
+        path.unlink(missing_ok=True)
+        return None
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["job", "overrides", "error"])
+        for job in failed:
+            writer.writerow([job.dir.name, " ".join(f"{k}={v}" for k, v in job.overrides.items()), job.failed])
+    return path
 
 
 def swept_keys(jobs: list[Job], sweep_dir: Path | None = None) -> list[str]:

@@ -82,10 +82,11 @@ def test_objective_rejects_bad_values_with_the_key():
         PolicyGradientObjective(kl_coef=-1)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.6])
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 2.0])
 def test_chunked_head_logprobs_and_entropy_equal_the_full_logits(temperature):
     """`head_logprobs` (never holding (N, T, V)) = log-softmax / entropy of the whole logits, to 1e-5,
-    with gradients, for chunk sizes that do and do not divide N*T."""
+    with gradients, for chunk sizes that do and do not divide N*T. Temperature 2 catches a `!= 1.0`
+    test that skips the division at some other value (found by `make mutation`)."""
     from lightning_prerl.objectives.ops import head_logprobs, token_logprobs_and_entropy
 
     torch.manual_seed(0)
@@ -94,6 +95,8 @@ def test_chunked_head_logprobs_and_entropy_equal_the_full_logits(temperature):
     weight = (0.2 * torch.randn(v, h)).requires_grad_()  # (V, H)
     targets = torch.randint(0, v, (n, t))  # (N, T)
     ref_logp, ref_ent = token_logprobs_and_entropy(hidden @ weight.T, targets, temperature, True)  # (N, T)
+    direct = ((hidden @ weight.T) / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    assert torch.allclose(ref_logp, direct, atol=1e-5, rtol=0)  # the reference itself, by plain torch
     ref_grads = torch.autograd.grad(ref_logp.sum() + 0.1 * ref_ent.sum(), (hidden, weight))
     for chunk in (None, 7, 64):
         logp, _ = head_logprobs(hidden, weight, targets, temperature, False, chunk)
@@ -186,3 +189,65 @@ def test_entropy_bonus_sign_and_config_bounds_by_hand():
     PolicyGradientObjective(clip_c=1.5)
     with pytest.raises(ValueError, match=r"lr_scale"):
         PolicyGradientObjective(lr_scale=0.0)
+
+
+def test_the_head_computes_in_the_autocast_dtype_and_casts_a_low_precision_weight_to_the_hidden_states():
+    """Under bf16 autocast the head runs on bf16 operands, exactly as on bf16 inputs without autocast
+    (`linear_cross_entropy` is on no autocast list: float32 operands would stay float32, 1.4e-2 away);
+    a bf16 head weight read by float32 hidden states (a float32 final norm) is cast to float32 rather
+    than refused. Catches either cast dropped (found by `make mutation`)."""
+    from lightning_prerl.objectives.ops import head_logprobs
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 9, 16), 0.2 * torch.randn(300, 16)  # (N, T, H), (V, H)
+    targets = torch.randint(0, 300, (2, 9))  # (N, T)
+    bf16, _ = head_logprobs(hidden.bfloat16(), weight.bfloat16(), targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto, _ = head_logprobs(hidden, weight, targets)
+    assert torch.equal(auto, bf16)
+    assert not torch.allclose(auto, head_logprobs(hidden, weight, targets)[0], atol=1e-3)  # bf16 is visible
+    mixed, _ = head_logprobs(hidden, weight.bfloat16(), targets)
+    assert torch.equal(mixed, head_logprobs(hidden, weight.bfloat16().float(), targets)[0])
+
+
+def test_head_chunk_rows_follow_the_512_mib_rule_and_the_explicit_size(monkeypatch):
+    """The output head's chunk: 512 MiB of float32 logits (883 rows at Qwen3's 151,936-token vocabulary),
+    at least 256 rows, at most the batch's rows, or `chunk_tokens` when given. A memory bound, not a
+    value (rows are independent): pinned through the options `linear_cross_entropy` receives (stubbed,
+    so no 151,936-wide logits are built). Catches the rule's constants or the size dropped (`make mutation`)."""
+    from lightning_prerl.objectives.ops import head_logprobs
+
+    rows = []
+
+    def stub(flat, weight, targets, reduction, options):
+        rows.append(options.batch_chunk_size)
+        return torch.zeros(len(flat))
+
+    monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", stub)
+    for v, n_rows, chunk in ((151_936, 1000, None), (600_000, 300, None), (151_936, 1000, 40), (50, 30, None)):
+        targets = torch.zeros(1, n_rows, dtype=torch.long)
+        head_logprobs(torch.zeros(1, n_rows, 1), torch.zeros(v, 1), targets, 1.0, False, chunk)
+    assert rows == [883, 256, 40, 30]
+
+
+def test_advantage_knobs_and_the_tolerance_boundary_by_hand():
+    """`adv_eps` reaches GRPO's std, `adv_tolerance` decides which groups are flat, |A| equal to the
+    tolerance counts as zero (neither negative nor positive), and k2 is an accepted KL estimator: 0.5 *
+    kl_coef * (logp - ref)^2. Catches each knob dropped for its default, `<` / `>` loosened to `<=` /
+    `>=`, and a misspelled "k2" (found by `make mutation`)."""
+    rewards = torch.tensor([1.0, 0.0, 0.3, 0.0])  # two groups of two
+    adv, _ = PolicyGradientObjective(adv_eps=1.0).advantages(rewards, 2)
+    # group 1: +-0.5 / (sqrt(0.5) + 1); group 2 spans 0.3 > 1e-6: +-0.15 / (sqrt(0.045) + 1)
+    s2 = math.sqrt(0.045) + 1
+    assert adv.tolist() == pytest.approx([0.5 / (S + 1), -0.5 / (S + 1), 0.15 / s2, -0.15 / s2])
+    adv, _ = PolicyGradientObjective(advantage="group_mean", adv_tolerance=0.4).advantages(rewards, 2)
+    assert adv.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0])  # group 2 spans 0.3 <= 0.4: flat
+    for samples in ("negative", "positive"):
+        _, keep = PolicyGradientObjective(advantage="group_mean", samples=samples, adv_tolerance=0.5).advantages(
+            torch.tensor([1.0, 0.0]), 2
+        )  # A = +-0.5 = +-tolerance: zero, not signed
+        assert keep.tolist() == [False, False], samples
+    k2 = PolicyGradientObjective(kl_coef=0.5, kl_estimator="k2")
+    logp, ref = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.5, -2.0]])
+    loss = k2.token_loss(logp, logp, torch.zeros(1), ref_logp=ref)  # A = 0: only the KL term
+    assert loss[0].tolist() == pytest.approx([0.5 * 0.5 * 0.25, 0.0])

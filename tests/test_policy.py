@@ -277,3 +277,127 @@ def test_validation_step_never_scores_lockstep_padding_rows(tiny_model_dir, toke
     values = module.val_metrics.compute()
     assert values["val/accuracy"] == pytest.approx(0.25)
     assert values["val/pass@2"] == pytest.approx(0.5)
+
+
+# -- what `make mutation` found untested in the log-prob path ------------------------------------------
+def test_the_scoring_forward_computes_no_logits_and_keeps_no_cache(policy, tokenizer):
+    """Every pass of the log-prob path asks the model for zero logits (`logits_to_keep` empty: at 8 x
+    8,192 tokens of Qwen3-4B the full logits are 40 GB) and builds no KV cache of its own (the shared
+    prompt pass extends the one it is given). Catches `logits_to_keep` dropped or None and `use_cache`
+    not tied to the cache argument (found by `make mutation`)."""
+    batch = make_batch(tokenizer)
+    outputs = []
+    handle = policy.register_forward_hook(lambda m, a, out: outputs.append(out))
+    try:
+        for share in (False, True):
+            sequence_logprobs(policy, batch, "conditional", 0, share_prompts=share)
+        sequence_logprobs(policy, batch, "marginal", 5)
+    finally:
+        handle.remove()
+    assert len(outputs) == 4  # unshared, prompt + responses, marginal
+    assert [out.logits.shape[1] for out in outputs] == [0, 0, 0, 0]
+    assert outputs[0].past_key_values is None and outputs[3].past_key_values is None
+    assert outputs[1].past_key_values is not None  # the prompt pass fills the cache it was handed
+
+
+def test_final_hidden_states_of_a_decoder_that_returns_a_plain_tuple():
+    """A decoder (remote code, older models) may return a tuple: its first element is the hidden states.
+    Catches that branch reading another element or the attribute of a ModelOutput (`make mutation`)."""
+    from lightning_prerl.training.update import final_hidden_states
+
+    class Decoder(torch.nn.Module):
+        def forward(self, x):
+            return (2 * x, 3 * x)  # (hidden, something else)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.decoder = torch.nn.Embedding(10, 4), Decoder()
+
+        def get_decoder(self):
+            return self.decoder
+
+        def forward(self, input_ids, **kwargs):
+            self.decoder(self.embed(input_ids))
+
+    model, ids = Model(), torch.tensor([[1, 2, 3]])
+    out = final_hidden_states(model, ids, torch.ones_like(ids), None, 2)
+    assert torch.equal(out, 2 * model.embed(ids)[:, -2:])
+
+
+def test_shared_prompts_fall_back_to_one_pass_under_gradient_checkpointing(policy, tokenizer):
+    """Activation checkpointing drops the prompt pass's cache (transformers sets past_key_values=None in
+    checkpointed layers: the responses would attend to no prompt, log-probs 0.4 off): with checkpointing
+    on, `share_prompts` runs the one [prompt | response] pass, same log-probs and gradient. Catches the
+    checkpointing test dropped or misspelled (found by `make mutation`)."""
+    batch = make_batch(tokenizer)
+    mask = batch.response_mask.float()
+    ref, _ = sequence_logprobs(policy, batch, "conditional", 0, share_prompts=False)
+    (ref * mask).sum().backward()
+    ref_grads = [p.grad.clone() for p in policy.parameters()]
+    policy.zero_grad(set_to_none=True)
+    policy.gradient_checkpointing_enable()
+    policy.train()
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0, share_prompts=True)
+    assert torch.allclose(logp * mask, ref * mask, atol=1e-5)
+    (logp * mask).sum().backward()
+    for p, g in zip(policy.parameters(), ref_grads, strict=True):
+        assert torch.allclose(p.grad, g, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prompts", [False, True])
+def test_conditional_logprobs_of_an_absolute_position_model_match_an_unpadded_forward(tokenizer, share_prompts):
+    """RoPE only sees relative positions, so a left-padded row's positions shifted by a constant leave the
+    toy's log-probs unchanged; GPT-2's learned absolute positions do not forgive it. Catches positions
+    that count the padding or start at 1 (found by `make mutation`)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=2, n_head=2))
+    model.eval()  # no dropout
+    batch = make_batch(tokenizer)  # rows 0, 1 have one padding token before their prompt
+    assert batch.prompt_mask.sum(1).tolist() != [batch.prompt_ids.shape[1]] * 4
+    logp, _ = sequence_logprobs(model, batch, "conditional", 0, share_prompts=share_prompts)
+    for i in range(4):
+        p = batch.prompt_ids[i][batch.prompt_mask[i].bool()]
+        r = batch.response_ids[i][batch.response_mask[i].bool()]
+        logits = model(input_ids=torch.cat([p, r])[None]).logits[0, len(p) - 1 : -1]  # (T_i, V)
+        expected = logits.log_softmax(-1).gather(-1, r[:, None]).squeeze(-1)
+        assert torch.allclose(logp[i, : len(r)], expected, atol=1e-5), i
+
+
+def test_the_head_refuses_softcapping_and_a_sharded_weight_and_reads_a_zero3_weight_through_its_call(
+    policy, tokenizer, monkeypatch
+):
+    """Soft-capped logits (Gemma 2) and an FSDP2 head still sharded after forward would give wrong
+    log-probs: both raise. A ZeRO-3 head (`ds_id`) is read inside its own call so DeepSpeed's hooks gather
+    it; `chunk_tokens` reaches the head. Catches each check disabled or misspelled and the chunk size
+    dropped (found by `make mutation`)."""
+    import lightning_prerl.objectives.ops as ops
+    import lightning_prerl.training.update as update
+
+    batch = make_batch(tokenizer)
+    ref, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    chunks, lce_options = [], ops.lce_options
+    monkeypatch.setattr(ops, "lce_options", lambda rows, *a: (chunks.append(rows), lce_options(rows, *a))[1])
+    sequence_logprobs(policy, batch, "conditional", 0, chunk_tokens=5)
+    assert chunks == [5]
+    weight = policy.get_output_embeddings().weight
+    calls = []
+
+    def own_call(module, fn):
+        calls.append(module)
+        return fn(module.weight)
+
+    monkeypatch.setattr(update, "through_own_call", own_call)
+    weight.ds_id = 7
+    logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    del weight.ds_id
+    assert calls == [policy.get_output_embeddings()] and torch.equal(logp, ref)
+    policy.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="soft-caps its logits"):
+        sequence_logprobs(policy, batch, "conditional", 0)
+    policy.config.final_logit_softcapping = None
+    weight.full_tensor = lambda: weight
+    with pytest.raises(RuntimeError, match="sharded after forward"):
+        sequence_logprobs(policy, batch, "conditional", 0)

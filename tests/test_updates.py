@@ -4,6 +4,7 @@ the learning-rate rule: hand-derived numbers on written tensors and on the tiny 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -353,3 +354,207 @@ def test_the_entropy_bonus_reaches_the_gradient_and_an_empty_batch_runs_no_pass(
     nsr = PG(space="marginal", advantage="group_mean", samples="negative")
     result = backward_objective(nsr, policy, flat, 0, backward=lambda loss, last: calls.append(last))
     assert calls == [] and float(result.kept_tokens) == 0.0 and float(result.loss) == 0.0
+
+
+# -- what `make mutation` found untested in prepare, the passes and the logged statistics ---------------
+def _forward_calls(model) -> tuple[list[int], Callable[[], None]]:
+    calls: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    return calls, handle.remove
+
+
+def test_the_no_grad_passes_use_the_space_start_token_temperature_and_micro_batching(policy, tokenizer):
+    """The old log-probs (several updates per batch) are the objective's own log-probs: prompt-free
+    ones start from the start token, at the sampling temperature; the pass runs micro-batch by micro-
+    batch (`size`, `max_tokens`, the count all ranks agree on through `comm.max`), prompts shared. The
+    same for the backward passes. Catches an argument of either pass dropped or shifted (found by
+    `make mutation`)."""
+    batch, start = make_batch(tokenizer), tokenizer.convert_tokens_to_ids("<|im_start|>")
+    mask = batch.response_mask.float()
+    marginal = PG(space="marginal")
+    calls, done = _forward_calls(policy)
+    prepared, _ = prepare(marginal, policy, batch, start, 0.7, MicroBatching(size=1), updates=2)
+    done()
+    assert calls == [1, 1, 1, 1]  # four one-row passes
+    logp, _ = sequence_logprobs(policy, batch, "marginal", start, 0.7)
+    assert torch.allclose(prepared.old_logprobs * mask, logp * mask, atol=1e-5)
+    budget = 2 * (batch.prompt_mask.sum(1) + batch.response_mask.sum(1)).max().item()  # two rows a pass
+    cut = len(batch.micro_batches(None, budget))
+    assert cut > 1
+    for micro, comm, passes in (
+        (MicroBatching(max_tokens=budget), Collectives(), cut),
+        (MicroBatching(), Collectives(max=lambda count: 5), 5),  # another rank needs five passes
+    ):
+        calls, done = _forward_calls(policy)
+        prepared, _ = prepare(PG(), policy, batch, 0, micro=micro, updates=2, comm=comm)
+        done()
+        assert len(calls) == 2 * passes  # prompts shared: two forward calls a pass
+        flags: list[bool] = []
+        count = lambda loss, last, flags=flags: flags.append(last)  # noqa: E731  no gradient kept
+        backward_objective(PG(), policy, prepared, 0, micro=micro, comm=comm, backward=count)
+        assert len(flags) == passes
+
+
+def test_the_reference_pass_scores_the_same_space_start_token_and_temperature(policy, tokenizer):
+    """A reference equal to the policy gives KL = 0 (k3 and its gradient vanish at ratio 1): the loss is
+    the one without the KL term, also prompt-free from the start token at temperature 0.7, and the
+    reference shares prompts like the policy. Catches the reference pass scoring another start token or
+    temperature (found by `make mutation`)."""
+    import copy
+
+    batch, start = make_batch(tokenizer), tokenizer.convert_tokens_to_ids("<|im_start|>")
+    reference = copy.deepcopy(policy)
+    for space in ("marginal", "conditional"):
+        plain = backward_objective(PG(space=space), policy, batch, start, 0.7).loss
+        calls, done = _forward_calls(reference)
+        with_kl = backward_objective(PG(space=space, kl_coef=0.5), policy, batch, start, 0.7, reference=reference)
+        done()
+        assert float(with_kl.loss) == pytest.approx(float(plain), rel=1e-5, abs=1e-7), space
+        assert len(calls) == (1 if space == "marginal" else 2), space  # one micro-batch; prompts shared
+
+
+def test_the_correction_reads_conditional_log_probs_once_and_logs_its_masks_and_weights(policy, tokenizer):
+    """With several updates a conditional objective's old-log-prob pass doubles as the correction's
+    (one pass); a prompt-free one must not reuse its marginal log-probs for the correction (a second,
+    conditional pass). Masked share and mean weight are logged by hand; without a correction the
+    mismatch is still logged from the old pass, in the conditional space only. Catches the reuse test
+    inverted or dropped and the statistics fed the wrong tensors (found by `make mutation`)."""
+    batch = make_batch(tokenizer)
+    cond, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    mask = batch.response_mask.float()
+    engine = cond.detach() * mask
+    engine[0] -= math.log(2.0) * mask[0]  # row 0: trainer / engine = 2; the others 1
+    batch = replace(batch, rollout_logprobs=engine)
+    correction = RolloutCorrection(tis="token", tis_cap=3.0, mask="token", mask_high=1.5)
+    unshared = MicroBatching(share_prompts=False)  # one forward call a pass
+    calls, done = _forward_calls(policy)
+    prepared, stats = prepare(PG(), policy, batch, 0, micro=unshared, updates=2, correction=correction)
+    done()
+    assert len(calls) == 1  # the old-log-prob pass serves the correction
+    out = {k: float(v) for k, v in stats.result(lambda x: x, lambda x: x).items()}
+    n0, total = float(mask[0].sum()), float(mask.sum())
+    assert out["rollout_corr/masked_tokens"] == pytest.approx(n0 / total, rel=1e-4)  # ratio 2 > 1.5
+    assert out["rollout_corr/is_weight_mean"] == pytest.approx((2 * n0 + total - n0) / total, rel=1e-4)
+    assert out["rollout_corr/abs_diff"] == pytest.approx(math.log(2.0) * n0 / total, rel=1e-4)
+    assert prepared.loss_mask[0].sum() == 0 and torch.equal(prepared.loss_mask[1:], mask[1:])
+    nsr = PG(space="marginal", advantage="group_mean", samples="negative")
+    calls, done = _forward_calls(policy)
+    prepared, _ = prepare(nsr, policy, batch, 0, micro=unshared, updates=2, correction=replace(correction, prerl=True))
+    done()
+    assert len(calls) == 2  # marginal old log-probs, then conditional ones for the correction
+    assert torch.allclose(prepared.is_weights[0] * mask[0], 2.0 * mask[0], rtol=1e-4)
+    assert torch.allclose(prepared.is_weights[1:] * mask[1:], mask[1:], rtol=1e-4)
+    _, stats = prepare(PG(), policy, batch, 0, updates=2)  # no correction: mismatch from the old pass
+    out = {k: float(v) for k, v in stats.result(lambda x: x, lambda x: x).items()}
+    assert out["rollout_corr/abs_diff"] == pytest.approx(math.log(2.0) * n0 / total, rel=1e-4)
+    assert not prepare(nsr, policy, batch, 0, updates=2)[1].sums  # marginal old log-probs: no mismatch
+
+
+def test_backward_logs_mismatch_on_every_sample_and_forwards_only_samples_with_loss(policy, tokenizer):
+    """With no old-log-prob pass the update's forward yields the mismatch: then every sample is forwarded
+    (A = 0 ones too) and measured; without `mismatch` the flat group's samples are skipped (forwarded
+    tokens < kept). Prompt-free updates log no mismatch. Catches the filter condition or the space test
+    inverted (found by `make mutation`)."""
+    from lightning_prerl.objectives.correction import MismatchStats
+
+    batch = make_batch(tokenizer, rewards=(1.0, 1.0, 0.0, 1.0))  # group 1 flat: A = 0
+    cond, _ = sequence_logprobs(policy, batch, "conditional", 0)
+    mask = batch.response_mask.float()
+    batch = replace(batch, rollout_logprobs=(cond.detach() - math.log(2.0)) * mask)
+    prepared, _ = prepare(PG(), policy, batch, 0)
+    mismatch = MismatchStats()
+    backward_objective(PG(), policy, prepared, 0, mismatch=mismatch)
+    assert float(mismatch.sums["tokens"]) == float(mask.sum())
+    assert float(mismatch.sums["abs_diff"]) == pytest.approx(math.log(2.0) * float(mask.sum()), rel=1e-4)
+    result = backward_objective(PG(), policy, prepared, 0)
+    assert float(result.forwarded_tokens) == float(mask[2:].sum()) < float(result.kept_tokens)
+    mismatch = MismatchStats()
+    marginal, _ = prepare(PG(space="marginal"), policy, batch, 5)
+    backward_objective(PG(space="marginal"), policy, marginal, 5, mismatch=mismatch)
+    assert not mismatch.sums
+
+
+def test_a_single_kept_token_is_trained_on_and_a_rank_with_none_forwards_no_token(policy, tokenizer):
+    """One loss token in the whole batch is still a loss: -A * ratio / 1 = 1 for A = -1, with a gradient.
+    With every A = 0 the filler row forwards no token (logged forwarded tokens and entropy 0). Catches
+    `kept_tokens <= 0` and `loss_mask.sum(1) > 0` loosened by one, and the filler keeping its mask
+    (found by `make mutation`)."""
+    batch, _ = prepare(PG(advantage="signed"), policy, make_batch(tokenizer), 0)  # A = +1, -1, -1, +1
+    one = torch.zeros_like(batch.loss_mask)
+    one[1, 2] = 1.0
+    result = backward_objective(PG(advantage="signed"), policy, replace(batch, loss_mask=one), 0)
+    assert float(result.loss) == pytest.approx(1.0) and float(result.kept_tokens) == 1.0
+    assert sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None) > 0
+    flat = make_batch(tokenizer, rewards=(1.0, 1.0, 1.0, 1.0))
+    result = backward_objective(PG(), policy, flat, 0)
+    assert float(result.forwarded_tokens) == 0.0 and float(result.entropy_sum) == 0.0
+    assert float(result.kept_tokens) == float(flat.response_mask.sum())
+
+
+def test_clip_fraction_ppo_kl_and_the_logged_loss_by_hand(policy, tokenizer):
+    """Signed advantages (A = +-1) with log-ratios +0.5 (A > 0: clipped above), -0.5 (A < 0: clipped
+    below) and +25 on one A < 0 token (not clipped, its k3 KL uses exp of the ratio clamped at 20); and
+    on two ranks holding the same batch the logged loss is this rank's half. Catches `a != 0` changed,
+    the KL clamp moved or dropped, and `* world_size` in the logged loss (found by `make mutation`)."""
+    obj = PG(advantage="signed")
+    batch, _ = prepare(obj, policy, make_batch(tokenizer), 0, updates=2)
+    mask = batch.loss_mask
+    shift = torch.zeros_like(mask)
+    shift[0], shift[1], shift[2, 0] = 0.5, -0.5, 25.0
+    batch = replace(batch, old_logprobs=batch.old_logprobs - shift * mask)  # log new/old = shift
+    result = backward_objective(obj, policy, batch, 0)
+    assert float(result.clipped_sum) == float(mask[0].sum() + mask[1].sum())
+    k3 = lambda x, clamped: math.exp(clamped) - 1 - x  # noqa: E731
+    expected = (k3(0.5, 0.5) * mask[0].sum() + k3(-0.5, -0.5) * mask[1].sum() + k3(25.0, 20.0)).item()
+    assert float(result.ppo_kl_sum) == pytest.approx(expected, rel=1e-4)
+    policy.zero_grad(set_to_none=True)
+    two = Collectives(world_size=2, sum=lambda x: 2 * x, max=lambda x: x)
+    assert float(backward_objective(obj, policy, batch, 0, comm=two).loss) == pytest.approx(float(result.loss) / 2)
+
+
+def test_step_stats_row_by_hand():
+    """The logged `train/...` row of three updates on two ranks: loss and grad norm averaged over the
+    updates (the loss a rank's share x W), token counts per update, entropy over the first pass only,
+    clip fraction and PPO KL over every forwarded token; sample share and |A| from the batch; a one-token
+    batch divides by its one token. Catches every sum overwritten or subtracted, a `* W` / `/ updates`
+    swapped, a guard moved and a key misspelled (found by `make mutation`)."""
+    from lightning_prerl.training.update import BackwardResult, StepStats
+
+    def result(loss, kept, forwarded, entropy, clipped, kl):
+        return BackwardResult(*(torch.tensor(float(x)) for x in (loss, kept, forwarded, entropy, clipped, kl)))
+
+    stats = StepStats(updates=3, world_size=2)
+    stats.add(result(0.3, 6, 4, 2.0, 1.0, 0.5), torch.tensor(3.0), first_pass=True)
+    stats.add(result(0.6, 6, 2, 1.0, 0.5, 0.25), torch.tensor(6.0), first_pass=True)
+    stats.add(result(0.9, 6, 3, 7.0, 1.5, 1.0), torch.tensor(9.0), first_pass=False)
+    loss_mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    batch = replace(make_batch_like(loss_mask), advantages=torch.tensor([0.5, -1.0, 2.0, 0.0]), loss_mask=loss_mask)
+    row = {k: float(v) for k, v in stats.row(batch).items()}
+    assert row == pytest.approx(
+        {
+            "train/loss": (0.3 + 0.6 + 0.9) * 2 / 3,
+            "train/grad_norm": (3 + 6 + 9) / 3,
+            "train/kept_tokens": 6.0,
+            "train/kept_samples": 0.75,  # rows with >= 1 loss token; one has exactly one
+            "train/forwarded_tokens": (4 + 2 + 3) / 3,
+            "train/adv_abs_mean": 3.5 / 4,
+            "train/entropy": (2.0 + 1.0) * 2 / (4 + 2),
+            "train/clip_fraction": (1.0 + 0.5 + 1.5) * 2 / 9,
+            "train/ppo_kl": (0.5 + 0.25 + 1.0) * 2 / 9,
+        }
+    )
+    single = StepStats(updates=1, world_size=1)
+    single.add(result(0.1, 1, 1, 0.5, 1.0, 0.2), torch.tensor(1.0), first_pass=True)
+    row = single.row(batch)
+    logged = (float(row["train/entropy"]), float(row["train/clip_fraction"]), float(row["train/ppo_kl"]))
+    assert logged == pytest.approx((0.5, 1.0, 0.2))
+
+
+def make_batch_like(loss_mask: torch.Tensor):
+    """A RolloutBatch of len(loss_mask) one-token prompts and zero responses (StepStats reads only the
+    loss mask and the advantages)."""
+    from lightning_prerl.data.batch import RolloutBatch
+
+    n, t = loss_mask.shape
+    ones, zeros = torch.ones((n, 1), dtype=torch.long), torch.zeros((n, t), dtype=torch.long)
+    return RolloutBatch(ones, ones, zeros, zeros, torch.zeros(n), n, texts=[""] * n, has_answer=[True] * n)

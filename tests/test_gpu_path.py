@@ -59,7 +59,8 @@ def test_no_precision_plugin_changes_a_rollout_batch(tokenizer):
     """Lightning runs `precision_plugin.convert_input` on every batch; DeepSpeedPrecision casts every
     floating tensor into dataclasses (plugins/precision/deepspeed.py `convert_input`), at bf16-mixed too.
     After `keep_rollout_dtypes` (PolicyModule.setup) every plugin hands the batch back as it was, and
-    still casts other inputs. Catches: the setup call removed, or the exemption dropped."""
+    still casts other inputs. Catches: the setup call removed, the exemption dropped, or the marker that
+    makes a second call a no-op lost (found by `make mutation`)."""
     batch = _full_batch(tokenizer)
     tensors = {
         f.name: getattr(batch, f.name)
@@ -72,7 +73,9 @@ def test_no_precision_plugin_changes_a_rollout_batch(tokenizer):
         if any(getattr(converted, k).dtype != v.dtype for k, v in tensors.items()):
             casting.add(name)
         keep_rollout_dtypes(plugin)
+        wrapped = plugin.convert_input
         keep_rollout_dtypes(plugin)  # setup runs for validate and for fit: wrapping twice is a no-op
+        assert plugin.convert_input is wrapped  # not a wrapper around the wrapper (one per setup call)
         kept = plugin.convert_input(batch)
         for key, value in tensors.items():
             assert getattr(kept, key) is value, (name, key)

@@ -283,3 +283,31 @@ def test_gradient_alignment_matches_a_manual_computation(policy, tokenizer):
     assert stats["align/inner_mean"] == pytest.approx(dot, rel=1e-4)
     assert stats["align/cosine_mean"] == pytest.approx(dot / (flat[0].norm() * flat[1].norm()).item(), rel=1e-4)
     assert stats["align/negative_share"] in (0.0, 1.0)
+
+
+def test_micro_batch_bounds_on_hand_built_lengths():
+    """Exact cuts of `micro_batches` (rows sorted by prompt + response length, shortest first): a size
+    of 0 means no row limit; a token budget counts the open slice's rows x (its longest prompt + its
+    longest response), each row alone when it is over budget, never an empty micro-batch; an agreed
+    count splits multi-row slices down to single rows before adding fillers; empty prompts or
+    responses add nothing to the width. Catches the first row skipped or its prompt read as a
+    response length, a row count of end + start, single over-budget rows cut into empty slices,
+    splitting that stops at two-row slices, and non-zero starting widths (found by `make mutation`)."""
+    from lightning_prerl.data.batch import pad_left, pad_right
+
+    def rows(p_lens: list[int], r_lens: list[int]) -> RolloutBatch:
+        (p_ids, p_mask) = pad_left([[5] * n for n in p_lens], 0)
+        (r_ids, r_mask) = pad_right([[7] * n for n in r_lens], 0)
+        return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.zeros(len(p_lens)), 1)
+
+    def cuts(batch: RolloutBatch, **kwargs) -> list:
+        return [rows.tolist() if isinstance(rows, torch.Tensor) else rows for rows, _ in batch.micro_batches(**kwargs)]
+
+    four = rows([1] * 4, [1] * 4)
+    assert cuts(four, size=0) == [slice(0, 4)]  # size <= 0: no row limit
+    assert cuts(rows([5, 1], [1, 6]), max_tokens=20) == [[0], [1]]  # together: 2 x (5 + 6) = 22 tokens
+    assert cuts(four, max_tokens=4) == [[0, 1], [2, 3]]
+    assert cuts(rows([1, 1], [1, 1]), max_tokens=1) == [[0], [1]]  # every row over budget: one each
+    assert cuts(four, agree=lambda count: 4) == [[0], [1], [2], [3]]  # another rank needs 4 passes
+    assert cuts(rows([0, 0], [3, 3]), max_tokens=6) == [slice(0, 2)]  # 2 x (0 + 3) fits exactly
+    assert cuts(rows([3, 3], [0, 0]), max_tokens=6) == [slice(0, 2)]

@@ -256,3 +256,118 @@ def test_concat_keeps_every_optional_tensor_after_a_sample_mask():
     assert out.sample_mask.tolist() == [True, False, True, True, True, True]
     assert out.rollout_logprobs is not None and out.rollout_logprobs.shape == out.response_ids.shape
     assert out.rollout_logprobs.sum(1).tolist() == [-5.0, -7.0, -8.0, -10.0, -6.0, -6.0]
+
+
+# -- the batch helpers the shaping builds on: exact rows, widths, padding and bookkeeping ------
+def _rows(prompts: list[list[int]], responses: list[list[int]], pad: int = 9, **kwargs) -> RolloutBatch:
+    """A hand-built batch, padded with `pad`: rewards 0, 1, 2, ... and texts "t0", "t1", ..."""
+    (p_ids, p_mask), (r_ids, r_mask) = pad_left(prompts, pad), pad_right(responses, pad)
+    n = len(prompts)
+    lists = {"texts": [f"t{i}" for i in range(n)], "has_answer": [i % 2 == 0 for i in range(n)]}
+    return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.arange(n, dtype=torch.float32), **{**lists, **kwargs})
+
+
+def test_select_trims_to_its_rows_and_picks_every_per_sample_list():
+    """`select` (micro-batches, mini-batches) keeps exactly the padding columns its rows use and the
+    texts / answer flags / sources of those rows, with stats and lockstep padding dropped. Catches: the
+    trim widened (max(2, ...), the whole batch's token count), index selections that keep every text,
+    and lists, stats or `padding_prompts` left as the parent's (found by `make mutation`)."""
+    batch = _rows(
+        [[5], [5], [5, 6, 7], [5, 6, 7]],
+        [[2], [7, 2], [7, 7, 7, 2], [7, 2]],
+        group_size=2,
+        sources=["a", "b", "c", "d"],
+        stats={"rollout/x": 1.0},
+        padding_prompts=1,
+    )
+    head = batch.select(slice(0, 2))  # one-token prompts, responses of 1 and 2 tokens
+    assert head.prompt_ids.tolist() == [[5], [5]] and head.prompt_mask.tolist() == [[1], [1]]
+    assert head.response_ids.tolist() == [[2, 9], [7, 2]] and head.group_size == 2
+    assert (head.texts, head.has_answer, head.sources) == (["t0", "t1"], [True, False], ["a", "b"])
+    assert head.stats == {} and head.padding_prompts == 0
+    one = batch.select(torch.tensor([0]))
+    assert one.prompt_ids.tolist() == [[5]] and one.response_ids.tolist() == [[2]]
+    assert one.response_mask.tolist() == [[1]]
+    picked = batch.select(torch.tensor([3, 0]))  # an index selection, in that order
+    assert picked.prompt_ids.tolist() == [[5, 6, 7], [9, 9, 5]] and picked.response_ids.tolist() == [[7, 2], [2, 9]]
+    assert (picked.texts, picked.has_answer, picked.sources) == (["t3", "t0"], [False, True], ["d", "a"])
+    assert picked.rewards.tolist() == [3.0, 0.0] and picked.group_size == 1
+    assert picked.stats == {} and picked.padding_prompts == 0
+    assert batch.select(torch.tensor([1, 2])).texts == ["t1", "t2"]
+    bare = _rows([[5], [5]], [[2], [2]], group_size=2, texts=[], has_answer=[])
+    assert bare.select(torch.tensor([1])).texts == []  # lists left empty stay empty
+
+
+def test_take_groups_picks_whole_groups_with_their_lists():
+    """`take_groups` (dynamic sampling's kept and fill groups) returns the groups asked for, in that
+    order, with their own texts, answer flags and sources; stats stay, lockstep padding goes. Catches
+    a list left whole or emptied, and `padding_prompts` kept (found by `make mutation`)."""
+    batch = _rows(
+        [[5]] * 6, [[2]] * 6, group_size=2, sources=list("abcdef"), stats={"rollout/x": 1.0}, padding_prompts=1
+    )
+    out = take_groups(batch, [2, 0])
+    assert out.rewards.tolist() == [4.0, 5.0, 0.0, 1.0] and out.group_size == 2
+    assert out.texts == ["t4", "t5", "t0", "t1"] and out.sources == ["e", "f", "a", "b"]
+    assert out.has_answer == [True, False, True, False]
+    assert out.stats == {"rollout/x": 1.0} and out.padding_prompts == 0
+    bare = take_groups(_rows([[5]] * 4, [[2]] * 4, group_size=2, texts=[], has_answer=[]), [1])
+    assert (bare.texts, bare.has_answer, bare.sources) == ([], [], [])
+
+
+def test_concat_pads_with_the_pad_id_and_keeps_every_part():
+    """`concat_batches` (dynamic sampling's kept + fill groups): prompts left-padded and responses
+    right-padded with the pad id (the policy embeds those ids), a bool sample mask (a missing one
+    counts as all True), per-sample tensors such as advantages stacked, every list concatenated, the
+    first part's stats and group size, no lockstep padding; one part alone works. Catches padding with
+    0 instead of `pad`, a float sample mask, advantages padded like (N, T) tensors, lists from one part,
+    the second part taken as the template (found by `make mutation`)."""
+    from dataclasses import replace
+
+    a = _rows([[5, 6]] * 4, [[7, 7, 2], [2], [7, 2], [2]], group_size=2, sources=list("abcd"))
+    a = replace(a, stats={"rollout/x": 1.0}, padding_prompts=1, advantages=torch.tensor([1.0, -1.0, 0.5, -0.5]))
+    b = _rows([[4, 5, 6]] * 2, [[2], [8, 2]], group_size=2, sources=["e", "f"], texts=["u0", "u1"])
+    b = replace(b, stats={"rollout/y": 2.0}, sample_mask=torch.tensor([True, False]), advantages=torch.zeros(2))
+    out = concat_batches([a, b], pad=9)
+    assert out.prompt_ids.tolist() == [[9, 5, 6]] * 4 + [[4, 5, 6]] * 2
+    assert out.prompt_mask.tolist() == [[0, 1, 1]] * 4 + [[1, 1, 1]] * 2
+    assert out.response_ids.tolist() == [[7, 7, 2], [2, 9, 9], [7, 2, 9], [2, 9, 9], [2, 9, 9], [8, 2, 9]]
+    assert out.response_mask.sum(1).tolist() == [3, 1, 2, 1, 1, 2]
+    assert out.sample_mask.dtype == torch.bool and out.sample_mask.tolist() == [True] * 5 + [False]
+    assert out.advantages.tolist() == [1.0, -1.0, 0.5, -0.5, 0.0, 0.0]
+    assert out.texts == ["t0", "t1", "t2", "t3", "u0", "u1"] and out.sources == list("abcdef")
+    assert out.has_answer == [True, False, True, False, True, False]
+    assert out.stats == {"rollout/x": 1.0} and out.group_size == 2 and out.padding_prompts == 0
+    alone = concat_batches([b], pad=9)
+    assert alone.texts == ["u0", "u1"] and alone.stats == {"rollout/y": 2.0} and alone.padding_prompts == 0
+
+
+def test_pad_right_and_truncated_flags_on_hand_built_rows():
+    """`pad_right` is exactly as wide as its longest row (at least 1, also for no rows), and a completion
+    is truncated unless its last real token is a stop id: a lone EOS has stopped, an empty one has not,
+    even when the pad id is itself a stop id (Qwen pads with <|endoftext|>). Catches a minimum width of
+    2, no default for no rows, and the last-token index / empty-row tests shifted (found by `make
+    mutation`); `overlong` masks and penalises by these flags."""
+    from lightning_prerl.data.batch import truncated_flags
+
+    ids, mask = pad_right([[5]], 9)
+    assert ids.tolist() == [[5]] and mask.tolist() == [[1]]
+    ids, mask = pad_right([], 9)
+    assert ids.shape == mask.shape == (0, 1)
+    assert truncated_flags(*pad_right([[2], [7, 7], [7, 2]], 0), [2]) == [False, True, False]
+    assert truncated_flags(*pad_right([[2], [7, 7], []], 2), [2]) == [False, True, True]  # pad id = stop id
+
+
+def test_a_batch_refuses_rows_or_widths_that_do_not_match():
+    """Every per-sample tensor has one row per reward and the response-aligned ones the responses'
+    shape: a mismatch fails where the batch is built, not as a broadcast in the loss. Catches either
+    check skipped (found by `make mutation`)."""
+    from dataclasses import replace
+
+    batch = _rows([[5]] * 2, [[2], [7, 2]], group_size=2)
+    with pytest.raises(ValueError, match="prompt_ids has 3 rows, rewards has 2"):
+        RolloutBatch(
+            torch.ones(3, 1, dtype=torch.long), torch.ones(3, 1), batch.response_ids, batch.response_mask,
+            batch.rewards, 2,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"rollout_logprobs has shape \(2, 1\), response_ids \(2, 2\)"):
+        replace(batch, rollout_logprobs=torch.zeros(2, 1))

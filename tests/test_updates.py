@@ -204,8 +204,8 @@ def test_mini_batches_split_whole_groups_and_refuse_uneven_splits(tokenizer):
     batch = make_batch(tokenizer)
     halves = batch.split(2)
     assert [len(h) for h in halves] == [2, 2] and all(h.group_size == 2 for h in halves)
-    with pytest.raises(ValueError, match="module.mini_batches=4"):
-        batch.split(4)
+    with pytest.raises(ValueError, match="module.mini_batches=4: this rank's 2 prompts do not split evenly"):
+        batch.split(4)  # the count of whole groups, an int (found by `make mutation`: `/` printed 2.0)
 
 
 def test_collectives_default_to_one_process():

@@ -293,3 +293,271 @@ def test_training_prompts_are_shuffled_by_their_own_seeds(tokenizer):
     assert questions(file_order.train_set) == [p.question for p in toy_prompts("train", 50)[:20]]
     assert questions(seeded.train_set) != questions(file_order.train_set)
     assert questions(seeded.extra_set) not in (questions(seeded.train_set), questions(file_order.train_set))
+
+
+# -- a recording stand-in engine: exact prompts, seeds, flags and samples ----------------------
+class RecordingEngine:
+    """A stand-in engine: `samples(call, prompt, j)` is sample j of a prompt in generate call `call`;
+    every sync and every generate call (prompt ids, n, the log-prob flag, seeds) is recorded. It has
+    no `return_logprobs` attribute (an engine that never returns log-probs)."""
+
+    stop_token_ids = [3]  # the toy tokenizer's <|im_end|>
+
+    def __init__(self, samples=lambda call, prompt, j: [7] * (1 + j) + [3]):
+        self.samples, self.calls, self.syncs = samples, [], []
+
+    def sync(self, policy) -> None:
+        self.syncs.append(policy)
+
+    def generate(self, prompt_ids, n, sampling, return_logprobs=False, seeds=None):
+        from lightning_prerl.rollout.engine import Generation
+
+        call = len(self.calls)
+        self.calls.append(SimpleNamespace(prompts=prompt_ids, n=n, logprobs=return_logprobs, seeds=seeds))
+        completions = [self.samples(call, i, j) for i in range(len(prompt_ids)) for j in range(n)]
+        return Generation(completions, [[-0.25] * len(c) for c in completions] if return_logprobs else None)
+
+    def close(self) -> None:
+        pass
+
+
+class LogprobEngine(RecordingEngine):
+    return_logprobs = True  # `rollout.return_logprobs`: the engine returns its sampling log-probs
+
+
+class TokenizerProxy:
+    """The toy tokenizer with another pad id, recording the extra chat-template arguments."""
+
+    def __init__(self, tokenizer, pad_token_id: int | None = None):
+        self._tok, self.template_kwargs = tokenizer, []
+        self.pad_token_id = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+
+    def apply_chat_template(self, messages, **kwargs):
+        self.template_kwargs.append({k: v for k, v in kwargs.items() if k not in ("add_generation_prompt", "tokenize")})
+        return self._tok.apply_chat_template(messages, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        return self._tok(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def recording_datamodule(tokenizer, engine, rank: int = 0, world: int = 1, step: int = 0, reward=None, **kwargs):
+    """4 prompts per step, G = 2, 6 held-out prompts, 4 per batch; seeds and shuffle seed left at their defaults."""
+    dm = RolloutDataModule(
+        tokenizer,
+        engine,
+        reward or BoxedExactMatch(),
+        toy_prompts("train", 50),
+        toy_prompts("heldout", 6),
+        **{"prompts_per_step": 4, "samples_per_prompt": 2, "eval_samples": 2, "eval_prompts_per_batch": 4, **kwargs},
+    )
+    dm.trainer = SimpleNamespace(
+        lightning_module=SimpleNamespace(policy="the policy"),
+        global_rank=rank,
+        world_size=world,
+        global_step=step,
+        current_epoch=0,
+    )
+    return dm
+
+
+def test_batches_hold_exactly_what_the_engine_was_asked_for_and_returned(tokenizer):
+    """Rank 1 of 2, epoch 1: the engine (an instance, used as it is) is synced once and asked for the
+    rank's slice of the epoch's prompts (stream positions 6, 7) with seeds derive_seed(0, "train", 0,
+    position), no log-probs from an engine that has none; the batch holds its samples decoded without
+    special tokens, the prompts' sources, answer flags and no lockstep padding; overlong masking counts
+    over both ranks. Held-out batch at step 5: this rank's prompts 1, 3, 5 with seeds derive_seed(0,
+    "eval", 5, index), its stats named as the logs and reports read them. Catches: the engine instance
+    called as a factory, the log-prob flag or seeds changed, a default seed other than 0, padding or
+    lists lost, special tokens left in the scored text, the world size left out of the overlong stats
+    (found by `make mutation`)."""
+    from lightning_prerl.data.prompts import render_prompt
+    from lightning_prerl.rollout.engine import derive_seed
+
+    engine = RecordingEngine(lambda call, i, j: [7] * (1 + j) + ([3] if j == 0 else []))  # sample 1: truncated
+    dm = recording_datamodule(tokenizer, engine, rank=1, world=2, overlong="mask")
+    dm.setup("fit")
+    assert dm.engine is None and dm._get_engine() is engine
+    batch = dm.train_batch(1)
+    (call,) = engine.calls
+    prompts = dm.train_set.take(6, 2)  # epoch 1 owns positions 4..7, rank 1 of 2 the second half
+    assert call.prompts == [render_prompt(tokenizer, p) for p in prompts] and call.n == 2
+    assert call.logprobs is False and engine.syncs == ["the policy"]
+    assert call.seeds == [derive_seed(0, "train", 0, pos) for pos in (6, 7)]
+    completions = [[7, 3], [7, 7]] * 2
+    assert batch.response_ids.tolist() == [[7, 3], [7, 7]] * 2 and batch.response_mask.sum().item() == 8
+    assert batch.texts == tokenizer.batch_decode(completions, skip_special_tokens=True)
+    assert not any("<|im_end|>" in t for t in batch.texts)
+    assert batch.sources == ["toy/train"] * 4 and batch.has_answer == [False] * 4
+    assert batch.padding_prompts == 0 and batch.rollout_logprobs is None and batch.rewards.dtype == torch.float32
+    assert batch.sample_mask.tolist() == [True, False] * 2
+    assert batch.stats["rollout/truncated"] == 0.5 and batch.stats["rollout/overlong_masked"] == 2 * 2  # 2 ranks
+
+    dm.trainer.global_step = 5
+    held_out = dm.eval_batch(0)
+    call = engine.calls[-1]
+    assert call.prompts == [render_prompt(tokenizer, dm.eval_prompts[j]) for j in (1, 3, 5)]
+    assert call.seeds == [derive_seed(0, "eval", 5, j) for j in (1, 3, 5)] and call.logprobs is False
+    assert held_out.padding_prompts == 0 and held_out.sources == ["toy/heldout"] * 6
+    stats = held_out.stats
+    assert set(stats) == {"rollout/reward_errors", "rollout/reward_timeouts", "rollout/dropped_prompts",
+                          "rollout/truncated", "time/sync", "time/generate", "time/score"}  # fmt: skip
+    assert (stats["rollout/reward_errors"], stats["rollout/reward_timeouts"], stats["rollout/truncated"]) == (0, 0, 0.5)
+    assert all(0 <= stats[k] < 60 for k in ("time/sync", "time/generate", "time/score"))  # durations, not sums
+
+
+def test_sampling_seed_and_engine_logprobs_reach_generation(tokenizer):
+    """`sampling.seed` overrides the data module's seed; an engine with `return_logprobs` is asked for
+    log-probs on training batches only (they land in `rollout_logprobs`, 0 on padding). Catches the
+    sampling seed ignored and the flag forced on for held-out batches or for engines without it (found
+    by `make mutation`)."""
+    from lightning_prerl.rollout.engine import derive_seed
+
+    engine = LogprobEngine()
+    dm = recording_datamodule(tokenizer, engine, sampling={"seed": 7, "max_new_tokens": 8})
+    batch = dm.train_batch(0)
+    assert engine.calls[0].logprobs is True
+    assert engine.calls[0].seeds == [derive_seed(7, "train", 0, pos) for pos in range(4)]
+    assert batch.rollout_logprobs.tolist() == [[-0.25, -0.25, 0.0], [-0.25, -0.25, -0.25]] * 4
+    dm.eval_batch(0)
+    assert engine.calls[1].logprobs is False
+    assert engine.calls[1].seeds == [derive_seed(7, "eval", 0, j) for j in range(4)]
+
+
+def _flag_then_hash(prompt, completion: str) -> float:
+    return float("#" in completion)
+
+
+def test_dynamic_sampling_extra_rounds_draw_their_own_prompts_seeds_and_pad_id(tokenizer):
+    """An extra round takes the extra stream's block for (epoch, round) from its first position, with
+    seeds derive_seed(0, "train_extra", 0, position); the extra stream is shuffled by derive_seed(
+    shuffle_seed, "train_extra"), the main one by `shuffle_seed` (default 0); kept groups of rounds of
+    different widths are padded with the tokenizer's pad id. Catches: the block read from its second
+    position, the purpose or step of the extra seeds changed, the extra stream's seed changed, padding
+    with 0 instead of the pad id, and rank r's extra block placed before rank 0's (found by `make
+    mutation`)."""
+    from lightning_prerl.data.prompts import render_prompt
+    from lightning_prerl.rollout.engine import derive_seed
+
+    def samples(call: int, i: int, j: int) -> list[int]:  # main round: group 0 informative; extra: group 0, longer
+        if i == 0:
+            return [7 + j] * (1 if call == 0 else 4) + [3]
+        return [7, 3]
+
+    proxy = TokenizerProxy(tokenizer, pad_token_id=1)
+    engine = RecordingEngine(samples)
+    dm = recording_datamodule(
+        proxy, engine, reward=_flag_then_hash, prompts_per_step=2, dynamic_sampling=True, max_extra_rounds=1
+    )
+    batch = dm.train_batch(0)
+    assert len(engine.calls) == 2
+    prompts = toy_prompts("train", 50)
+    assert dm.train_set.take(0, 50) == PromptSet(prompts, 0).take(0, 50)
+    assert dm.extra_set.take(0, 50) == PromptSet(prompts, derive_seed(0, "train_extra")).take(0, 50)
+    assert engine.calls[1].prompts == [render_prompt(tokenizer, p) for p in dm.extra_set.take(0, 2)]
+    assert engine.calls[1].seeds == [derive_seed(0, "train_extra", 0, pos) for pos in (0, 1)]
+    assert batch.rewards.tolist() == [0.0, 1.0, 0.0, 1.0] and batch.sample_mask is None
+    assert batch.response_ids.tolist() == [[7, 3, 1, 1, 1], [8, 3, 1, 1, 1], [7] * 4 + [3], [8] * 4 + [3]]
+    assert bool((batch.prompt_ids[batch.prompt_mask == 0] == 1).all())
+    rank1 = recording_datamodule(tokenizer, RecordingEngine(), rank=1, world=2, prompts_per_step=8)
+    assert rank1.extra_positions(1, 2) == [44, 45, 46, 47]  # (epoch 1 x 4 rounds + 1) x 8 + rank 1 x 4
+
+
+def test_any_rank_reduces_this_ranks_flag_with_max_on_the_strategy_device(tokenizer):
+    """Dynamic sampling's lockstep: this rank's "short" flag, on the strategy's device (NCCL reduces
+    device tensors only), max-reduced over ranks; True only when some rank is short. Catches the flag
+    not sent, sent from the CPU, another reduce op, and `>= 0` (always True) (found by `make mutation`)."""
+    seen = []
+
+    def reduce(flag, reduce_op):
+        seen.append((flag.device.type, reduce_op))
+        return torch.tensor(0.0) if flag.is_meta else torch.maximum(flag, torch.tensor(0.0))  # others: not short
+
+    dm = recording_datamodule(tokenizer, RecordingEngine(), world=2)
+    dm.trainer.strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce)
+    assert dm._any_rank(True) is True and dm._any_rank(False) is False
+    dm.trainer.strategy.root_device = torch.device("meta")
+    dm._any_rank(True)
+    assert seen == [("cpu", "max"), ("cpu", "max"), ("meta", "max")]
+
+
+def test_held_out_shards_without_a_trainer_and_their_padding_rows(tokenizer):
+    """No trainer: one process, rank 0 (the whole held-out set, the first extra block). Uneven shards
+    are padded with repeats of the rank's own first prompt (generated, never scored), or prompt 0 when
+    the rank has none. Catches the default rank or world changed and the padding prompt changed (found
+    by `make mutation`)."""
+    from lightning_prerl.data.prompts import render_prompt
+
+    alone = recording_datamodule(tokenizer, RecordingEngine())
+    alone.trainer = None
+    assert alone._eval_shard() == ([0, 1, 2, 3, 4, 5], 0) and alone.extra_positions(0, 1) == [0, 1, 2, 3]
+    engine = RecordingEngine()
+    dm = recording_datamodule(tokenizer, engine, rank=3, world=4)  # 6 prompts: shards 2, 2, 1 + 1, 1 + 1
+    assert dm._eval_shard() == ([3, 3], 1)
+    held_out = dm.eval_batch(0)
+    assert engine.calls[0].prompts == [render_prompt(tokenizer, dm.eval_prompts[3])] * 2
+    assert held_out.padding_prompts == 1
+    few = recording_datamodule(tokenizer, RecordingEngine(), rank=3, world=4)
+    few.eval_prompts = toy_prompts("heldout", 2)
+    assert few._eval_shard() == ([0], 1)  # no prompt of its own: it repeats prompt 0
+
+
+def test_constructor_defaults_checks_and_reward_pool_settings(tokenizer):
+    """The signature's defaults (benchmarks/objective_cost.py builds the module on them); every count
+    may be 1 and `max_extra_rounds` 0, smaller values fail naming the key; the reward pool gets its
+    timeout and worker count; no prompt counted as dropped before any filter; template arguments reach
+    the chat template; the global batch must divide by world size x mini-batches. Catches changed
+    defaults, off-by-one bounds, renamed keys in the messages, the pool settings or template arguments
+    dropped, and `/` for `*` in the divisibility check (found by `make mutation`)."""
+    import pytest
+
+    prompts = toy_prompts("train", 8)
+    dm = RolloutDataModule(tokenizer, RecordingEngine(), BoxedExactMatch(), prompts)
+    got = (dm.prompts_per_step, dm.samples_per_prompt, dm.eval_samples, dm.eval_prompts_per_batch)
+    assert got == (16, 8, 2, 100)
+    assert (dm.shuffle_seed, dm.seed, dm.data_root, dm.name, dm.eval_prompts) == (0, 0, ".", "data", [])
+    assert dm.dropped_prompts == {"train": 0, "eval": 0, "contaminated": 0}
+    assert dm.scorer.timeout_s is None
+    ones = dict(prompts_per_step=1, samples_per_prompt=1, eval_samples=1, eval_prompts_per_batch=1)
+    RolloutDataModule(tokenizer, RecordingEngine(), BoxedExactMatch(), prompts, max_extra_rounds=0, **ones)
+    for key in ones:
+        with pytest.raises(ValueError, match=f"^data.{key}=0: must be >= 1$"):
+            RolloutDataModule(tokenizer, RecordingEngine(), BoxedExactMatch(), prompts, **{key: 0})
+    pooled = RolloutDataModule(tokenizer, RecordingEngine(), BoxedExactMatch(), prompts, reward_timeout_s=5.0,
+                               reward_workers=3)  # fmt: skip
+    assert (pooled.scorer.timeout_s, pooled.scorer.workers) == (5.0, 3)
+    proxy = TokenizerProxy(tokenizer)
+    thinking = recording_datamodule(proxy, RecordingEngine(), template_kwargs={"enable_thinking": False})
+    thinking.setup("fit")
+    assert thinking.dropped_prompts == {"train": 0, "eval": 0, "contaminated": 0}
+    thinking.train_batch(0)
+    assert proxy.template_kwargs and all(kw == {"enable_thinking": False} for kw in proxy.template_kwargs)
+    with pytest.raises(ValueError, match="=3 does not divide by the world size 1 x module.mini_batches=2"):
+        recording_datamodule(tokenizer, RecordingEngine(), prompts_per_step=3, mini_batches=2).setup("fit")
+
+
+def test_length_filter_counts_and_logs_each_split(tokenizer, caplog):
+    """Over-long prompts are dropped per split at load time, counted under their split and logged once
+    with the counts and the limit. Catches the held-out split counted under another key and the log
+    line broken or missing an argument (found by `make mutation`)."""
+    import logging
+
+    from lightning_prerl.data.prompts import render_prompt
+
+    held_out = [len(render_prompt(tokenizer, p)) for p in toy_prompts("heldout", 6)]
+    train = [len(render_prompt(tokenizer, p)) for p in toy_prompts("train", 50)]
+    limit = sorted(held_out)[3]
+    drop_train, drop_eval = sum(n > limit for n in train), sum(n > limit for n in held_out)
+    assert 0 < drop_train < 50 and 0 < drop_eval < 6
+    dm = recording_datamodule(tokenizer, RecordingEngine(), max_prompt_tokens=limit)
+    with caplog.at_level(logging.INFO, logger="lightning_prerl.training.datamodule"):
+        dm.setup("fit")
+    assert dm.dropped_prompts == {"train": drop_train, "eval": drop_eval, "contaminated": 0}
+    assert len(dm.eval_prompts) == 6 - drop_eval
+    messages = [r.getMessage() for r in caplog.records if r.name == "lightning_prerl.training.datamodule"]
+    assert messages == [
+        f"data: {drop_train} of 50 train prompts are longer than data.max_prompt_tokens={limit} and are dropped",
+        f"data: {drop_eval} of 6 eval prompts are longer than data.max_prompt_tokens={limit} and are dropped",
+    ]

@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reward_scoring.py [--completions 1000 --repeats 3]
 
-Completions are built from MATH train problems (../shared/data/math_train, or LIGHTNING_PRERL_DATA): a
+Completions are built from MATH train problems (math_train/ under the default data_root): a
 short solution ending in `\\boxed{}` holding the gold answer for half of them and another problem's
 answer for the other half, so math-verify parses and compares both ways. Scored through the project's
 `RewardScorer` + `MathVerifyReward`: in-process (`data.reward_timeout_s: null`, the default) and in its
@@ -24,8 +24,9 @@ from results_io import write_json  # noqa: E402
 
 from lightning_prerl.data.prompts import load_prompts  # noqa: E402
 from lightning_prerl.data.rewards import MathVerifyReward, RewardScorer, available_cores  # noqa: E402
+from lightning_prerl.data.sources import default_data_root  # noqa: E402
 
-DATA = Path(os.environ.get("LIGHTNING_PRERL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(default_data_root())
 
 
 def completions(n: int):

@@ -47,6 +47,20 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def shared_data():
+    """The real math data: $LIGHTNING_PRERL_DATA, else ../shared/data beside the checkout (README there:
+    where each file came from). Under CI=true a missing folder fails the test instead of skipping it."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("LIGHTNING_PRERL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
+    if not root.is_dir():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"the math data is missing under CI=true: {root}")
+        pytest.skip(f"no math data at {root}")
+    return root
+
+
+@pytest.fixture(scope="session")
 def vllm():
     """The real vLLM package. Under CI=true a missing vLLM fails the test instead of skipping it."""
     try:

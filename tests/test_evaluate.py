@@ -280,20 +280,15 @@ def test_two_policies_give_one_table_csv_and_figure(tmp_path, tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def shared_benchmarks() -> list[str]:
+def shared_benchmarks(shared_data) -> list[str]:
     """The benchmarks whose files are in the data root (aime25 and olympiadbench are not shipped)."""
     from lightning_prerl.data.benchmarks import benchmark_names, benchmark_spec
 
-    data_root = os.environ.get("LIGHTNING_PRERL_DATA", str(ROOT.parent / "shared" / "data"))
-    if not Path(data_root).is_dir():
-        if CI:
-            pytest.fail(f"the benchmark data is missing under CI=true: {data_root}")
-        pytest.skip(f"no benchmark data at {data_root}")
-    return [n for n in benchmark_names() if Path(benchmark_spec(n, data_root)["path"]).is_file()]
+    return [n for n in benchmark_names() if Path(benchmark_spec(n, shared_data)["path"]).is_file()]
 
 
 @pytest.mark.slow
-def test_smollm2_on_every_present_benchmark(tmp_path, shared_benchmarks):
+def test_smollm2_on_every_present_benchmark(tmp_path, shared_data, shared_benchmarks):
     from lightning_prerl.scale.models import resolve_model_path
 
     try:
@@ -304,7 +299,7 @@ def test_smollm2_on_every_present_benchmark(tmp_path, shared_benchmarks):
     names = ",".join(shared_benchmarks)
     proc = evaluate(
         run_dir, "model=smollm2", f"eval.benchmarks=[{names}]", "eval.limit=4", "eval.samples=4",
-        "data.sampling.max_new_tokens=64",
+        "data.sampling.max_new_tokens=64", f"data_root={shared_data}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     report, rows = check_outputs(run_dir)

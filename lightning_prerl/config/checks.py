@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
+from lightning_prerl.data.sources import default_data_root, missing_file
 from lightning_prerl.scale.models import resolve_model_path
 
 GROUP_ADVANTAGES = ("grpo", "group_mean")
@@ -39,8 +40,14 @@ def _precision(dtype: str, param_dtype: str) -> str:
     return "bf16-mixed" if dtype == "bfloat16" and param_dtype != "bfloat16" else "32-true"
 
 
-# `${lp.devices:2}`, `${lp.mul:a,b}`, `${lp.precision:dtype,param_dtype}` in conf/trainer/*.yaml
-for _name, _fn in (("lp.devices", _devices), ("lp.mul", lambda a, b: int(a) * int(b)), ("lp.precision", _precision)):
+# `${lp.devices:2}`, `${lp.mul:a,b}`, `${lp.precision:dtype,param_dtype}` in conf/trainer/*.yaml;
+# `${lp.data_root:}` in conf/config.yaml (lightning_prerl/data/sources.py: the order it looks in)
+for _name, _fn in (
+    ("lp.devices", _devices),
+    ("lp.mul", lambda a, b: int(a) * int(b)),
+    ("lp.precision", _precision),
+    ("lp.data_root", default_data_root),
+):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 
@@ -186,7 +193,27 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         resolve_model_path(run.model.path)
     except FileNotFoundError as exc:
         raise ConfigError(str(exc)) from None
+    _data_files(resolved)
     return run
+
+
+def _data_files(resolved: dict) -> None:
+    """Every file the data config reads under `data_root` exists: the training set and the benchmarks it
+    evaluates on or decontaminates against; a missing one names the command that fetches it."""
+    from lightning_prerl.data.benchmarks import benchmark_names, benchmark_spec
+
+    data, root = resolved["data"], resolved["data_root"]
+    train, held_out = data.get("train_prompts") or {}, data.get("eval_prompts") or {}
+    if str(train.get("_target_", "")).endswith(".load_prompts") and not Path(train["path"]).is_file():
+        raise ConfigError(missing_file("data", data.get("name", "?"), train["path"], root))
+    names = list(data.get("decontaminate") or [])
+    if str(held_out.get("_target_", "")).endswith(".benchmark_suite"):
+        names += held_out.get("names") or []
+        root = held_out.get("data_root", root)
+    for name in dict.fromkeys(n for n in names if n in benchmark_names()):
+        path = benchmark_spec(name, root)["path"]
+        if not Path(path).is_file():
+            raise ConfigError(missing_file("benchmark", name, path, root))
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:

@@ -2,7 +2,8 @@
 
 A preset declares the benchmark's file (relative to `data_root`), question field, answer field and
 answer format (`prompts.ANSWER_FORMATS`); every benchmark is asked with the paper's system prompt.
-Nothing is downloaded: a missing file fails in one line naming the path and `data_root`. Prompts keep
+Nothing is downloaded here: a missing file fails in one line naming the path, `data_root` and the
+command that fetches it (experiments/prepare_data.py; sources in `sources.SOURCES`). Prompts keep
 their benchmark's name in `Prompt.source`, which per-benchmark metrics group by.
 
 `decontaminate` drops training problems whose normalised text appears in a benchmark (DAPO-Math-17k
@@ -21,6 +22,7 @@ from omegaconf import OmegaConf
 
 from lightning_prerl.data.prompts import load_prompts
 from lightning_prerl.data.rewards import Prompt
+from lightning_prerl.data.sources import missing_file
 from lightning_prerl.evaluation.metrics import GenerationMetrics
 
 PAPER_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -49,9 +51,7 @@ def load_benchmark(
     spec = benchmark_spec(name, data_root)
     path = Path(spec["path"])
     if not path.is_file():
-        raise FileNotFoundError(
-            f"benchmark {name}: {path} does not exist (data_root={data_root}; place the file there or set data_root)"
-        )
+        raise FileNotFoundError(missing_file("benchmark", name, path, data_root))
     prompts = load_prompts(
         str(path), spec["question_key"], spec["answer_key"], spec["answer_format"], system=system, limit=limit
     )

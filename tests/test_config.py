@@ -118,6 +118,8 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         (["objective.main.eps_high=1.5"], "objective.main.eps_high=1.5: must be < 1"),
         (["objective=grpo", "objective.eps_low=-0.1"], "objective.eps_low=-0.1: must be >= 0"),
         (["data.sampling.top_p=0"], "data.sampling.top_p=0: must be > 0"),
+        # the key the user typed, not the one that reads it through ${...} (module.temperature)
+        (["data.sampling.temperature=-1"], "data.sampling.temperature=-1: must be > 0.0 (module.temperature reads it)"),
         (["module.betas=[0.9,1.2]"], "module.betas=1.2: must be < 1"),
         (["objective=grpo", "objective.space=both"], "objective.space='both': expected one of 'conditional', 'marg"),
         (["module.micro_batch_size=0"], "module.micro_batch_size=0: must be >= 1"),

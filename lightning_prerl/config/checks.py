@@ -186,7 +186,10 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         if missing:
             raise ConfigError(f"{missing.group(1)}=???: required (set it on the command line)") from None
         raise ConfigError(" ".join(str(exc).split())[:300]) from None
-    run = validate_schema(resolved)
+    try:
+        run = validate_schema(resolved)
+    except ConfigError as exc:
+        raise ConfigError(_as_typed(cfg, str(exc))) from None
     _contradictions(run, cfg)
     _update_contradictions(run, cfg)
     try:
@@ -195,6 +198,33 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(str(exc)) from None
     _data_files(resolved)
     return run
+
+
+def typed_key(cfg: DictConfig, key: str) -> str:
+    """The key a value was set under: `module.temperature` is `${data.sampling.temperature}` in
+    conf/config.yaml, so a bad temperature was typed as `data.sampling.temperature` (followed through
+    chains of whole-value absolute interpolations; anything else is its own key)."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    for _ in range(8):  # a chain, never a cycle (OmegaConf rejects those when resolving)
+        node = raw
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        source = re.fullmatch(r"\$\{([A-Za-z_][\w.]*)\}", node) if isinstance(node, str) else None
+        if source is None:
+            return key
+        key = source.group(1)
+    return key
+
+
+def _as_typed(cfg: DictConfig, message: str) -> str:
+    """`module.temperature=-1: ...` -> `data.sampling.temperature=-1: ... (module.temperature reads it)`."""
+    head = re.match(r"([A-Za-z_][\w.]*)=", message)
+    if head is None:
+        return message
+    typed = typed_key(cfg, head.group(1))
+    if typed == head.group(1):
+        return message
+    return f"{typed}{message[len(head.group(1)) :]} ({head.group(1)} reads it)"
 
 
 def _data_files(resolved: dict) -> None:

@@ -3,6 +3,8 @@ untouched) and is counted; `max_bad_steps` in a row stop the run with a checkpoi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import lightning as L
 import pytest
 import torch
@@ -38,13 +40,14 @@ class Snapshots(L.Callback):
 
 def _fit(tiny_model_dir, tmp_path, bad_steps, epochs=4, max_bad_steps=3, bad=float("nan")):
     module = CondRL(model_path=str(tiny_model_dir), lr=1e-3, max_bad_steps=max_bad_steps)
-    clean = module.objective.token_loss
+    clean = module.objective.loss_terms
 
-    def token_loss(*args, **kwargs):  # a non-finite value injected into the loss of the chosen batches
-        loss = clean(*args, **kwargs)
-        return loss + bad if bad_steps is None or module.trainer.current_epoch in bad_steps else loss
+    def loss_terms(*args, **kwargs):  # a non-finite value injected into the loss of the chosen batches
+        terms = clean(*args, **kwargs)
+        hit = bad_steps is None or module.trainer.current_epoch in bad_steps
+        return replace(terms, loss=terms.loss + bad) if hit else terms
 
-    object.__setattr__(module.objective, "token_loss", token_loss)
+    object.__setattr__(module.objective, "loss_terms", loss_terms)
     dm = RolloutDataModule(
         module.tokenizer, HFEngine, _length_parity, toy_prompts("train", 32), None, 4, 4, {"max_new_tokens": 16}
     )

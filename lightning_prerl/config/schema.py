@@ -12,9 +12,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from lightning_prerl.errors import ConfigError
+from lightning_prerl.objectives import registry
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -24,6 +36,18 @@ Probability = Annotated[float, Field(gt=0, le=1)]
 ClipRange = Annotated[float, Field(ge=0, lt=1)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
 Dtype = Literal["float32", "bfloat16", "float16"]
+
+
+def _registered(kind: str) -> AfterValidator:
+    """A name registered as `kind` (`objectives/registry.py`): the error lists the registered names."""
+
+    def check(value: str) -> str:
+        if value not in registry.names(kind):
+            names = ", ".join(repr(n) for n in registry.names(kind))
+            raise PydanticCustomError("registered", "expected one of {names}", {"names": names})
+        return value
+
+    return AfterValidator(check)
 
 
 class _Node(BaseModel):
@@ -38,8 +62,8 @@ class Objective(_Node):
     """Label in logs, reports and checkpoints."""
     space: Literal["conditional", "marginal"]
     """Space the gradient lives in: `conditional` log P(y|x), or `marginal`, the prompt-free log P(y)."""
-    advantage: Literal["grpo", "group_mean", "signed"]
-    """Estimator: (r - mean)/(std + adv_eps), r - group mean, or -1 wrong / +positive_weight right."""
+    advantage: Annotated[str, _registered("advantage")]
+    """Registered estimator: grpo (r - mean)/(std + adv_eps), group_mean r - mean, signed -1 / +positive_weight."""
     samples: Literal["all", "negative", "positive"]
     """Samples that enter the loss, by the sign of their advantage."""
     positive_weight: NonNeg
@@ -64,6 +88,25 @@ class Objective(_Node):
     """|A| at most this counts as 0: flat groups get A = 0, never 'negative' by rounding."""
     lr_scale: Positive | None
     """Learning-rate multiplier while active; null: 0.1 in the prompt-free space, else 1.0."""
+    policy_loss: Annotated[str, _registered("policy_loss")] = "ppo_clip"
+    """Registered per-token loss (`objectives/losses/`): ppo_clip, gspo, cispo, sapo, clip_cov, kl_cov, ..."""
+    aggregation: Annotated[str, _registered("aggregation")] = "token-mean"
+    """token-mean, seq-mean-token-sum, seq-mean-token-mean or constant (Dr.GRPO), over the global batch."""
+    advantage_args: dict[str, Any] = {}
+    """Parameters of the estimator beyond the shared `adv_eps` and `positive_weight`."""
+    loss_args: dict[str, Any] = {}
+    """Parameters of the policy loss beyond the shared `eps_low`, `eps_high` and `clip_c`."""
+    aggregation_args: dict[str, Any] = {}
+    """Parameters of the aggregation (constant: `length`, the response budget)."""
+
+    @field_validator("advantage_args", "loss_args", "aggregation_args")
+    @classmethod
+    def _part_args(cls, args: dict, info: ValidationInfo) -> dict:
+        kind = {v: k for k, v in registry.ARGS_KEY.items()}[info.field_name]
+        name = info.data.get(kind)  # absent when the name itself failed: that error is the one reported
+        if name is not None and (error := registry.args_error(kind, name, args)):
+            raise PydanticCustomError("registered", error)
+        return args
 
 
 class DSRL(_Node):

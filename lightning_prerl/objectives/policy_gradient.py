@@ -1,6 +1,9 @@
 """One policy-gradient objective, parameterised by the space it updates and the samples it keeps.
 
-    loss = coef * token_mean_{kept samples} [ PPO-clip(A_i, rho_it) + kl_coef * KL_it - entropy_coef * H_it ]
+    loss = coef * aggregate_{kept samples} [ policy_loss(A_i, rho_it) + kl_coef * KL_it - entropy_coef * H_it ]
+
+The advantage estimator, the policy loss and the aggregation are registered parts chosen by name
+(`objectives/registry.py`; defaults: `grpo`, `ppo_clip` -- PPO-clip with dual clip --, `token-mean`).
 
 - `space: conditional` scores log P(y_t | x, y_<t): GRPO / CondRL, Zhu et al.'s NSR, PSR, W-REINFORCE.
 - `space: marginal` scores log P(y_t | s, y_<t) with the whole prompt replaced by one start token s
@@ -20,17 +23,17 @@ ranks, so micro-batch size and world size do not change the update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from lightning_prerl.objectives import advantages as adv_fns
+from lightning_prerl.objectives import aggregation, losses, registry  # noqa: F401 (importing registers the parts)
 from lightning_prerl.objectives.advantages import REWARD_TOLERANCE, flat_groups
-from lightning_prerl.objectives.ops import kl_estimate, ppo_clip_loss
+from lightning_prerl.objectives.ops import kl_estimate
+from lightning_prerl.objectives.registry import LossInputs, LossOutput
 
 SPACES = ("conditional", "marginal")
 SAMPLES = ("all", "negative", "positive")
-GROUP_RELATIVE = ("grpo", "group_mean")  # advantages measured against the group: a flat group has none
 PRETRAIN_LR_SCALE = 0.1  # the learning-rate rule of the prompt-free (marginal) family, see `lr_scale`
 
 
@@ -41,7 +44,7 @@ class PolicyGradientObjective:
     Attributes:
         name: label used in logs and reports.
         space: "conditional" (log P(y|x)) or "marginal" (prompt-free log P(y)).
-        advantage: estimator in `advantages.ESTIMATORS`: grpo, group_mean or signed.
+        advantage: registered estimator (`objectives/advantages.py`): grpo, group_mean or signed.
         samples: which samples enter the loss: all, negative or positive advantage.
         positive_weight: lambda of the signed estimator (W-REINFORCE: 0.1).
         coef: loss multiplier (the authors use 0.01 for PreRL's `pretrain_loss_coef`).
@@ -57,6 +60,9 @@ class PolicyGradientObjective:
             applies the one rule: 0.1 (`PRETRAIN_LR_SCALE`) in the prompt-free space, 1.0 in the
             conditional one. With Adam a loss coefficient barely changes the step size (the update is
             normalised), so the PreRL family's 0.01 `coef` alone does not make its steps smaller.
+        policy_loss: registered loss (`objectives/losses/`); `ppo_clip` takes eps_low, eps_high, clip_c.
+        aggregation: registered aggregation (`objectives/aggregation.py`), default the global token mean.
+        advantage_args, loss_args, aggregation_args: the parts' own parameters (`registry.bind`).
     """
 
     name: str = "grpo"
@@ -74,14 +80,14 @@ class PolicyGradientObjective:
     adv_eps: float = 1e-6
     adv_tolerance: float = REWARD_TOLERANCE
     lr_scale: float | None = None
+    policy_loss: str = "ppo_clip"
+    aggregation: str = "token-mean"
+    advantage_args: dict = field(default_factory=dict)
+    loss_args: dict = field(default_factory=dict)
+    aggregation_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        choices = {
-            "space": SPACES,
-            "samples": SAMPLES,
-            "advantage": tuple(adv_fns.ESTIMATORS),
-            "kl_estimator": ("k1", "k2", "k3"),
-        }
+        choices = {"space": SPACES, "samples": SAMPLES, "kl_estimator": ("k1", "k2", "k3")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objective.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")
@@ -94,6 +100,17 @@ class PolicyGradientObjective:
                 raise ValueError(f"objective.{key}={getattr(self, key)}: must be >= 0")
         if self.clip_c is not None and self.clip_c <= 1:
             raise ValueError(f"objective.clip_c={self.clip_c}: must be > 1 (or null to disable)")
+        parts = {}
+        for kind in registry.KINDS:  # a Hydra DictConfig becomes a plain dict (checkpoints, equality)
+            args = {str(k): v for k, v in (getattr(self, registry.ARGS_KEY[kind]) or {}).items()}
+            setattr(self, registry.ARGS_KEY[kind], args)
+            shared = {k: getattr(self, k) for k in registry.SHARED[kind]}
+            parts[kind] = registry.bind(kind, getattr(self, kind), shared, args)
+        self._advantage_fn, self._loss_fn, self._aggregate = (
+            parts["advantage"],
+            parts["policy_loss"],
+            parts["aggregation"],
+        )
 
     @property
     def needs_reference(self) -> bool:
@@ -119,13 +136,8 @@ class PolicyGradientObjective:
             adv (N,) and keep (N,) bool.
         """
         grouped = rewards.float().view(-1, group_size)  # (B, G)
-        if self.advantage == "grpo":
-            adv = adv_fns.grpo(grouped, self.adv_eps)
-        elif self.advantage == "signed":
-            adv = adv_fns.signed(grouped, self.positive_weight)
-        else:
-            adv = adv_fns.group_mean(grouped)
-        if self.advantage in GROUP_RELATIVE:  # a flat group's A is 0 exactly, not rounding noise
+        adv = self._advantage_fn(grouped)  # (B, G)
+        if registry.lookup("advantage", self.advantage).group_relative:  # a flat group's A is 0, not noise
             adv = torch.where(flat_groups(grouped, self.adv_tolerance)[:, None], 0.0, adv)
         adv = adv.reshape(-1)  # (N,)
         if self.samples == "negative":
@@ -136,7 +148,16 @@ class PolicyGradientObjective:
             keep = torch.ones_like(adv, dtype=torch.bool)
         return adv, keep
 
-    def token_loss(
+    def loss_weights(self, mask: torch.Tensor) -> torch.Tensor:
+        """(N, T) per-token weights of the aggregation, row by row (any micro-batch of rows)."""
+        return self._aggregate.weights(mask)
+
+    def loss_count(self, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the aggregation's normaliser over its whole (mini-)batch: mask (N, T)
+        loss mask, rows (N,) bool real samples. The update sums it over ranks."""
+        return self._aggregate.count(mask, rows)
+
+    def loss_terms(
         self,
         logp: torch.Tensor,
         old_logp: torch.Tensor,
@@ -144,8 +165,9 @@ class PolicyGradientObjective:
         ref_logp: torch.Tensor | None = None,
         entropy: torch.Tensor | None = None,
         is_weights: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Per-token loss (N, T) before masking and the batch-wide token mean.
+        mask: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """Per-token loss (N, T) before masking and aggregation, and the tokens where the loss clips.
 
         Args:
             logp, old_logp: (N, T) log-probs in this objective's space.
@@ -154,8 +176,11 @@ class PolicyGradientObjective:
             entropy: (N, T) policy entropy, required when entropy_coef > 0.
             is_weights: (N, T) rollout-correction weights of the policy-gradient term (None: 1), as
                 verl's `rollout_is`: the KL and entropy terms are not reweighted.
+            mask: (N, T) loss mask, for losses with sequence-level quantities (None: every token).
         """
-        loss = ppo_clip_loss(logp, old_logp, adv, self.eps_low, self.eps_high, self.clip_c)  # (N, T)
+        mask = torch.ones_like(old_logp) if mask is None else mask  # (N, T)
+        out = self._loss_fn(LossInputs(logp, old_logp, adv, mask))
+        loss = out.loss  # (N, T)
         if is_weights is not None:
             loss = loss * is_weights
         if self.needs_reference:
@@ -166,4 +191,10 @@ class PolicyGradientObjective:
             if entropy is None:
                 raise ValueError("objective.entropy_coef > 0 but no entropy was computed")
             loss = loss - self.entropy_coef * entropy
-        return self.coef * loss
+        return LossOutput(self.coef * loss, out.clipped)
+
+    def token_loss(
+        self, logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *args, **kwargs
+    ) -> torch.Tensor:
+        """(N, T): `loss_terms`' loss alone (same arguments)."""
+        return self.loss_terms(logp, old_logp, adv, *args, **kwargs).loss

@@ -13,7 +13,6 @@ sharded (FSDP2) ranks run the same collectives.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -295,10 +294,12 @@ def backward_objective(
 ) -> BackwardResult:
     """Accumulate the gradient of `objective` over one (mini-)batch, micro-batch by micro-batch.
 
-    The batch comes from `prepare` (called here when it was not). The token-mean denominator is the
-    number of loss tokens of the *whole* (mini-)batch on all ranks (`comm.sum`), so the gradient
+    The batch comes from `prepare` (called here when it was not). The aggregation's denominator (the
+    token mean's: the number of loss tokens) is counted on the *whole* (mini-)batch on all ranks
+    (`objective.loss_count`, `comm.sum`) and its per-token weights are row-local, so the gradient
     does not depend on the micro-batching or the world size (DDP and FSDP average gradients over
-    ranks, hence the `* world_size`). Every rank runs the same number of micro-batches (`comm.max`),
+    ranks, hence the `* world_size`). The policy loss gets each micro-batch's loss mask (sequence-level
+    ratios) and names the tokens it clips. Every rank runs the same number of micro-batches (`comm.max`),
     also when none of its tokens is kept; `backward(loss, last)` learns which pass is the step's last
     (DeepSpeed's gradient-accumulation boundary). The entropy of the scored distribution is computed on
     every step (logged; in the loss only with `entropy_coef > 0`). `mismatch` collects the
@@ -307,11 +308,12 @@ def backward_objective(
     if batch.advantages is None:
         batch, _ = prepare(objective, policy, batch, start_token_id, temperature, micro, comm=comm)
     zero = torch.zeros((), device=batch.response_ids.device)
-    kept_tokens = comm.sum(batch.loss_mask.sum())
+    rows = batch.sample_mask if batch.sample_mask is not None else torch.ones(len(batch), dtype=torch.bool)  # (N,)
+    local = torch.stack([batch.loss_mask.sum(), objective.loss_count(batch.loss_mask, rows.to(zero.device))])
+    kept_tokens, normaliser = comm.sum(local)  # global: kept tokens, the aggregation's denominator
     result = BackwardResult(zero.clone(), kept_tokens, kept_tokens, zero.clone(), zero.clone(), zero.clone())
     if kept_tokens <= 0:  # the same on every rank: nobody runs a forward pass
         return result
-    e_low, e_high = objective.eps_low, objective.eps_high
     if mismatch is None or batch.rollout_logprobs is None:  # mismatch statistics read every sample
         batch = rows_with_loss(batch, micro.skip_zero_advantage and objective.inert_at_zero_advantage)
         result.forwarded_tokens = comm.sum(batch.loss_mask.sum())
@@ -331,14 +333,12 @@ def backward_objective(
                 ref_logp, _ = sequence_logprobs(
                     reference, mb, objective.space, start_token_id, temperature, **micro.scoring
                 )
-        token_loss = objective.token_loss(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights)  # (n, T')
-        loss = (token_loss * mask).sum() / kept_tokens * comm.world_size
+        terms = objective.loss_terms(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights, mask)  # (n, T')
+        loss = (terms.loss * objective.loss_weights(mask)).sum() / normaliser * comm.world_size
         backward(loss, i == len(micro_batches) - 1)
         result.loss += loss.detach() / comm.world_size
         log_ratio = logp.detach() - old  # (n, T')
-        a = mb.advantages[:, None]  # (n, 1)
-        binds = torch.where(a > 0, log_ratio > math.log1p(e_high), log_ratio < math.log1p(-e_low)) & (a != 0)
-        result.clipped_sum += (binds.float() * mask).sum()
+        result.clipped_sum += (terms.clipped.float() * mask).sum()
         kl = torch.exp(log_ratio.clamp(-20.0, 20.0)) - 1.0 - log_ratio  # (n, T') k3 of KL(old || new)
         result.ppo_kl_sum += (kl * mask).sum()
         result.entropy_sum += (entropy.detach() * mask).sum()

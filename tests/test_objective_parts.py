@@ -1,0 +1,97 @@
+"""The objective's registered parts (issue 25): names and parameters checked before compute, the four
+aggregations by hand, and every aggregation's global normaliser independent of micro-batching and
+world size on the tiny real model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from lightning_prerl.config.checks import ConfigError, validate_config
+from lightning_prerl.objectives import PolicyGradientObjective as PG
+from lightning_prerl.objectives import registry
+from lightning_prerl.training.update import Collectives, MicroBatching, backward_objective, prepare
+from tests.test_config import compose_cfg
+from tests.test_policy import make_batch
+from tests.test_updates import _grads
+
+
+def test_unknown_names_and_parameters_fail_in_one_line_naming_the_key_the_value_and_the_choices():
+    with pytest.raises(ValueError, match=r"^objective.policy_loss='nope': expected one of \[.*'ppo_clip'"):
+        PG(policy_loss="nope")
+    with pytest.raises(ValueError, match=r"^objective.aggregation='mean': expected one of \['constant', "):
+        PG(aggregation="mean")
+    with pytest.raises(ValueError, match=r"^objective.loss_args.beta=2: policy_loss 'ppo_clip' takes none$"):
+        PG(loss_args={"beta": 2})
+    with pytest.raises(ValueError, match=r"^objective.loss_args.eps_high=0.3: set objective.eps_high instead$"):
+        PG(loss_args={"eps_high": 0.3})
+    with pytest.raises(ValueError, match=r"^objective.aggregation_args.length=0: must be >= 1$"):
+        PG(aggregation="constant", aggregation_args={"length": 0})
+    cases = {
+        "+objective.policy_loss=nope": "objective.policy_loss='nope': expected one of 'ppo_clip'",
+        "objective.advantage=rloo": "objective.advantage='rloo': expected one of 'group_mean', 'grpo', 'signed'",
+        "+objective.loss_args={beta: 1}": "objective.loss_args={'beta': 1}: beta=1: policy_loss 'ppo_clip' takes none",
+        "+objective.aggregation=sum": "objective.aggregation='sum': expected one of 'constant', 'seq-mean-token-mean'",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as err:
+            validate_config(compose_cfg("objective=grpo", override))
+        assert str(err.value).startswith(message.split(" 'ppo_clip'")[0]), (override, str(err.value))
+        assert "\n" not in str(err.value)
+
+
+def test_a_registered_part_is_found_by_name_with_its_parameters_filled_by_name():
+    assert {"ppo_clip"} <= set(registry.names("policy_loss"))
+    assert registry.names("aggregation") == ["constant", "seq-mean-token-mean", "seq-mean-token-sum", "token-mean"]
+    assert registry.lookup("advantage", "grpo").group_relative
+    assert not registry.lookup("advantage", "signed").group_relative
+    loss = registry.bind("policy_loss", "ppo_clip", {"eps_low": 0.2, "eps_high": 0.28, "clip_c": None}, {})
+    assert loss.keywords == {"eps_low": 0.2, "eps_high": 0.28, "clip_c": None}  # shared fields it names
+    adv = registry.bind("advantage", "group_mean", {"adv_eps": 1e-6, "positive_weight": 1.0}, {})
+    assert adv.keywords == {}  # group_mean names neither
+
+
+def test_the_four_aggregations_by_hand():
+    """Two samples: row 0 keeps 3 tokens with losses 1, 2, 3; row 1 keeps 1 token with loss 4; a third,
+    real but dropped sample (NSR drops positives) keeps none.
+    token-mean:          (1 + 2 + 3 + 4) / 4 tokens                     = 2.5
+    seq-mean-token-sum:  ((1 + 2 + 3) + 4) / 2 kept sequences            = 5
+    seq-mean-token-mean: ((1 + 2 + 3) / 3 + 4 / 1) / 2 kept sequences    = 3
+    constant (L = 8):    (1 + 2 + 3 + 4) / (3 real samples x 8)          = 10 / 24"""
+    loss = torch.tensor([[1.0, 2.0, 3.0, 9.0], [4.0, 9.0, 9.0, 9.0], [9.0, 9.0, 9.0, 9.0]])  # (3, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])  # (3, 4)
+    rows = torch.ones(3, dtype=torch.bool)
+    expected = {"token-mean": 2.5, "seq-mean-token-sum": 5.0, "seq-mean-token-mean": 3.0, "constant": 10 / 24}
+    for mode, value in expected.items():
+        obj = PG(aggregation=mode, aggregation_args={"length": 8} if mode == "constant" else {})
+        got = (loss * obj.loss_weights(mask)).sum() / obj.loss_count(mask, rows)
+        assert got.item() == pytest.approx(value), mode
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "constant"])
+def test_every_aggregation_gives_the_same_gradient_per_micro_batch_and_per_world_size(policy, tokenizer, mode):
+    """As the token mean's test in test_updates.py: one pass; one-row micro-batches with A = 0 rows
+    forwarded; A = 0 rows skipped; one of two ranks that hold the same batch (`comm.sum` doubles the
+    count, `* world_size` and DDP's mean cancel it). Same gradient and logged loss each time. The
+    rewards make the second group flat (A = 0) so skipping changes the rows, not the count."""
+    objective = PG(aggregation=mode, aggregation_args={"length": 16} if mode == "constant" else {})
+    batch, _ = prepare(objective, policy, make_batch(tokenizer, rewards=(1.0, 0.0, 1.0, 1.0)), 0, updates=2)
+    torch.manual_seed(0)
+    batch = replace(batch, old_logprobs=batch.old_logprobs + 0.5 * torch.randn_like(batch.old_logprobs))
+    one = backward_objective(objective, policy, batch, 0, micro=MicroBatching(skip_zero_advantage=False))
+    ref = _grads(policy)
+    assert ref and any(g.abs().sum() > 0 for g in ref)
+    runs = {
+        "one-row micro-batches": {"micro": MicroBatching(size=1, skip_zero_advantage=False)},
+        "A = 0 rows skipped": {"micro": MicroBatching(size=1, skip_zero_advantage=True)},
+        "two ranks": {"comm": Collectives(world_size=2, sum=lambda x: 2 * x, max=lambda x: x)},
+    }
+    for name, kwargs in runs.items():
+        policy.zero_grad(set_to_none=True)
+        other = backward_objective(objective, policy, batch, 0, **kwargs)
+        for g, r in zip(_grads(policy), ref, strict=True):
+            assert torch.allclose(g, r, atol=1e-6), name
+        factor = 2 if name == "two ranks" else 1  # a rank's share of the global mean
+        assert torch.allclose(other.loss * factor, one.loss, atol=1e-6), name

@@ -2,7 +2,8 @@
 
 Entry points: `experiments/run.py` (train), `experiments/evaluate.py` (avg@k / pass@k),
 `experiments/report.py` (sweep report), `experiments/prepare_data.py` (the paper's data sets),
-`experiments/pretrain_toy.py` (rebuild the shipped toy policies).
+`experiments/pretrain_toy.py` (rebuild the shipped toy policies), `experiments/replay.py` (train
+from a run's rollout record).
 
 Subpackages, in layers along the data path; a module imports only from its own layer and lower ones
 (`LAYERS`, checked by tests/test_layout.py)::

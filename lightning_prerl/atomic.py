@@ -44,13 +44,21 @@ def atomic_directory(path: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_text(path: Path, text: str) -> Path:
-    """`path.write_text(text)`, except that a failure leaves the previous file (or none) in place."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yields a temporary sibling path to write `path`'s new content to (by any writer: pyarrow,
+    torch.save); on success it replaces `path`, on any exception it is deleted and `path` is untouched."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    """`path.write_text(text)`, except that a failure leaves the previous file (or none) in place."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

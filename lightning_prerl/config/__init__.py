@@ -1,8 +1,9 @@
 """Config (layer 8): from a Hydra config to live objects, with every check before any compute.
 
 Owns the schema of every key (`schema`), the checks across keys and of the command line (`checks`)
-and the composition of a run (`compose`: config -> trainer, module, data, callbacks), which the entry
-points in `experiments/` call. May import: every lower layer (`objectives` ... `reports`).
+and the composition of a run (`compose`: config -> trainer, module, data, callbacks; `replay`: a
+recorded run's config checked against its rollout record), which the entry points in `experiments/`
+call. May import: every lower layer (`objectives` ... `reports`).
 """
 
 from lightning_prerl import _moved

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_prerl.config.checks import ConfigError, uses_deepspeed, validate_config
+from lightning_prerl.config.replay import replay_config
 from lightning_prerl.reports.callbacks import ResumableCSVLogger
 from lightning_prerl.scale.models import resolve_model_path, stop_token_ids
 from lightning_prerl.training.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
@@ -146,6 +147,8 @@ def build_run(cfg: DictConfig) -> Run:
     route_lightning_logs()
     quiet_libraries(cfg)
     try:
+        if cfg.get("replay_from"):  # experiments/replay.py: the recorded rollouts instead of an engine
+            replay_config(cfg)
         validate_config(cfg)
         check_logger_packages(cfg)
         check_deepspeed(cfg)

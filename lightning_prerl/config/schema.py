@@ -282,6 +282,8 @@ class Data(_Node):
     """Drop groups whose rewards are all equal and generate extra prompts instead (DAPO)."""
     max_extra_rounds: NonNegInt = 4
     """Dynamic sampling: extra rounds of prompts per step at most, then flat groups fill the gap."""
+    record_rollouts: bool = False
+    """Write every step's training rollouts to `run_dir/rollouts/` (parquet per step and rank): replay.py."""
 
 
 class Rollout(_Node):

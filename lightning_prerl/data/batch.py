@@ -29,6 +29,8 @@ class RolloutBatch:
         texts: N decoded completions (behaviour metrics).
         has_answer: N flags: does the completion hold a parseable final answer (None: unknown).
         sources: N names of the set each sample's prompt came from (the benchmark, for per-benchmark metrics).
+        seeds: N sampling seeds (each prompt's, repeated over its G samples): with the same engine and
+            weights they draw the same completions (the rollout record keeps them).
         stats: counters and timings of the data path (`rollout/...`, `time/...`), logged by the module.
         padding_prompts: trailing prompts that only keep ranks in lockstep (uneven evaluation
             shards): generated like the others, never scored into metrics.
@@ -53,6 +55,7 @@ class RolloutBatch:
     texts: list[str] = field(default_factory=list)
     has_answer: list[bool | None] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
     stats: dict[str, float] = field(default_factory=dict)
     padding_prompts: int = 0
     sample_mask: torch.Tensor | None = None
@@ -117,6 +120,7 @@ class RolloutBatch:
             texts=pick(self.texts),
             has_answer=pick(self.has_answer),
             sources=pick(self.sources),
+            seeds=pick(self.seeds),
             stats={},
             padding_prompts=0,
         )
@@ -266,6 +270,7 @@ def take_groups(batch: RolloutBatch, groups: Sequence[int]) -> RolloutBatch:
         texts=[batch.texts[i] for i in pick] if batch.texts else [],
         has_answer=[batch.has_answer[i] for i in pick] if batch.has_answer else [],
         sources=[batch.sources[i] for i in pick] if batch.sources else [],
+        seeds=[batch.seeds[i] for i in pick] if batch.seeds else [],
         padding_prompts=0,
     )
 
@@ -315,5 +320,6 @@ def concat_batches(batches: Sequence[RolloutBatch], pad: int) -> RolloutBatch:
         texts=[t for b in batches for t in b.texts],
         has_answer=[h for b in batches for h in b.has_answer],
         sources=[s for b in batches for s in b.sources],
+        seeds=[s for b in batches for s in b.seeds],
         padding_prompts=0,
     )

@@ -38,6 +38,7 @@ from lightning_prerl.data.prompts import PromptSet, render_prompt
 from lightning_prerl.data.rewards import Prompt, RewardFn, RewardScorer
 from lightning_prerl.data.shaping import OverlongShaping, sample_informative
 from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig, derive_seed
+from lightning_prerl.training.record import record_batch
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ class RolloutDataModule(L.LightningDataModule):
         max_extra_rounds: at most this many extra rounds of b prompts per rank and step.
         mini_batches: the policy's PPO mini-batches per pass (`module.mini_batches`): orders each
             rank's prompts so that its i-th mini-batch is its share of the global i-th one.
+        record_rollouts: write every training batch to `<run dir>/rollouts/` (`record.py`), for
+            `experiments/replay.py`.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class RolloutDataModule(L.LightningDataModule):
         dynamic_sampling: bool = False,
         max_extra_rounds: int = 4,
         mini_batches: int = 1,
+        record_rollouts: bool = False,
     ):
         super().__init__()
         for key, value in (
@@ -149,7 +153,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.eval_sampling = SamplingConfig(**(eval_sampling or asdict(self.sampling)))
         self.overlong = OverlongShaping(overlong, self.sampling.max_new_tokens, overlong_buffer, overlong_factor)
         self.dynamic_sampling, self.max_extra_rounds = dynamic_sampling, max_extra_rounds
-        self.mini_batches = mini_batches
+        self.mini_batches, self.record_rollouts = mini_batches, record_rollouts
         self.eval_samples = eval_samples
         self.eval_prompts_per_batch = eval_prompts_per_batch
         self.max_prompt_tokens = max_prompt_tokens
@@ -275,6 +279,7 @@ class RolloutDataModule(L.LightningDataModule):
             texts=texts,
             has_answer=scored.has_answer,
             sources=[p.source for p in repeated],
+            seeds=[s for s in seeds for _ in range(n)],
             padding_prompts=padding_prompts,
             rollout_logprobs=engine_logp,
             stats={
@@ -380,7 +385,13 @@ class RolloutDataModule(L.LightningDataModule):
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         # the epoch is read when the batch is built, so the loader is right with or without reloads
-        return DataLoader(_Stream(1, lambda _: self.train_batch(self.trainer.current_epoch)), batch_size=None)
+        return DataLoader(_Stream(1, lambda _: self._epoch_batch(self.trainer.current_epoch)), batch_size=None)
+
+    def _epoch_batch(self, epoch: int) -> RolloutBatch:
+        batch = self.train_batch(epoch)
+        if self.record_rollouts:
+            record_batch(self, batch, epoch)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         batches = math.ceil(len(self._eval_shard()[0]) / self.eval_prompts_per_batch)

@@ -5,8 +5,11 @@
 Reads mutmut 3's per-file results (mutants/<path>.meta, written by `mutmut run`); score = killed /
 (killed + survived + timeout + suspicious): mutants no test covers are counted apart ("no tests").
 A survivor that is equivalent code (no input tells it from the original) or that changes only a logged
-statistic is noted, one line each, in tests/mutation_equivalent/<module>.txt as `<mutant name>  <why>`:
-the report counts it apart ("noted") and lists every note whose mutant no longer survives (stale).
+statistic is noted in tests/mutation_equivalent/<module>.txt by its content, not its number (mutmut
+renumbers a function's mutants whenever its code or its covered lines change): the function, the
+line as it was (`  - `), the line as mutated (`  + `) and one line saying why. The report counts a
+survivor whose function and lines match a note as "noted", and lists every note that matches no
+survivor (stale: killed now, or the code changed).
 """
 
 from __future__ import annotations
@@ -33,15 +36,30 @@ def results() -> dict[str, dict[str, str]]:
     return out
 
 
-def notes() -> dict[str, str]:
-    """{mutant name: why it may survive} from tests/mutation_equivalent/*.txt (# comments, blank lines skipped)."""
+Note = tuple[str, tuple[str, ...], tuple[str, ...]]  # (function, lines as they were, lines as mutated)
+
+
+def notes() -> dict[Note, str]:
+    """{(function, - lines, + lines): why} from tests/mutation_equivalent/*.txt (blocks apart by blank lines)."""
     out = {}
     for path in sorted(NOTES.glob("*.txt")):
-        for line in path.read_text().splitlines():
-            if line.strip() and not line.startswith("#"):
-                name, _, why = line.strip().partition(" ")
-                out[name] = why.strip()
+        for block in path.read_text().split("\n\n"):
+            lines = [line for line in block.splitlines() if line.strip() and not line.startswith("#")]
+            if not lines:
+                continue
+            minus = tuple(line[4:].strip() for line in lines[1:] if line.startswith("  - "))
+            plus = tuple(line[4:].strip() for line in lines[1:] if line.startswith("  + "))
+            why = " ".join(line.strip() for line in lines[1:] if not line.startswith(("  - ", "  + ")))
+            out[(lines[0].strip(), minus, plus)] = why
     return out
+
+
+def content(name: str, diff: str) -> Note:
+    """The note key of mutant `name` with diff `diff`."""
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    minus = tuple(line[1:].strip() for line in changed if line.startswith("-"))
+    plus = tuple(line[1:].strip() for line in changed if line.startswith("+"))
+    return name.rsplit("__mutmut_", 1)[0], minus, plus
 
 
 def main() -> None:
@@ -51,28 +69,30 @@ def main() -> None:
     by_module = results()
     if not by_module:
         sys.exit("no mutmut results under mutants/: run `make mutation` (mutmut run) first")
+    from mutmut.mutation.diff_apply import get_diff_for_mutant  # in-process: `mutmut show` takes ~2 s each
+
     noted = notes()
     header = "| module | mutants | killed | survived | noted | timeout | no tests | score |"
     lines = [header, "|---|---|---|---|---|---|---|---|"]
-    survivors, surviving = [], set()
+    survivors, matched = [], set()
     for module, statuses in by_module.items():
         n = Counter(statuses.values())
         judged = n["killed"] + n["survived"] + n["timeout"] + n["suspicious"]
         score = f"{n['killed'] / judged:.1%}" if judged else "n/a"
-        alive = [name for name, status in statuses.items() if status == "survived"]
-        surviving |= set(alive)
-        explained = sum(name in noted for name in alive)
+        alive = [(name, get_diff_for_mutant(name, path=module)) for name, s in statuses.items() if s == "survived"]
+        keys = {name: content(name, diff) for name, diff in alive}
+        matched |= {key for key in keys.values() if key in noted}
+        explained = sum(key in noted for key in keys.values())
         counts = f"{len(statuses)} | {n['killed']} | {n['survived'] - explained} | {explained}"
         lines.append(f"| {module} | {counts} | {n['timeout']} | {n['no tests']} | {score} |")
-        survivors += [(module, name) for name in alive if name not in noted]
-    stale = sorted(set(noted) - surviving)
+        survivors += [(name, diff) for name, diff in alive if keys[name] not in noted]
+    stale = [key for key in noted if key not in matched]
     if stale:
-        lines += ["", f"{len(stale)} stale notes (killed now, or renamed): " + ", ".join(stale)]
+        lines += ["", f"{len(stale)} stale notes (killed now, or the code changed):"]
+        lines += [f"- {func}: {' / '.join(plus)}" for func, _, plus in stale]
     text = "\n".join(lines) + "\n"
     print(text)
-    from mutmut.mutation.diff_apply import get_diff_for_mutant  # in-process: `mutmut show` takes ~2 s each
-
-    details = [f"### {name}\n```diff\n{get_diff_for_mutant(name, path=module)}\n```\n" for module, name in survivors]
+    details = [f"### {name}\n```diff\n{diff}\n```\n" for name, diff in survivors]
     args.out.write_text(text + f"\n## {len(survivors)} surviving mutants\n\n" + "\n".join(details))
     print(f"{len(survivors)} surviving mutants without a note, diffs in {args.out}")
 

@@ -233,21 +233,24 @@ def test_python_defaults_are_the_configs_and_the_paper_s():
 
     from omegaconf import OmegaConf
 
+    from lightning_prerl.objectives import PolicyGradientObjective as PG
     from lightning_prerl.training.dsrl import DSRLSwitch
 
     yaml = OmegaConf.load(ROOT / "conf" / "objective" / "dsrl.yaml")
     keys = ("reset_reference", "reset_optimizer", "monitor", "mode", "patience", "min_delta", "min_warmup_steps")
+    built = DSRLSwitch(PG(), PG())  # the values an instance gets (the signature alone can be bypassed)
     defaults = {k: p.default for k, p in inspect.signature(DSRLSwitch).parameters.items()}
-    assert {k: defaults[k] for k in keys} == {k: yaml[k] for k in keys}
-    assert defaults["switch_step"] == 20 and "dsrl.switch_step,20}" in (ROOT / "conf/objective/dsrl.yaml").read_text()
-    assert defaults["name"] == yaml["name"] == "dsrl"
+    assert {k: getattr(built, k) for k in keys} == {k: defaults[k] for k in keys} == {k: yaml[k] for k in keys}
+    assert built.switch_step == 20 and "dsrl.switch_step,20}" in (ROOT / "conf/objective/dsrl.yaml").read_text()
+    assert built.name == yaml["name"] == "dsrl"
 
 
 def test_plateau_observes_each_evaluation_once_and_nan_is_no_improvement():
     """A `val/` monitor is observed at validation end only: observing it again at every training batch
     end (the `and` of the routing test turned `or`, or the prefix test broken) would count one stale
     evaluation `patience` times and switch early. In `mode: min` an equal value is no improvement
-    (`<` turned `<=` never plateaus). A NaN metric counts as no improvement from the first observation."""
+    (`<` turned `<=` never plateaus). A NaN metric counts as no improvement from the first observation.
+    Neither the sanity check nor a validation run observes a `rollout/` monitor."""
     from types import SimpleNamespace
 
     from lightning_prerl.objectives import PolicyGradientObjective as PG
@@ -262,6 +265,16 @@ def test_plateau_observes_each_evaluation_once_and_nan_is_no_improvement():
     switch.on_validation_end(trainer, None)
     switch.on_validation_end(trainer, None)
     assert switch._plateaued
+
+    trainer.sanity_checking = True  # Lightning's sanity check is no evaluation of the policy
+    switch = DSRLSwitch(PG(), PG(), switch_step=None, monitor="val/accuracy", patience=1)
+    switch.on_validation_end(trainer, None)
+    assert switch._best == -float("inf")
+    trainer.sanity_checking = False
+    rollout = DSRLSwitch(PG(), PG(), switch_step=None, monitor="rollout/mixed_groups", patience=1)
+    trainer.callback_metrics["rollout/mixed_groups"] = 0.5
+    rollout.on_validation_end(trainer, None)  # a rollout/ monitor is observed after training batches only
+    assert rollout._best == -float("inf")
 
     no_monitor = DSRLSwitch(PG(), PG(), switch_step=3)
     no_monitor.on_train_batch_end(trainer, None, None, None, 0)  # no monitor: nothing observed, no error

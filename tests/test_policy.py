@@ -395,9 +395,13 @@ def test_the_head_refuses_softcapping_and_a_sharded_weight_and_reads_a_zero3_wei
     del weight.ds_id
     assert calls == [policy.get_output_embeddings()] and torch.equal(logp, ref)
     policy.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="soft-caps its logits"):
+    with pytest.raises(ValueError) as err:
         sequence_logprobs(policy, batch, "conditional", 0)
+    name = type(policy).__name__
+    assert str(err.value) == f"{name} soft-caps its logits: chunked log-probs do not support it"
     policy.config.final_logit_softcapping = None
     weight.full_tensor = lambda: weight
-    with pytest.raises(RuntimeError, match="sharded after forward"):
+    with pytest.raises(RuntimeError) as err:
         sequence_logprobs(policy, batch, "conditional", 0)
+    expected = "the output head is sharded after forward: shard the root with reshard_after_forward=False"
+    assert str(err.value) == expected  # the message names the setting that fixes it

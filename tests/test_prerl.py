@@ -311,3 +311,35 @@ def test_micro_batch_bounds_on_hand_built_lengths():
     assert cuts(four, agree=lambda count: 4) == [[0], [1], [2], [3]]  # another rank needs 4 passes
     assert cuts(rows([0, 0], [3, 3]), max_tokens=6) == [slice(0, 2)]  # 2 x (0 + 3) fits exactly
     assert cuts(rows([3, 3], [0, 0]), max_tokens=6) == [slice(0, 2)]
+
+
+def test_an_agreed_count_splits_the_costliest_multi_row_slice_first():
+    """Another rank needs more passes: the slice that costs the most padded tokens (rows x (longest
+    prompt + longest response)) is halved first, a single row is never split into an empty slice.
+    Rows (prompt, response) (1,1) x 3 and (1,9) x 2 under a 10-token budget: [0,3) costs 3 x 2 = 6, the
+    long rows 10 each, alone. Asking for 4 passes halves [0,3), the only multi-row slice, never a
+    costlier single row; with two multi-row slices, the costlier one goes first. Catches the cost formula's operators,
+    `max` without the cost key, and `b - a >= 1` / `b + a > 1` (found by `make mutation`)."""
+    from lightning_prerl.data.batch import pad_left, pad_right
+
+    def rows(p_lens: list[int], r_lens: list[int]) -> RolloutBatch:
+        (p_ids, p_mask) = pad_left([[5] * n for n in p_lens], 0)
+        (r_ids, r_mask) = pad_right([[7] * n for n in r_lens], 0)
+        return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.zeros(len(p_lens)), 1)
+
+    def cuts(batch: RolloutBatch, **kwargs) -> list:
+        return [r.tolist() if isinstance(r, torch.Tensor) else r for r, _ in batch.micro_batches(**kwargs)]
+
+    five = rows([1, 1, 1, 1, 1], [1, 1, 1, 9, 9])
+    assert cuts(five, max_tokens=10) == [[0, 1, 2], [3], [4]]
+    assert cuts(five, max_tokens=10, agree=lambda count: 4) == [[0], [1, 2], [3], [4]]
+    # two multi-row slices: [0,2) costs 2 x (1 + 1) = 4, [2,4) costs 2 x (1 + 4) = 10: the second is halved
+    two_pairs = rows([1, 1, 1, 1], [1, 1, 4, 4])
+    assert cuts(two_pairs, max_tokens=10) == [[0, 1], [2, 3]]
+    assert cuts(two_pairs, max_tokens=10, agree=lambda count: 3) == [[0, 1], [2], [3]]
+    # the costliest slice need not be the last: 4 x (1 + 1) = 8 before 2 x (1 + 2) = 6
+    four_then_two = rows([1] * 6, [1, 1, 1, 1, 2, 2])
+    assert cuts(four_then_two, max_tokens=8) == [[0, 1, 2, 3], [4, 5]]
+    assert cuts(four_then_two, max_tokens=8, agree=lambda count: 3) == [[0, 1], [2, 3], [4, 5]]
+    # a wider prompt makes the first pair the costlier one: 2 x (6 + 1) = 14 > 2 x (1 + 4) = 10
+    assert cuts(rows([6, 6, 1, 1], [1, 1, 4, 4]), max_tokens=14, agree=lambda count: 3) == [[2, 3], [0], [1]]

@@ -558,3 +558,45 @@ def make_batch_like(loss_mask: torch.Tensor):
     n, t = loss_mask.shape
     ones, zeros = torch.ones((n, 1), dtype=torch.long), torch.zeros((n, t), dtype=torch.long)
     return RolloutBatch(ones, ones, zeros, zeros, torch.zeros(n), n, texts=[""] * n, has_answer=[True] * n)
+
+
+def test_rollout_correction_bounds_and_the_sequence_mask_by_hand():
+    """The correction's own arithmetic, by hand (found untested by `make mutation` once correction.py
+    moved into objectives/): tis_cap 1 is the least cap allowed, mask_low 0 allowed, mask_low 1 and
+    mask_high 1 refused; the sequence mask keeps a geometric-mean ratio exactly at either bound and
+    divides the summed log-ratio by the response length (a 1-token response of ratio 3 leaves, two
+    tokens of ratio 1.5 stay); MismatchStats accumulates over micro-batches, keeps a ratio_max below 1,
+    divides by the token count (1 token: not 2), and logs exactly its five keys."""
+    from lightning_prerl.objectives.correction import MismatchStats, RolloutCorrection
+
+    RolloutCorrection(tis_cap=1.0), RolloutCorrection(tis_cap=1.5), RolloutCorrection(mask_low=0.0)
+    for bad, key in ((dict(tis_cap=0.99), "tis_cap=0.99"), (dict(mask_low=1.0), "mask_low=1.0"),
+                     (dict(mask_high=1.0), "mask_high=1.0")):  # fmt: skip
+        with pytest.raises(ValueError, match=key):
+            RolloutCorrection(**bad)
+
+    ln = torch.log
+    rows = [  # (N, T=2) trainer log-probs with the engine's at 0: log ratio = trainer log-prob
+        [ln(torch.tensor(2.0)), 0.0],  # one token at exactly hi = ln 2: kept
+        [ln(torch.tensor(0.5)), 0.0],  # one token at exactly lo = ln 0.5: kept
+        [ln(torch.tensor(3.0)), 0.0],  # one token of ratio 3: out (half of it, ln 1.73, would be in)
+        [ln(torch.tensor(1.5)), ln(torch.tensor(1.5))],  # two tokens of 1.5: geometric mean 1.5, in
+    ]
+    train = torch.tensor([[float(a), float(b)] for a, b in rows])  # (4, 2)
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
+    weights, keep = RolloutCorrection(mask="sequence").weights(train, torch.zeros(4, 2), mask)
+    assert weights is None and keep[:, 0].tolist() == [1.0, 1.0, 0.0, 1.0]
+
+    stats = MismatchStats()
+    below = torch.log(torch.tensor([[0.5, 0.25]]))  # every ratio < 1: ratio_max 0.5, not a starting 1
+    stats.add(below[:, :1], torch.zeros(1, 1), torch.ones(1, 1), keep=torch.ones(1, 1), weights=torch.ones(1, 1))
+    got = stats.result(lambda t: t, lambda t: t)
+    assert sorted(got) == ["rollout_corr/abs_diff", "rollout_corr/is_weight_mean", "rollout_corr/kl",
+                           "rollout_corr/masked_tokens", "rollout_corr/ratio_max"]  # fmt: skip
+    assert got["rollout_corr/abs_diff"].item() == pytest.approx(math.log(2))  # one token: divided by 1
+    assert got["rollout_corr/ratio_max"].item() == pytest.approx(0.5)
+    stats.add(below[:, 1:], torch.zeros(1, 1), torch.ones(1, 1), keep=torch.zeros(1, 1), weights=torch.ones(1, 1))
+    got = stats.result(lambda t: t, lambda t: t)  # two micro-batches: sums over both
+    assert got["rollout_corr/abs_diff"].item() == pytest.approx((math.log(2) + math.log(4)) / 2)
+    assert got["rollout_corr/masked_tokens"].item() == pytest.approx(0.5)
+    assert got["rollout_corr/kl"].item() == pytest.approx((0.5 - 1 + math.log(2) + 0.25 - 1 + math.log(4)) / 2)

@@ -420,6 +420,8 @@ def test_sampling_seed_and_engine_logprobs_reach_generation(tokenizer):
     batch = dm.train_batch(0)
     assert engine.calls[0].logprobs is True
     assert engine.calls[0].seeds == [derive_seed(7, "train", 0, pos) for pos in range(4)]
+    n = len(batch) // 4  # each prompt's seed on every one of its samples (what a rollout record keeps)
+    assert batch.seeds == [derive_seed(7, "train", 0, pos) for pos in range(4) for _ in range(n)]
     assert batch.rollout_logprobs.tolist() == [[-0.25, -0.25, 0.0], [-0.25, -0.25, -0.25]] * 4
     dm.eval_batch(0)
     assert engine.calls[1].logprobs is False

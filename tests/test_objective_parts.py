@@ -95,3 +95,41 @@ def test_every_aggregation_gives_the_same_gradient_per_micro_batch_and_per_world
             assert torch.allclose(g, r, atol=1e-6), name
         factor = 2 if name == "two ranks" else 1  # a rank's share of the global mean
         assert torch.allclose(other.loss * factor, one.loss, atol=1e-6), name
+
+
+@pytest.mark.parametrize("loss", ["gspo", "ppo_clip"])
+def test_a_sequence_level_loss_sees_each_rows_own_tokens_in_a_padded_pass(policy, tokenizer, loss):
+    """Responses of different lengths in one padded pass vs one-row micro-batches (each trimmed to its
+    own row: no padding), with a sample masked out of the loss: the same gradient only if the loss mask
+    reaches the loss (GSPO's geometric mean over each row's own tokens) and the aggregation's count
+    skips the masked row. Catches the mask not passed to `loss_terms` or replaced by ones, and the rows
+    not passed to `loss_count` (found by `make mutation`)."""
+    objective = PG(policy_loss=loss, aggregation="seq-mean-token-mean")
+    raw = make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0))
+
+    def prepared(sample_mask):
+        batch, _ = prepare(objective, policy, replace(raw, sample_mask=sample_mask), 0, updates=2)
+        torch.manual_seed(1)
+        return replace(batch, old_logprobs=batch.old_logprobs + 0.1 * torch.randn_like(batch.old_logprobs))
+
+    batch = prepared(torch.tensor([True, False, True, True]))
+    assert batch.response_mask.sum(1).unique().numel() > 1  # rows of different lengths: padding in one pass
+    one = backward_objective(objective, policy, batch, 0, micro=MicroBatching(skip_zero_advantage=False))
+    ref = _grads(policy)
+    policy.zero_grad(set_to_none=True)
+    rows = backward_objective(objective, policy, batch, 0, micro=MicroBatching(size=1, skip_zero_advantage=False))
+    for g, r in zip(_grads(policy), ref, strict=True):
+        assert torch.allclose(g, r, atol=1e-6)
+    assert torch.allclose(rows.loss, one.loss, atol=1e-6)
+    policy.zero_grad(set_to_none=True)  # the masked row counted: another loss
+    other = backward_objective(objective, policy, prepared(None), 0, micro=MicroBatching(skip_zero_advantage=False))
+    assert not torch.allclose(other.loss, one.loss, atol=1e-6)
+
+
+def test_the_constant_normaliser_takes_any_budget_from_one_token():
+    """Dr.GRPO's `length` is a token budget: 1 is allowed, 0 is refused (found by `make mutation`)."""
+    from lightning_prerl.objectives.aggregation import Constant
+
+    assert Constant(length=1).count(torch.ones(2, 3), torch.tensor([True, False])).item() == 1.0
+    with pytest.raises(ValueError, match="length"):
+        Constant(length=0)

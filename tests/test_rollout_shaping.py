@@ -371,3 +371,19 @@ def test_a_batch_refuses_rows_or_widths_that_do_not_match():
         )  # fmt: skip
     with pytest.raises(ValueError, match=r"rollout_logprobs has shape \(2, 1\), response_ids \(2, 2\)"):
         replace(batch, rollout_logprobs=torch.zeros(2, 1))
+
+
+def test_per_sample_seeds_follow_select_take_groups_and_concat():
+    """A rollout record stores each sample's seed: selecting rows, taking groups and concatenating parts
+    keep them aligned with their samples (found untested by `make mutation`)."""
+
+    def rows(n: int, seeds: list[int]) -> RolloutBatch:
+        (p_ids, p_mask), (r_ids, r_mask) = pad_left([[5]] * n, 0), pad_right([[7, 7]] * n, 0)
+        return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.zeros(n), 2, seeds=seeds)
+
+    four = rows(4, [10, 10, 11, 11])
+    assert four.select(slice(2, 4)).seeds == [11, 11]
+    assert four.select(torch.tensor([3, 0])).seeds == [11, 10]
+    assert take_groups(four, [1]).seeds == [11, 11]
+    assert concat_batches([four, rows(2, [12, 12])], 0).seeds == [10, 10, 11, 11, 12, 12]
+    assert take_groups(rows(2, []), [0]).seeds == []  # a batch without seeds stays without

@@ -97,14 +97,20 @@ def test_every_aggregation_gives_the_same_gradient_per_micro_batch_and_per_world
         assert torch.allclose(other.loss * factor, one.loss, atol=1e-6), name
 
 
-@pytest.mark.parametrize("loss", ["gspo", "ppo_clip"])
-def test_a_sequence_level_loss_sees_each_rows_own_tokens_in_a_padded_pass(policy, tokenizer, loss):
+@pytest.mark.parametrize(
+    ("loss", "aggregation"),
+    [("gspo", "seq-mean-token-mean"), ("ppo_clip", "seq-mean-token-mean"), ("ppo_clip", "constant")],
+)
+def test_a_sequence_level_loss_sees_each_rows_own_tokens_in_a_padded_pass(policy, tokenizer, loss, aggregation):
     """Responses of different lengths in one padded pass vs one-row micro-batches (each trimmed to its
     own row: no padding), with a sample masked out of the loss: the same gradient only if the loss mask
     reaches the loss (GSPO's geometric mean over each row's own tokens) and the aggregation's count
     skips the masked row. Catches the mask not passed to `loss_terms` or replaced by ones, and the rows
-    not passed to `loss_count` (found by `make mutation`)."""
-    objective = PG(policy_loss=loss, aggregation="seq-mean-token-mean")
+    not passed to `loss_count`, or the sample mask ignored by the constant normaliser's sample count
+    (found by `make mutation`)."""
+    objective = PG(
+        policy_loss=loss, aggregation=aggregation, aggregation_args={"length": 8} if aggregation == "constant" else {}
+    )
     raw = make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0))
 
     def prepared(sample_mask):
@@ -133,3 +139,49 @@ def test_the_constant_normaliser_takes_any_budget_from_one_token():
     assert Constant(length=1).count(torch.ones(2, 3), torch.tensor([True, False])).item() == 1.0
     with pytest.raises(ValueError, match="length"):
         Constant(length=0)
+
+
+def test_registering_a_part_at_runtime_records_its_function_parameters_and_kind():
+    """What a user's own file does on import, here at run time (the package's own parts register when it
+    is imported, before any test): each kind under its own name, the keyword parameters after a
+    function's input (a class's constructor parameters), `group_relative`, and a second registration
+    of a name refused."""
+    from lightning_prerl.objectives.registry import Registered
+
+    def my_loss(x, alpha: float, beta: float = 1.0):
+        return None
+
+    def my_advantage(rewards, scale: float = 1.0):
+        return rewards
+
+    class MyAggregation:
+        def __init__(self, length: int):
+            self.length = length
+
+    try:
+        assert registry.register_loss("test_only")(my_loss) is my_loss
+        assert registry.register_advantage("test_only", group_relative=True)(my_advantage) is my_advantage
+        assert registry.register_aggregation("test_only")(MyAggregation) is MyAggregation
+        assert registry.lookup("policy_loss", "test_only") == Registered(my_loss, ("alpha", "beta"), False)
+        assert registry.lookup("advantage", "test_only") == Registered(my_advantage, ("scale",), True)
+        assert registry.lookup("aggregation", "test_only") == Registered(MyAggregation, ("length",), False)
+        with pytest.raises(ValueError, match="^policy_loss 'test_only' is registered twice$"):
+            registry.register_loss("test_only")(my_loss)
+    finally:
+        for kind in registry.KINDS:
+            registry._REGISTRY[kind].pop("test_only", None)
+    assert "test_only" not in registry.names("policy_loss")
+
+
+def test_token_loss_passes_every_argument_and_a_missing_mask_means_every_token():
+    """`token_loss` (the pre-registry entry point) forwards positional arguments (the reference
+    log-probs of the KL term), and a loss that reads the mask gets all ones when none is given."""
+    torch.manual_seed(0)
+    logp, old, ref = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    adv = torch.tensor([1.0, -1.0, 0.5])
+    kl = PG(kl_coef=0.5)
+    assert torch.equal(kl.token_loss(logp, old, adv, ref), kl.loss_terms(logp, old, adv, ref).loss)
+    with pytest.raises(ValueError, match="no reference log-probs"):  # what dropping them would mean
+        kl.token_loss(logp, old, adv)
+    gspo = PG(policy_loss="gspo")
+    assert torch.equal(gspo.token_loss(logp, old, adv), gspo.token_loss(logp, old, adv, mask=torch.ones(3, 4)))

@@ -127,6 +127,10 @@ def test_a_sequence_level_loss_sees_each_rows_own_tokens_in_a_padded_pass(policy
     for g, r in zip(_grads(policy), ref, strict=True):
         assert torch.allclose(g, r, atol=1e-6)
     assert torch.allclose(rows.loss, one.loss, atol=1e-6)
+    policy.zero_grad(set_to_none=True)  # a sample masked out of the loss is a sample that is not there
+    absent = replace(batch.select(torch.tensor([0, 2, 3])), sample_mask=None)
+    gone = backward_objective(objective, policy, absent, 0, micro=MicroBatching(skip_zero_advantage=False))
+    assert torch.allclose(gone.loss, one.loss, atol=1e-6)
     policy.zero_grad(set_to_none=True)  # the masked row counted: another loss
     other = backward_objective(objective, policy, prepared(None), 0, micro=MicroBatching(skip_zero_advantage=False))
     assert not torch.allclose(other.loss, one.loss, atol=1e-6)
@@ -161,15 +165,21 @@ def test_registering_a_part_at_runtime_records_its_function_parameters_and_kind(
     try:
         assert registry.register_loss("test_only")(my_loss) is my_loss
         assert registry.register_advantage("test_only", group_relative=True)(my_advantage) is my_advantage
+        assert registry.register_advantage("test_only_plain")(my_advantage) is my_advantage
+        assert registry.lookup("advantage", "test_only_plain").group_relative is False  # the default
         assert registry.register_aggregation("test_only")(MyAggregation) is MyAggregation
         assert registry.lookup("policy_loss", "test_only") == Registered(my_loss, ("alpha", "beta"), False)
         assert registry.lookup("advantage", "test_only") == Registered(my_advantage, ("scale",), True)
         assert registry.lookup("aggregation", "test_only") == Registered(MyAggregation, ("length",), False)
         with pytest.raises(ValueError, match="^policy_loss 'test_only' is registered twice$"):
             registry.register_loss("test_only")(my_loss)
+        assert registry.args_error("policy_loss", "test_only", {"gamma": 1}) == (
+            "gamma=1: policy_loss 'test_only' takes one of ['alpha', 'beta']"
+        )
     finally:
         for kind in registry.KINDS:
             registry._REGISTRY[kind].pop("test_only", None)
+            registry._REGISTRY[kind].pop("test_only_plain", None)
     assert "test_only" not in registry.names("policy_loss")
 
 
@@ -181,7 +191,24 @@ def test_token_loss_passes_every_argument_and_a_missing_mask_means_every_token()
     adv = torch.tensor([1.0, -1.0, 0.5])
     kl = PG(kl_coef=0.5)
     assert torch.equal(kl.token_loss(logp, old, adv, ref), kl.loss_terms(logp, old, adv, ref).loss)
-    with pytest.raises(ValueError, match="no reference log-probs"):  # what dropping them would mean
+    with pytest.raises(ValueError) as err:  # what dropping them would mean
         kl.token_loss(logp, old, adv)
+    assert str(err.value) == "objective.kl_coef > 0 but no reference log-probs were computed"
     gspo = PG(policy_loss="gspo")
     assert torch.equal(gspo.token_loss(logp, old, adv), gspo.token_loss(logp, old, adv, mask=torch.ones(3, 4)))
+
+
+def test_clip_cov_token_covariance_by_hand():
+    """cov_it = (A_i - mean A)(log pi_it - mean log pi), means over the kept tokens only. Kept tokens
+    (A, log pi): (1, 0), (1, -1), (-1, -2): mean A = 1/3, mean log pi = -1, so the covariances are 2/3,
+    0 and 4/3; padding (log pi 5) never enters a mean. One kept token covariates 0 with itself."""
+    from lightning_prerl.objectives.losses.clip_cov import token_covariance
+    from lightning_prerl.objectives.registry import LossInputs
+
+    logp = torch.tensor([[0.0, -1.0, 5.0], [-2.0, 5.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    cov = token_covariance(LossInputs(logp, logp, torch.tensor([1.0, -1.0]), mask))  # (2, 3)
+    assert cov[mask > 0].tolist() == pytest.approx([2 / 3, 0.0, 4 / 3])
+    single = torch.tensor([[-1.0, 5.0, 5.0]])
+    one = token_covariance(LossInputs(single, single, torch.tensor([2.0]), torch.tensor([[1.0, 0.0, 0.0]])))
+    assert one[0, 0].item() == 0.0

@@ -212,3 +212,15 @@ def test_clip_cov_token_covariance_by_hand():
     single = torch.tensor([[-1.0, 5.0, 5.0]])
     one = token_covariance(LossInputs(single, single, torch.tensor([2.0]), torch.tensor([[1.0, 0.0, 0.0]])))
     assert one[0, 0].item() == 0.0
+
+
+def test_a_registered_group_relative_estimator_needs_two_samples_per_prompt():
+    """The config check asks the registry, not a list of names: a new group-relative estimator gets
+    the same one-line refusal with one sample per prompt as GRPO."""
+    registry.register_advantage("test_group", group_relative=True)(lambda rewards: rewards)
+    try:
+        cfg = compose_cfg("objective=grpo", "data.samples_per_prompt=1", "objective.advantage=test_group")
+        with pytest.raises(ConfigError, match="data.samples_per_prompt=1 with objective advantage 'test_group'"):
+            validate_config(cfg)
+    finally:
+        registry._REGISTRY["advantage"].pop("test_group", None)

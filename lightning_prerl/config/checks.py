@@ -16,9 +16,9 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
 from lightning_prerl.data.sources import default_data_root, missing_file
+from lightning_prerl.objectives import registry
 from lightning_prerl.scale.models import resolve_model_path
 
-GROUP_ADVANTAGES = ("grpo", "group_mean")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
@@ -68,7 +68,7 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
     """Values that are each allowed but cannot work together."""
     data, g = run.data, run.data.samples_per_prompt
     for obj in _phases(run):
-        if g == 1 and obj.advantage in GROUP_ADVANTAGES:
+        if g == 1 and registry.lookup("advantage", obj.advantage).group_relative:  # any registered one
             raise ConfigError(
                 f"data.samples_per_prompt=1 with objective advantage '{obj.advantage}': group advantages "
                 f"need >= 2 samples per prompt (or use objective advantage 'signed')"

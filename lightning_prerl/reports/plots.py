@@ -98,7 +98,7 @@ BEHAVIOR = [
 ]
 
 
-def write_sweep_report(sweep_dir: Path, metric: str = "val/accuracy") -> list[Path]:
+def write_sweep_report(sweep_dir: Path, metric: str = "val/accuracy", jobs: list[Job] | None = None) -> list[Path]:
     """Summary CSV and PNGs of a Hydra multirun, over the swept keys other than `seed`.
 
     Writes into `sweep_dir`: `sweep_summary.csv` (mean, std and 95 % interval over seeds of every final held-out
@@ -106,12 +106,13 @@ def write_sweep_report(sweep_dir: Path, metric: str = "val/accuracy") -> list[Pa
     panel per value of any further keys; `sweep_bars.png`, a bar chart, for one key or none),
     `sweep_curves.png` (`metric` over steps per configuration, mean ± std band over seeds) and
     `sweep_behavior.png` (final reflection / transition thoughts and rates per configuration).
+    `jobs`: the sweep's jobs when the caller has read them already (`find_jobs(sweep_dir)`).
 
     Returns:
         The files written (none when no job has a metrics CSV yet).
     """
     sweep_dir = Path(sweep_dir)
-    everything = find_jobs(sweep_dir)
+    everything = find_jobs(sweep_dir) if jobs is None else jobs
     jobs = [job for job in everything if job.failed is None]  # a failed job's last values are not finals
     if not any(job.series for job in jobs):
         return []
@@ -335,9 +336,9 @@ class SweepReport(Callback):
     def on_multirun_end(self, config, **kwargs) -> None:
         """The report of the jobs that ran; then, if some failed, one line per failure and exit status 1."""
         sweep_dir = Path(config.hydra.sweep.dir)
-        for path in write_sweep_report(sweep_dir, metric=self.metric):
+        jobs = find_jobs(sweep_dir)  # every job's metrics read once, for the report and the failures
+        for path in write_sweep_report(sweep_dir, metric=self.metric, jobs=jobs):
             print(f"sweep report: {path}")
-        jobs = find_jobs(sweep_dir)
         failures = write_failures(sweep_dir / "sweep_failures.csv", jobs)
         if failures is not None:
             failed = [job for job in jobs if job.failed is not None]

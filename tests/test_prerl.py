@@ -285,6 +285,20 @@ def test_gradient_alignment_matches_a_manual_computation(policy, tokenizer):
     assert stats["align/negative_share"] in (0.0, 1.0)
 
 
+def _rows(p_lens: list[int], r_lens: list[int]) -> RolloutBatch:
+    """Rows with prompts and responses of the given real lengths (padding: 0)."""
+    from lightning_prerl.data.batch import pad_left, pad_right
+
+    (p_ids, p_mask) = pad_left([[5] * n for n in p_lens], 0)
+    (r_ids, r_mask) = pad_right([[7] * n for n in r_lens], 0)
+    return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.zeros(len(p_lens)), 1)
+
+
+def _cuts(batch: RolloutBatch, **kwargs) -> list:
+    """`micro_batches`' rows: a slice, or the index list."""
+    return [r.tolist() if isinstance(r, torch.Tensor) else r for r, _ in batch.micro_batches(**kwargs)]
+
+
 def test_micro_batch_bounds_on_hand_built_lengths():
     """Exact cuts of `micro_batches` (rows sorted by prompt + response length, shortest first): a size
     of 0 means no row limit; a token budget counts the open slice's rows x (its longest prompt + its
@@ -293,24 +307,14 @@ def test_micro_batch_bounds_on_hand_built_lengths():
     responses add nothing to the width. Catches the first row skipped or its prompt read as a
     response length, a row count of end + start, single over-budget rows cut into empty slices,
     splitting that stops at two-row slices, and non-zero starting widths (found by `make mutation`)."""
-    from lightning_prerl.data.batch import pad_left, pad_right
-
-    def rows(p_lens: list[int], r_lens: list[int]) -> RolloutBatch:
-        (p_ids, p_mask) = pad_left([[5] * n for n in p_lens], 0)
-        (r_ids, r_mask) = pad_right([[7] * n for n in r_lens], 0)
-        return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.zeros(len(p_lens)), 1)
-
-    def cuts(batch: RolloutBatch, **kwargs) -> list:
-        return [rows.tolist() if isinstance(rows, torch.Tensor) else rows for rows, _ in batch.micro_batches(**kwargs)]
-
-    four = rows([1] * 4, [1] * 4)
-    assert cuts(four, size=0) == [slice(0, 4)]  # size <= 0: no row limit
-    assert cuts(rows([5, 1], [1, 6]), max_tokens=20) == [[0], [1]]  # together: 2 x (5 + 6) = 22 tokens
-    assert cuts(four, max_tokens=4) == [[0, 1], [2, 3]]
-    assert cuts(rows([1, 1], [1, 1]), max_tokens=1) == [[0], [1]]  # every row over budget: one each
-    assert cuts(four, agree=lambda count: 4) == [[0], [1], [2], [3]]  # another rank needs 4 passes
-    assert cuts(rows([0, 0], [3, 3]), max_tokens=6) == [slice(0, 2)]  # 2 x (0 + 3) fits exactly
-    assert cuts(rows([3, 3], [0, 0]), max_tokens=6) == [slice(0, 2)]
+    four = _rows([1] * 4, [1] * 4)
+    assert _cuts(four, size=0) == [slice(0, 4)]  # size <= 0: no row limit
+    assert _cuts(_rows([5, 1], [1, 6]), max_tokens=20) == [[0], [1]]  # together: 2 x (5 + 6) = 22 tokens
+    assert _cuts(four, max_tokens=4) == [[0, 1], [2, 3]]
+    assert _cuts(_rows([1, 1], [1, 1]), max_tokens=1) == [[0], [1]]  # every row over budget: one each
+    assert _cuts(four, agree=lambda count: 4) == [[0], [1], [2], [3]]  # another rank needs 4 passes
+    assert _cuts(_rows([0, 0], [3, 3]), max_tokens=6) == [slice(0, 2)]  # 2 x (0 + 3) fits exactly
+    assert _cuts(_rows([3, 3], [0, 0]), max_tokens=6) == [slice(0, 2)]
 
 
 def test_an_agreed_count_splits_the_costliest_multi_row_slice_first():
@@ -318,28 +322,18 @@ def test_an_agreed_count_splits_the_costliest_multi_row_slice_first():
     prompt + longest response)) is halved first, a single row is never split into an empty slice.
     Rows (prompt, response) (1,1) x 3 and (1,9) x 2 under a 10-token budget: [0,3) costs 3 x 2 = 6, the
     long rows 10 each, alone. Asking for 4 passes halves [0,3), the only multi-row slice, never a
-    costlier single row; with two multi-row slices, the costlier one goes first. Catches the cost formula's operators,
-    `max` without the cost key, and `b - a >= 1` / `b + a > 1` (found by `make mutation`)."""
-    from lightning_prerl.data.batch import pad_left, pad_right
-
-    def rows(p_lens: list[int], r_lens: list[int]) -> RolloutBatch:
-        (p_ids, p_mask) = pad_left([[5] * n for n in p_lens], 0)
-        (r_ids, r_mask) = pad_right([[7] * n for n in r_lens], 0)
-        return RolloutBatch(p_ids, p_mask, r_ids, r_mask, torch.zeros(len(p_lens)), 1)
-
-    def cuts(batch: RolloutBatch, **kwargs) -> list:
-        return [r.tolist() if isinstance(r, torch.Tensor) else r for r, _ in batch.micro_batches(**kwargs)]
-
-    five = rows([1, 1, 1, 1, 1], [1, 1, 1, 9, 9])
-    assert cuts(five, max_tokens=10) == [[0, 1, 2], [3], [4]]
-    assert cuts(five, max_tokens=10, agree=lambda count: 4) == [[0], [1, 2], [3], [4]]
+    costlier single row; with two multi-row slices, the costlier one goes first. Catches the cost
+    formula's operators, `max` without the cost key, and `b - a >= 1` / `b + a > 1` (found by `make mutation`)."""
+    five = _rows([1, 1, 1, 1, 1], [1, 1, 1, 9, 9])
+    assert _cuts(five, max_tokens=10) == [[0, 1, 2], [3], [4]]
+    assert _cuts(five, max_tokens=10, agree=lambda count: 4) == [[0], [1, 2], [3], [4]]
     # two multi-row slices: [0,2) costs 2 x (1 + 1) = 4, [2,4) costs 2 x (1 + 4) = 10: the second is halved
-    two_pairs = rows([1, 1, 1, 1], [1, 1, 4, 4])
-    assert cuts(two_pairs, max_tokens=10) == [[0, 1], [2, 3]]
-    assert cuts(two_pairs, max_tokens=10, agree=lambda count: 3) == [[0, 1], [2], [3]]
+    two_pairs = _rows([1, 1, 1, 1], [1, 1, 4, 4])
+    assert _cuts(two_pairs, max_tokens=10) == [[0, 1], [2, 3]]
+    assert _cuts(two_pairs, max_tokens=10, agree=lambda count: 3) == [[0, 1], [2], [3]]
     # the costliest slice need not be the last: 4 x (1 + 1) = 8 before 2 x (1 + 2) = 6
-    four_then_two = rows([1] * 6, [1, 1, 1, 1, 2, 2])
-    assert cuts(four_then_two, max_tokens=8) == [[0, 1, 2, 3], [4, 5]]
-    assert cuts(four_then_two, max_tokens=8, agree=lambda count: 3) == [[0, 1], [2, 3], [4, 5]]
+    four_then_two = _rows([1] * 6, [1, 1, 1, 1, 2, 2])
+    assert _cuts(four_then_two, max_tokens=8) == [[0, 1, 2, 3], [4, 5]]
+    assert _cuts(four_then_two, max_tokens=8, agree=lambda count: 3) == [[0, 1], [2, 3], [4, 5]]
     # a wider prompt makes the first pair the costlier one: 2 x (6 + 1) = 14 > 2 x (1 + 4) = 10
-    assert cuts(rows([6, 6, 1, 1], [1, 1, 4, 4]), max_tokens=14, agree=lambda count: 3) == [[2, 3], [0], [1]]
+    assert _cuts(_rows([6, 6, 1, 1], [1, 1, 4, 4]), max_tokens=14, agree=lambda count: 3) == [[2, 3], [0], [1]]

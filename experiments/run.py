@@ -37,13 +37,15 @@ def main(cfg: DictConfig) -> float | None:
 
 def train(cfg: DictConfig) -> float | None:
     from lightning_prerl.config.compose import build_run
-    from lightning_prerl.errors import ConfigError
+    from lightning_prerl.errors import ConfigError, RunFault
 
     run = build_run(cfg)  # eval_before_training: the module evaluates at step 0 inside fit
     try:
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=run.ckpt_path, weights_only=True)
     except ConfigError as exc:  # found once the model is loaded (e.g. LoRA target modules): one line
         sys.exit(f"config error: {' '.join(str(exc).split())}")
+    except RunFault as exc:  # e.g. out of memory after every retry (training/oom.py): one line
+        sys.exit(str(exc))
     if run.module.fault is not None:
         sys.exit(run.module.fault)
     accuracy = run.trainer.callback_metrics.get("val/accuracy")

@@ -10,3 +10,8 @@ imports nothing of the package, so every layer may raise it.
 
 class ConfigError(ValueError):
     """A composed config that cannot run."""
+
+
+class RunFault(RuntimeError):
+    """A fault the run cannot recover from (e.g. out of memory after every retry): its message is the
+    one line the entry points print before exiting; the last complete checkpoint stays usable."""

@@ -84,7 +84,9 @@ def test_default_experiment_runs_and_writes_every_artefact(tmp_path):
 def test_ddp_two_processes_train_and_agree(tmp_path, monkeypatch):
     """Lightning DDP (gloo) with 2 CPU processes: each rank draws its own prompts, and both end on the
     same weights, bit for bit (tests/rank_probe.py writes each rank's prompts and weight digest). Catches
-    ranks that train on the same slice, and replicas that drift apart (an update outside DDP's sync)."""
+    ranks that train on the same slice, and replicas that drift apart (an update outside DDP's sync).
+    Rank 1 runs out of memory in step 1's forward: both ranks retry the pass with half the tokens
+    (training/oom.py), in lockstep, and still agree."""
     import json
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
@@ -93,6 +95,8 @@ def test_ddp_two_processes_train_and_agree(tmp_path, monkeypatch):
         run_dir,
         "+callbacks.probe._target_=rank_probe.RankProbe",
         f"+callbacks.probe.out_dir={run_dir}",
+        "+callbacks.probe.oom_rank=1",
+        "+callbacks.probe.oom_step=1",
         "trainer=ddp",
         "objective=grpo",
         "trainer.max_steps=2",
@@ -111,6 +115,7 @@ def test_ddp_two_processes_train_and_agree(tmp_path, monkeypatch):
     for step in (0, 1):
         assert ranks[0]["prompts"][step] != ranks[1]["prompts"][step]  # each rank its own slice
     assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert [float(r["train/oom_retries"]) for r in rows if r.get("train/oom_retries")] == [0, 1]  # both ranks halved
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(run_dir / "policy") is not None

@@ -210,6 +210,8 @@ class Module(_Node):
     """Clip gradients by their global norm; null: off."""
     max_bad_steps: PosInt
     """Non-finite steps are skipped and counted; this many in a row stop the run."""
+    oom_retries: NonNegInt = 3
+    """Out of memory in a micro-batch: the pass reruns with half its tokens as budget, this many times in a row."""
     micro_batch_size: PosInt | None
     """Rows per forward/backward; null: no row limit."""
     micro_batch_tokens: PosInt | None

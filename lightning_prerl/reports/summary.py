@@ -73,6 +73,7 @@ def build_summary(metrics_csv: Path, artefacts: dict[str, str] | None = None) ->
     Returns:
         {"heldout": see `heldout`, "seconds_per_step": {time/*: mean over rollout steps, "total": sum},
         "rollout_steps": rows with timings, "skipped_steps": the last `train/skipped_steps`,
+        "oom_retries": the last `train/oom_retries`,
         "artefacts": artefacts}.
     """
     series = read_metrics(metrics_csv)
@@ -82,12 +83,13 @@ def build_summary(metrics_csv: Path, artefacts: dict[str, str] | None = None) ->
     seconds = {k: sum(v for _, v in series[k]) / len(series[k]) for k in time_keys}
     if seconds:
         seconds["total"] = sum(seconds.values())
-    skipped = series.get("train/skipped_steps")
+    skipped, oom = series.get("train/skipped_steps"), series.get("train/oom_retries")
     return {
         "heldout": heldout(series),
         "seconds_per_step": seconds,
         "rollout_steps": max((len(series[k]) for k in time_keys), default=0),
         "skipped_steps": int(skipped[-1][1]) if skipped else 0,
+        "oom_retries": int(oom[-1][1]) if oom else 0,
         "artefacts": dict(artefacts or {}),
     }
 
@@ -128,7 +130,7 @@ def summary_lines(summary: dict) -> list[str]:
     timing = f"{split} = {seconds['total']:.2f}" if seconds else "not logged"
     return [
         f"seconds per step (mean of {summary['rollout_steps']}): {timing}",
-        f"skipped steps: {summary['skipped_steps']}",
+        f"skipped steps: {summary['skipped_steps']}, out-of-memory retries: {summary.get('oom_retries', 0)}",
         *(f"{what.replace('_', ' ')}: {path}" for what, path in summary["artefacts"].items()),
     ]
 

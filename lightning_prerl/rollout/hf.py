@@ -26,7 +26,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 from lightning_prerl.data.batch import pad_left
 from lightning_prerl.rollout.engine import Generation, SamplingConfig, cut_at_eos, derive_seed
-from lightning_prerl.scale.models import DTYPES, is_sharded
+from lightning_prerl.scale.models import DTYPES, free_memory, is_sharded
 
 
 class SeededGumbel(LogitsProcessor):
@@ -134,6 +134,7 @@ class HFEngine:
         self.max_batch_sequences = max_batch_sequences
         self.dtype = DTYPES[dtype]
         self.policy: torch.nn.Module | None = None
+        self.oom_splits = 0  # decoding calls split in two after running out of memory
 
     def sync(self, policy: torch.nn.Module) -> None:
         self.policy = policy
@@ -201,22 +202,42 @@ class HFEngine:
     def _decode_chunks(self, policy, prompt_ids, n: int, sampling, seeds: list[int], scale, device):
         """Decoding in calls of at most `max_batch_sequences` rows (prompts repeated n times)."""
         per_call = max(1, self.max_batch_sequences // n)
-        stop = set(self.stop_token_ids)
         completions, logprobs = [], [] if scale is not None else None
         for start in range(0, len(prompt_ids), per_call):
-            chunk = range(start, min(start + per_call, len(prompt_ids)))  # rows: prompts repeated n times
-            ids, mask = pad_left([prompt_ids[i] for i in chunk for _ in range(n)], self.pad_token_id)
-            ids, mask = ids.to(device), mask.to(device)
-            noise = None  # greedy decoding either way: sampling = greedy over logits / T + Gumbel noise
-            if sampling.temperature != 0:
-                noise = SeededGumbel([derive_seed(seeds[i], j) for i in chunk for j in range(n)], sampling, device)
+            rows = [(i, j) for i in range(start, min(start + per_call, len(prompt_ids))) for j in range(n)]
+            cut, lps = self._decode_rows(policy, prompt_ids, rows, sampling, seeds, scale, device)
+            completions += cut
+            if scale is not None:
+                logprobs += lps
+        return completions, logprobs
+
+    def _decode_rows(self, policy, prompt_ids, rows: list[tuple[int, int]], sampling, seeds, scale, device):
+        """One decoding call over `rows` (prompt, sample). A call that runs out of memory is split in two
+        halves decoded in turn (counted in `oom_splits`): each row's noise comes from its own seed, so
+        the samples are the same up to float rounding. Sharded policies decode in lockstep and cannot split."""
+        stop = set(self.stop_token_ids)
+        ids, mask = pad_left([prompt_ids[i] for i, _ in rows], self.pad_token_id)
+        ids, mask = ids.to(device), mask.to(device)
+        noise = None  # greedy decoding either way: sampling = greedy over logits / T + Gumbel noise
+        if sampling.temperature != 0:
+            noise = SeededGumbel([derive_seed(seeds[i], j) for i, j in rows], sampling, device)
+        try:
             with self._autocast(device):
                 if is_sharded(policy):
                     new, lps = self._generate_in_lockstep(policy, ids, mask, noise, sampling.max_new_tokens, scale)
                 else:
                     new, lps = decode(policy, ids, mask, sampling.max_new_tokens, stop, noise, scale)
-            cut = [cut_at_eos(row, stop, self.pad_token_id) for row in new]
-            completions += cut
-            if scale is not None:
-                logprobs += [lp[: len(c)] for lp, c in zip(lps, cut, strict=True)]
-        return completions, logprobs
+        except torch.OutOfMemoryError:
+            if is_sharded(policy) or len(rows) == 1:
+                raise
+            new = None
+        if new is None:  # out of the except block: the failed call's tensors are unreferenced
+            del ids, mask, noise
+            free_memory()
+            self.oom_splits += 1
+            half = len(rows) // 2
+            first = self._decode_rows(policy, prompt_ids, rows[:half], sampling, seeds, scale, device)
+            second = self._decode_rows(policy, prompt_ids, rows[half:], sampling, seeds, scale, device)
+            return first[0] + second[0], (first[1] + second[1]) if scale is not None else None
+        cut = [cut_at_eos(row, stop, self.pad_token_id) for row in new]
+        return cut, [lp[: len(c)] for lp, c in zip(lps, cut, strict=True)] if scale is not None else None

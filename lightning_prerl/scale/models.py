@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
 from lightning_prerl.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def free_memory() -> None:
+    """After an out-of-memory failure: collect the failed pass's tensors (reference cycles through its
+    exception's frames) and hand the allocator's cached blocks back to the device."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def resolve_model_path(path: str) -> Path:

@@ -287,6 +287,7 @@ class RolloutDataModule(L.LightningDataModule):
                 "rollout/reward_timeouts": float(scored.timeouts),
                 "rollout/dropped_prompts": float(self.dropped_prompts["train"]),
                 "rollout/truncated": truncated / max(1, len(texts)),
+                "rollout/oom_splits": float(getattr(self.engine, "oom_splits", 0)),
                 "time/sync": t_sync - t0,
                 "time/generate": t_gen - t_sync,
                 "time/score": t_score - t_gen,

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
@@ -43,6 +43,7 @@ from lightning_prerl.scale.lora import BASE, SNAPSHOT, LoraSettings, snapshot_ad
 from lightning_prerl.scale.models import DTYPES, is_sharded, load_tokenizer, resolve_start_token_id
 from lightning_prerl.scale.networks import PolicyNetworks
 from lightning_prerl.training.heldout import HeldOutEvaluation
+from lightning_prerl.training.oom import OOMBackoff
 from lightning_prerl.training.update import Collectives, MicroBatching, StepStats, backward_objective, prepare
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         max_bad_steps: a step whose loss or gradient is not finite is skipped (weights and optimizer
             state untouched, counted in `train/skipped_steps`); this many in a row stop the run, with
             a checkpoint of the weights from before the fault.
+        oom_retries: an out-of-memory micro-batch drops its pass's gradients and the pass runs again
+            with half that micro-batch's tokens as `micro_batch_tokens` (`oom.py`), at most this many
+            times in a row (0: the first failure stops the run); counted in `train/oom_retries`.
         micro_batch_size: samples per forward/backward (None: the whole rollout batch).
         micro_batch_tokens: padded tokens per forward/backward instead of (or besides) a fixed
             count, as verl's dynamic batch size (None: off); a cut batch is cut into rows of similar
@@ -106,6 +110,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float | None = 1.0,
         max_bad_steps: int = 3,
+        oom_retries: int = 3,
         micro_batch_size: int | None = None,
         micro_batch_tokens: int | None = 4096,
         logprob_chunk_tokens: int | None = None,
@@ -147,6 +152,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         self.phase = 0
         self.skipped_steps, self.bad_in_row = 0, 0
         self.fault: str | None = None  # set when the run stopped on non-finite steps
+        self.oom = OOMBackoff(oom_retries)
         self.reference_needed = False  # a later phase (DSRL) needs the reference: build it up front
         self.benchmark_metrics: BenchmarkMetrics | None = None  # built at the first evaluation
         self.eval_k = 1
@@ -230,11 +236,14 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
             hp.skip_zero_advantage,
             hp.share_prompts,
         )
-        comm = Collectives(w, self._global_sum, self._global_max)
+        comm = Collectives(w, self._global_sum, self._global_max, agree_oom=w > 1 and self._can_retry_oom())
         args = (self.start_token_id, hp.temperature, micro)  # what every pass over the batch shares
-        batch, mismatch = prepare(
-            self.objective, self.policy, batch, *args, self.updates_per_batch, self.correction, comm
-        )
+        self.oom.lockstep, self.oom.agree = self._can_retry_oom(), self._global_max
+        prep = lambda tokens: prepare(  # noqa: E731  (no gradients: nothing to reset after a failure)
+            self.objective, self.policy, batch, *args[:2], replace(micro, max_tokens=tokens),
+            self.updates_per_batch, self.correction, comm,
+        )  # fmt: skip
+        batch, mismatch = self.oom.run(prep, micro.max_tokens, step)
         in_loop = None if mismatch.sums else mismatch  # no separate pass: the first update measures it
         totals = StepStats(self.updates_per_batch, w)
         for epoch in range(hp.ppo_epochs):
@@ -250,8 +259,13 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
         engine = zero.engine_of(self.trainer)
+        start_token_id, temperature, micro = args
         pieces = (self.reference_model(), self._backward, comm, mismatch)
-        result = backward_objective(self.objective, self.policy, batch, *args, *pieces)
+        passes = lambda tokens: backward_objective(  # noqa: E731
+            self.objective, self.policy, batch, start_token_id, temperature, replace(micro, max_tokens=tokens), *pieces
+        )
+        reset = lambda: opt.zero_grad(set_to_none=True)  # noqa: E731
+        result = self.oom.run(passes, micro.max_tokens, self.trainer.global_step, reset, keep=mismatch)
         grad_norm, bad = torch.zeros(()), False
         if result.kept_tokens > 0 and engine is None:
             grad_norm = self._grad_norm()  # global: every rank takes the same decision below
@@ -274,6 +288,11 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
                 self._count_bad_step()  # known only after DeepSpeed's step, whose number it then carries
         self.bad_in_row = self.bad_in_row if bad else 0
         return result, grad_norm
+
+    def _can_retry_oom(self) -> bool:
+        """A failed pass can run again where no rank's forward or backward runs a collective the others
+        would wait in: 1 process or DDP (DeepSpeed counts micro-steps itself; FSDP2 gathers in forward)."""
+        return zero.engine_of(self.trainer) is None and not is_sharded(self.policy)
 
     def _backward(self, loss: torch.Tensor, last: bool) -> None:
         engine = zero.engine_of(self.trainer)
@@ -307,6 +326,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
             **train_stats,
             "train/lr": self.optimizers().param_groups[0]["lr"],
             "train/skipped_steps": float(self.skipped_steps),
+            "train/oom_retries": float(self.oom.retries),
             "objective/phase": float(self.phase),
             "rollout/reward_mean": batch.rewards.mean(),
             "rollout/mixed_groups": mixed,
@@ -330,6 +350,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["objective"] = {"config": asdict(self.objective), "phase": self.phase}
         checkpoint["faults"] = {"skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
+        checkpoint["faults"]["oom"] = self.oom.state_dict()
         checkpoint["lora"] = {"reference_adapter": self.reference_adapter}
         state = checkpoint.get("state_dict")
         if self.lora.enabled and isinstance(state, dict) and not is_sharded(self.policy):
@@ -346,6 +367,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
             self.phase = saved["phase"]
         faults = checkpoint.get("faults", {})
         self.skipped_steps, self.bad_in_row = faults.get("skipped_steps", 0), faults.get("bad_in_row", 0)
+        self.oom.load_state_dict(faults.get("oom", {}))
         state = checkpoint.get("state_dict")
         if self.reference is None and isinstance(state, dict) and any(k.startswith("reference.") for k in state):
             self.reference = self._new_reference()

@@ -24,6 +24,7 @@ from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.objectives.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives.ops import head_logprobs
 from lightning_prerl.scale.zero import through_own_call
+from lightning_prerl.training.oom import micro_batch_guard
 
 NO_CORRECTION = RolloutCorrection()
 
@@ -202,6 +203,11 @@ class Collectives:
     world_size: int = 1
     sum: Callable[[torch.Tensor], torch.Tensor] = lambda x: x
     max: Callable = lambda x: x
+    agree_oom: bool = False  # ranks learn after each forward whether any ran out of memory (`oom.py`)
+
+    @property
+    def oom_agree(self) -> Callable[[int], int] | None:
+        return self.max if self.agree_oom else None
 
 
 def _no_grad_logprobs(
@@ -217,7 +223,8 @@ def _no_grad_logprobs(
     out = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device)  # (N, T)
     with torch.no_grad():
         for rows, mb in batch.micro_batches(micro.size, micro.max_tokens, comm.max):
-            logp, _ = sequence_logprobs(model, mb, space, start_token_id, temperature, **micro.scoring)
+            with micro_batch_guard(mb, "forward", comm.world_size, comm.oom_agree):
+                logp, _ = sequence_logprobs(model, mb, space, start_token_id, temperature, **micro.scoring)
             out[rows, : logp.shape[1]] = logp
     return out
 
@@ -321,21 +328,30 @@ def backward_objective(
     space, differentiable_entropy = objective.space, objective.needs_entropy  # the entropy: only in the loss
     for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')
-        logp, entropy = sequence_logprobs(
-            policy, mb, space, start_token_id, temperature, True, entropy_grad=differentiable_entropy, **micro.scoring
-        )  # (n, T'), (n, T')
-        old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()  # (n, T')
+        with micro_batch_guard(mb, "forward", comm.world_size, comm.oom_agree):  # failures known to every rank
+            logp, entropy = sequence_logprobs(
+                policy,
+                mb,
+                space,
+                start_token_id,
+                temperature,
+                True,
+                entropy_grad=differentiable_entropy,
+                **micro.scoring,
+            )  # (n, T'), (n, T')
+            old = mb.old_logprobs if mb.old_logprobs is not None else logp.detach()  # (n, T')
+            ref_logp = None
+            if objective.needs_reference:
+                with torch.no_grad():
+                    ref_logp, _ = sequence_logprobs(
+                        reference, mb, objective.space, start_token_id, temperature, **micro.scoring
+                    )
+            terms = objective.loss_terms(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights, mask)  # (n, T')
+            loss = (terms.loss * objective.loss_weights(mask)).sum() / normaliser * comm.world_size
         if mismatch is not None and mb.rollout_logprobs is not None and objective.space == "conditional":
             mismatch.add(logp, mb.rollout_logprobs, mb.response_mask)
-        ref_logp = None
-        if objective.needs_reference:
-            with torch.no_grad():
-                ref_logp, _ = sequence_logprobs(
-                    reference, mb, objective.space, start_token_id, temperature, **micro.scoring
-                )
-        terms = objective.loss_terms(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights, mask)  # (n, T')
-        loss = (terms.loss * objective.loss_weights(mask)).sum() / normaliser * comm.world_size
-        backward(loss, i == len(micro_batches) - 1)
+        with micro_batch_guard(mb, "backward", comm.world_size):
+            backward(loss, i == len(micro_batches) - 1)
         result.loss += loss.detach() / comm.world_size
         log_ratio = logp.detach() - old  # (n, T')
         result.clipped_sum += (terms.clipped.float() * mask).sum()

@@ -57,10 +57,36 @@ def kill_after_step(run_dir, k: int, *overrides: str) -> None:
     assert not (run_dir / "policy").exists()  # it really died mid-run
 
 
+def kill_at(run_dir, seconds: float, *overrides: str) -> list[str] | None:
+    """Start (or resume) the run and SIGKILL it `seconds` later, wherever it is: the checkpoints on disk
+    when it was killed, None when it ended first."""
+    proc = subprocess.Popen(
+        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *overrides, "ckpt_path=auto"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        proc.wait(timeout=seconds)
+        return None
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return sorted(p.name for p in run_dir.glob("checkpoints/*.ckpt"))
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_bit_exact_before_at_and_after_the_switch(tmp_path):
+    """Killed right after the checkpoint of step 1, 2 (the switch) and 3; then killed at three random
+    moments in a row (seeded), wherever the run is (loading, generating, writing a checkpoint), each
+    time resumed in the same directory: every ending equals the uninterrupted run."""
+    import random
+
     full = tmp_path / "uninterrupted"
+    started = time.perf_counter()
     run_experiment(full, *RUN)
+    duration = time.perf_counter() - started
     expected = metrics(full)
     assert [r["step"] for r in expected if r.get("val/accuracy")] == ["0", "2", "4"]
     for k in (1, 2, 3):  # the switch happens before step index 2
@@ -69,6 +95,14 @@ def test_kill_and_resume_is_bit_exact_before_at_and_after_the_switch(tmp_path):
         run_experiment(run_dir, *RUN, "ckpt_path=auto")
         assert metrics(run_dir) == expected, k
         assert weights(run_dir) == weights(full), k
+    run_dir, draw, kills = tmp_path / "random-kills", random.Random(2604), []
+    while len(kills) < 3 and not (run_dir / "policy").exists():
+        kills.append(kill_at(run_dir, draw.uniform(0.4, 0.9) * duration, *RUN))
+    assert any(kills), kills  # at least one kill landed mid-run, past a checkpoint
+    if not (run_dir / "policy").exists():
+        run_experiment(run_dir, *RUN, "ckpt_path=auto")
+    assert metrics(run_dir) == expected, kills
+    assert weights(run_dir) == weights(full), kills
 
 
 @pytest.mark.slow

@@ -189,7 +189,7 @@ def test_the_nsr_weight_is_the_warmup_learning_rate_multiplier_and_the_loss_coef
         switch = instantiate(cfg.objective)
         assert (switch.warmup.lr_scale, switch.warmup.coef) == (0.3, 0.02)  # sweepable: both reach the warm-up
         cfg = compose("config", overrides=["objective.warmup.lr_scale=0.5", "run_dir=/tmp/x"])
-        with pytest.raises(ConfigError, match=r"objective.warmup.lr_scale=0.5 contradicts objective.nsr_weight=0.1"):
+        with pytest.raises(ConfigError, match=r"objective.warmup.lr_scale=0.5 contradicts objective.nsr_weight=1.0"):
             validate_config(cfg)
 
 
@@ -231,8 +231,11 @@ def test_python_defaults_are_the_configs_and_the_paper_s():
     reference reset, optimizer kept, plateau settings): a changed default in either place fails here."""
     import inspect
 
+    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    from lightning_prerl.config.checks import validate_config
+    from lightning_prerl.errors import ConfigError
     from lightning_prerl.objectives import PolicyGradientObjective as PG
     from lightning_prerl.training.dsrl import DSRLSwitch
 
@@ -241,7 +244,18 @@ def test_python_defaults_are_the_configs_and_the_paper_s():
     built = DSRLSwitch(PG(), PG())  # the values an instance gets (the signature alone can be bypassed)
     defaults = {k: p.default for k, p in inspect.signature(DSRLSwitch).parameters.items()}
     assert {k: getattr(built, k) for k in keys} == {k: defaults[k] for k in keys} == {k: yaml[k] for k in keys}
-    assert built.switch_step == 20 and "dsrl.switch_step,20}" in (ROOT / "conf/objective/dsrl.yaml").read_text()
+    # the paper's switch: 19 NSR-PreRL steps of 348; Python knows no run length and takes the paper's 20,
+    # the YAML the paper's share of trainer.max_steps (5.5 %): 19 of 348, 3 of the toy's 60
+    assert built.switch_step == 20 and "lp.share_of:0.055,${trainer.max_steps}" in OmegaConf.to_yaml(yaml)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        for steps, switch in ((60, 3), (348, 19), (10, 1), (3, 1)):
+            cfg = compose("config", overrides=[f"trainer.max_steps={steps}", "run_dir=/tmp/x"])
+            assert cfg.objective.switch_step == switch, steps
+        assert compose("config", overrides=["+dsrl.switch_step=7", "run_dir=/tmp/x"]).objective.switch_step == 7
+        unbounded = compose("config", overrides=["trainer.max_steps=-1", "run_dir=/tmp/x"])
+        with pytest.raises(ConfigError, match=r"objective.switch_step defaults to 5.5% of trainer.max_steps=-1"):
+            validate_config(unbounded)  # one line before any compute: no share of an unbounded run
+    assert yaml["nsr_weight"] == 1.0  # the paper: one learning rate for both phases
     assert built.name == yaml["name"] == "dsrl"
 
 

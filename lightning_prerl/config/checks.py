@@ -40,13 +40,25 @@ def _precision(dtype: str, param_dtype: str) -> str:
     return "bf16-mixed" if dtype == "bfloat16" and param_dtype != "bfloat16" else "32-true"
 
 
+def _share_of(share, total) -> int:
+    """DSRL's default switch step: the paper's share of the run (19 of 348 steps), at least one step."""
+    share, total = float(share), int(total)
+    if total <= 0:
+        raise ConfigError(
+            f"objective.switch_step defaults to {share:.1%} of trainer.max_steps={total}: set objective.switch_step"
+        )
+    return max(1, round(share * total))
+
+
 # `${lp.devices:2}`, `${lp.mul:a,b}`, `${lp.precision:dtype,param_dtype}` in conf/trainer/*.yaml;
-# `${lp.data_root:}` in conf/config.yaml (lightning_prerl/data/sources.py: the order it looks in)
+# `${lp.data_root:}` in conf/config.yaml (lightning_prerl/data/sources.py: the order it looks in);
+# `${lp.share_of:share,total}` in conf/objective/dsrl.yaml
 for _name, _fn in (
     ("lp.devices", _devices),
     ("lp.mul", lambda a, b: int(a) * int(b)),
     ("lp.precision", _precision),
     ("lp.data_root", default_data_root),
+    ("lp.share_of", _share_of),
 ):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)

@@ -117,7 +117,7 @@ class DSRL(_Node):
     main: Objective
     """Objective after the switch (GRPO)."""
     switch_step: NonNegInt | None
-    """Warm-up optimizer steps (an upper bound with `monitor`); null: switch on `monitor` only."""
+    """Warm-up optimizer steps (default: the paper's 5.5 % of `max_steps`); null: switch on `monitor` only."""
     reset_reference: bool
     """Reset the reference model to the policy at the switch (matters with KL on only)."""
     reset_optimizer: bool

@@ -403,7 +403,9 @@ def test_batches_hold_exactly_what_the_engine_was_asked_for_and_returned(tokeniz
     assert held_out.padding_prompts == 0 and held_out.sources == ["toy/heldout"] * 6
     stats = held_out.stats
     assert set(stats) == {"rollout/reward_errors", "rollout/reward_timeouts", "rollout/dropped_prompts",
-                          "rollout/truncated", "time/sync", "time/generate", "time/score"}  # fmt: skip
+                          "rollout/truncated", "rollout/oom_splits",
+                          "time/sync", "time/generate", "time/score"}  # fmt: skip
+    assert stats["rollout/oom_splits"] == 0  # no decoding call ran out of memory
     assert (stats["rollout/reward_errors"], stats["rollout/reward_timeouts"], stats["rollout/truncated"]) == (0, 0, 0.5)
     assert all(0 <= stats[k] < 60 for k in ("time/sync", "time/generate", "time/score"))  # durations, not sums
 

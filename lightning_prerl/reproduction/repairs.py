@@ -9,7 +9,9 @@ separates the two with `toyworld.slip_counts`:
 | key | meaning |
 |---|---|
 | `slips_per_answer` | wrong computation thoughts per answer |
-| `repair_share` | slips followed by a reflection or transition thought / slips |
+| `repair_share` | slips followed by a reflection or transition thought (repair attempts) / slips |
+| `fixed_share` | slips repaired successfully (the repair states the right value and the answer carries it on) / slips |
+| `fix_rate` | successful repairs / repair attempts |
 | `reflect_share`, `switch_share` | the same, reflection / transition only |
 | `check_share` | correct computations followed by a reflection or transition thought / correct ones |
 """
@@ -27,7 +29,7 @@ from lightning_prerl.rollout.engine import SamplingConfig, derive_seed
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.scale.models import load_policy, load_tokenizer, stop_token_ids
 
-FIELDS = ["slips_per_answer", "repair_share", "reflect_share", "switch_share", "check_share"]
+FIELDS = ["slips_per_answer", "repair_share", "fixed_share", "fix_rate", "reflect_share", "switch_share", "check_share"]
 
 
 def sample_answers(policy: str, prompts: list[Prompt], samples: int, max_new_tokens: int, seed: int = 0) -> list[str]:
@@ -55,6 +57,8 @@ def slip_stats(answers: list[str]) -> dict[str, float | None]:
         "answers": len(answers),
         "slips_per_answer": share(c.slips, len(answers)),
         "repair_share": share(c.reflected + c.switched, c.slips),
+        "fixed_share": share(c.fixed, c.slips),
+        "fix_rate": share(c.fixed, c.reflected + c.switched),
         "reflect_share": share(c.reflected, c.slips),
         "switch_share": share(c.switched, c.slips),
         "check_share": share(c.checks, correct),

@@ -25,7 +25,7 @@ from lightning_prerl.evaluation.metrics import ThoughtCounts
 from lightning_prerl.evaluation.passk import PROBLEM_FIELDS, PROBLEMS_FILE, pass_at_ks
 from lightning_prerl.reports.logs import read_metrics
 from lightning_prerl.reproduction import stats
-from lightning_prerl.reproduction.repairs import slip_stats
+from lightning_prerl.reproduction.repairs import slip_intervals, slip_stats
 from lightning_prerl.reproduction.report import read_alignment, write_reproduction_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +100,11 @@ def test_slip_counts_follow_what_comes_after_each_wrong_step():
     assert stats["slips_per_answer"] == 3 and stats["repair_share"] == pytest.approx(5 / 6)  # attempts / slips
     assert stats["fixed_share"] == pytest.approx(3 / 6) and stats["fix_rate"] == pytest.approx(3 / 5)
     assert stats["reflect_share"] == pytest.approx(3 / 6) and stats["check_share"] == pytest.approx(1 / 4)  # 10 - 6
+    # intervals over answers (ratios of sums): resampling [answer, answer], [answer, plain] or [plain, plain]
+    ci = slip_intervals([stats])
+    assert ci["fixed_share"] == {"estimate": 0.5, "low": 0.5, "high": 0.5, "n": 2}  # plain has no slip: dropped or 0/0
+    assert (ci["slips_per_answer"]["low"], ci["slips_per_answer"]["high"]) == (0.0, 6.0)  # 0, 3 or 6 slips per answer
+    assert slip_intervals([stats, stats])["repair_share"]["estimate"] == pytest.approx(5 / 6)  # two seeds
 
 
 def test_pass_at_ks_is_the_unbiased_estimator():

@@ -18,9 +18,9 @@ from `passk.PassAtKCurve`, `align/*`) and `logs/alignment.csv` (one row per meas
 
 The base policy's numbers are the step-0 values, one job per seed (jobs of one seed share the base
 policy, the first rollout batch and every sampling seed, so their step-0 values are equal). Per-seed
-logged means (`val/*`, slips) get Student's t interval over seeds; pass@k, thoughts and the paired
-differences come from each job's per-problem record (`logs/passk_problems.csv`) with the two-level
-bootstrap over seeds and problems (`stats.py`).
+logged means (`val/*`) get Student's t interval over seeds, slip shares a bootstrap over seeds and
+answers; pass@k, thoughts and the paired differences come from each job's per-problem record
+(`logs/passk_problems.csv`) with the two-level bootstrap over seeds and problems (`stats.py`).
 Steps to a threshold: the first held-out evaluation at or above base accuracy + gain, for
 each gain of `threshold_gains` (the evaluation interval is the resolution).
 """
@@ -38,8 +38,7 @@ from lightning_prerl.reports.alignment import summarize
 from lightning_prerl.reports.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
 from lightning_prerl.reproduction import stats
 from lightning_prerl.reproduction.plots import plot_alignment, plot_over_steps, plot_pass_at_k
-from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
-from lightning_prerl.reproduction.repairs import sweep_slip_stats
+from lightning_prerl.reproduction.repairs import slip_intervals, sweep_slip_stats
 from lightning_prerl.reproduction.text import ACCURACY, FINALS, THOUGHTS, findings, markdown
 
 OBJECTIVE_KEY = "objective"
@@ -90,6 +89,11 @@ def _alignment_stats(rows: list[dict[str, float]]) -> dict:
     keys = ("negative_share", "cosine_mean", "inner_mean", "logp_gap_mean")
     logged = summarize(rows) if rows else {}
     return {"samples": len(rows), **{k: logged.get(f"align/{k}") for k in keys}, "ci": stats.alignment_intervals(rows)}
+
+
+def _without_answers(slips: dict) -> dict:
+    """`repairs.slip_stats` without its per-answer counts (kept out of reproduction.json)."""
+    return {k: v for k, v in slips.items() if k != "per_answer"}
 
 
 def _over_seeds(values) -> dict | None:
@@ -177,7 +181,7 @@ def collect(
                 "steps_to_threshold": [steps_to(job, t) for t in thresholds],
                 "peak_accuracy": max((v for _, v in job.series.get(ACCURACY, [])), default=None),
                 "alignment_after": _alignment_stats(after),
-                "slips": slips.get(job.dir, {}),
+                "slips": _without_answers(slips.get(job.dir, {})),
             }
             for m in THOUGHTS:
                 b, f = record["base"][m], record["finals"][m]
@@ -202,7 +206,7 @@ def collect(
             ],
             "alignment_after": _alignment_stats(after_rows),
             "alignment_after_rows": after_rows,
-            "slips": {f: _over_seeds(r["slips"].get(f) for r in records) for f in SLIP_FIELDS} if slips else {},
+            "slips": slip_intervals([slips[j.dir] for j in members if j.dir in slips]) if slips else {},
         }
     real_rows = read_alignment(real_model) if real_model else []
     return {
@@ -220,7 +224,7 @@ def collect(
             "alignment": _alignment_stats(base_rows),
             "alignment_rows": base_rows,
             "seeds": len(seeds),
-            "slips": slips_base,
+            "slips": _without_answers(slips_base) | ({"ci": slip_intervals([slips_base])} if slips_base else {}),
         },
         "jobs_count": len(jobs),
         "objective": per_objective,

@@ -61,9 +61,9 @@ def findings(data: dict) -> list[dict[str, str]]:
         verdict = f"transition: {stats.verdict(t, +1, 1.0)}; reflection: {stats.verdict(r, +1, 1.0)}"
         if nsr["slips"] and base["slips"]:
             b, n = base["slips"], nsr["slips"]
-            measured += f"; share of slips followed by a repair attempt: base {_num(b['repair_share'], 2)},"
+            measured += f"; share of slips followed by a repair attempt: base {_ci(b['ci']['repair_share'], 2)},"
             measured += f" NSR-PreRL {_ci(n['repair_share'], 2)}; repaired successfully: base"
-            measured += f" {_num(b['fixed_share'], 2)}, NSR-PreRL {_ci(n['fixed_share'], 2)}"
+            measured += f" {_ci(b['ci']['fixed_share'], 2)}, NSR-PreRL {_ci(n['fixed_share'], 2)}"
         out.append(
             _finding("(b) NSR-PreRL raises transition / reflection thoughts", PAPER["thoughts"], measured, verdict)
         )
@@ -221,12 +221,13 @@ def _slip_section(data: dict) -> list[str]:
         "attempts by transition",
         "correct steps checked",
     ]
-    rows = [["base policy", *(_num(base[f]) for f in SLIP_FIELDS)]]
+    rows = [["base policy", *(_ci(base["ci"][f]) for f in SLIP_FIELDS)]]
     rows += [[o, *(_ci(obj[o]["slips"][f]) for f in SLIP_FIELDS)] for o in data["objectives"] if obj[o]["slips"]]
     intro = (
         f"{base['answers']} answers per policy ({data['slip_problems']} held-out problems x {data['slip_samples']}"
         " samples, T = 1, the same seeds for every policy), sampled from each run's exported `policy/` when the"
-        " report is written; trained policies: t over seeds. A slip is a computation thought with a wrong result; a"
+        " report is written; each share is a ratio of sums over answers, its interval a bootstrap over seeds"
+        " and answers. A slip is a computation thought with a wrong result; a"
         " repair attempt is a reflection (`Wait, ...`) or transition (`Alternatively, ...`) thought right after it;"
         " the repair succeeds when that thought states the step's right value and the answer goes on from it (the"
         " next computation starts from it, or the boxed answer is it)."

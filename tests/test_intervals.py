@@ -77,3 +77,47 @@ def test_paired_differences_of_two_policies_reach_the_table():
     assert b["metrics"]["delta_pass@4"] == pytest.approx(2 / 4)  # problems 0 and 3: 0 -> 1
     table = format_table([a, b])
     assert "avg@4 - first [95% CI]" in table and "+0.250 [+0.250, +0.250]" in table
+
+
+def test_verdicts_follow_the_side_of_the_interval():
+    """A paired gain of 0.1 +- 0.01 on 100 problems: yes when the paper expects a gain, no when it expects a
+    loss; differences +0.3 and -0.28 alternately (mean 0.01, sd 0.29, interval about +- 1.96 x 0.029): the
+    interval holds 0, inconclusive either way."""
+    rng = np.random.default_rng(3)
+    gain = intervals.over_problems(0.1 + 0.01 * rng.standard_normal(100))
+    noisy = intervals.over_problems(np.tile([0.3, -0.28], 50))
+    assert intervals.verdict(gain, +1) == "yes" and intervals.verdict(gain, -1) == "no"
+    assert intervals.verdict(intervals.Interval(-0.1, -0.12, -0.08, 100), +1) == "no"
+    assert intervals.verdict(intervals.Interval(-0.1, -0.12, -0.08, 100), -1) == "yes"
+    assert noisy.low < 0 < noisy.high
+    assert intervals.verdict(noisy, +1) == intervals.verdict(noisy, -1) == "inconclusive"
+    ratio = intervals.Interval(1.5, 1.1, 2.0, 8)  # a ratio: no effect is 1, not 0
+    assert intervals.verdict(ratio, +1, null=1.0) == "yes" and intervals.verdict(ratio, -1, null=2.5) == "yes"
+    assert intervals.verdict(intervals.Interval(math.nan, math.nan, math.nan, 0), +1) == "inconclusive"
+
+
+def test_minimum_detectable_effect_is_the_hand_computed_one():
+    """Seeds x problems differences [[0, 0.5], [0.5, 1]]: seed means 0.25, 0.75 (var 0.125), problem means
+    0.25, 0.75 (var 0.125); SE = sqrt(0.125 / 2 + 0.125 / 2) = 0.353553; z_0.975 + z_0.8 = 1.959964 + 0.841621
+    = 2.801585; MDE = 0.990509. One seed of problems [0, 0.5, 1]: var 0.25, SE = sqrt(0.25 / 3) = 0.288675,
+    MDE = 0.808748."""
+    assert intervals.minimum_detectable_effect([[0, 0.5], [0.5, 1]]) == pytest.approx(0.990509, abs=1e-6)
+    assert intervals.minimum_detectable_effect([0, 0.5, 1]) == pytest.approx(0.808748, abs=1e-6)
+    assert intervals.minimum_detectable_effect([[0, 0.5, 1]]) == pytest.approx(0.808748, abs=1e-6)
+    # over 3 seeds' means, Student's t: (t(0.975, 2) + t(0.8, 2)) x 0.288675 = (4.302653 + 1.060660) x 0.288675
+    assert intervals.minimum_detectable_effect([0, 0.5, 1], df=2) == pytest.approx(1.548255, abs=1e-5)
+    # 4x the problems halves it: the design's power, from the observed variance
+    assert intervals.minimum_detectable_effect([0, 0.5, 1] * 4) == pytest.approx(
+        2.801585 * math.sqrt(np.var([0, 0.5, 1] * 4, ddof=1) / 12), abs=1e-6
+    )
+
+
+def test_ratio_of_means_with_its_two_level_interval():
+    """Thoughts after / before: 3 per problem after against 1 before on every problem and seed: exactly 3 (a
+    zero-width interval); after 0 or 2 alternately (mean 1) against 1: 1, the interval holds 1."""
+    before = np.ones((2, 40))  # (S, P)
+    assert intervals.ratio(3 * before, before) == intervals.Interval(3.0, 3.0, 3.0, 80)
+    noisy = intervals.ratio(np.tile([0.0, 2.0], (2, 20)), before)
+    assert noisy.estimate == pytest.approx(1.0) and noisy.low < 1 < noisy.high
+    assert 0.2 < noisy.high - noisy.low < 1.0  # about 2 x 1.96 x 1 / sqrt(40) = 0.62
+    assert math.isnan(intervals.ratio(before, 0 * before).estimate)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 import subprocess
@@ -21,9 +22,10 @@ from lightning_prerl.data.toyworld import (
     thought_trace,
 )
 from lightning_prerl.evaluation.metrics import ThoughtCounts
-from lightning_prerl.evaluation.passk import pass_at_ks
+from lightning_prerl.evaluation.passk import PROBLEM_FIELDS, PROBLEMS_FILE, pass_at_ks
 from lightning_prerl.reports.logs import read_metrics
-from lightning_prerl.reproduction.repairs import slip_stats
+from lightning_prerl.reproduction import stats
+from lightning_prerl.reproduction.repairs import slip_intervals, slip_stats
 from lightning_prerl.reproduction.report import read_alignment, write_reproduction_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,21 +76,35 @@ def test_shipped_thoughts_policy_is_in_the_rl_band():
 def test_slip_counts_follow_what_comes_after_each_wrong_step():
     answer = "\n\n".join(
         [
-            "23+45=69.",  # slip, repaired by a reflection
+            "23+45=69.",  # slip (68), a reflection states 68 and the next step starts from 68: fixed
             "Wait, let me check: 23+45=68, not 69.",
-            "68-17=50.",  # slip, repaired by a transition
+            "68-17=50.",  # slip (51), a transition ends on 51 and 51 goes on: fixed
             "Alternatively, 68-10=58 and 58-7=51.",
             "51+2=53.",  # correct, checked
             "Wait, let me check: 51+2=53.",
-            "53+1=55.",  # slip, left alone
+            "53+1=55.",  # slip (54), left alone
             "55-5=50.",  # correct
-            "The answer is \\boxed{50}.",
+            "50+7=56.",  # slip (57), the reflection states a wrong value (58): an attempt, not fixed
+            "Wait, let me check: 50+7=58, not 56.",
+            "58+3=62.",  # slip (61), the transition states 61 but the answer goes on from 62: not fixed
+            "Alternatively, 61-3=58, so 58+3=61.",
+            "62-2=60.",  # correct
+            "60-2=57.",  # slip (58), the last step: the reflection states 58 and the boxed answer is 58: fixed
+            "Wait, let me check: 60-2=58, not 57.",
+            "The answer is \\boxed{58}.",
         ]
     )
-    assert slip_counts(answer) == SlipCounts(steps=5, slips=3, reflected=1, switched=1, checks=1)
+    counts = slip_counts(answer)
+    assert counts == SlipCounts(steps=9, slips=6, reflected=3, switched=2, checks=1, fixed=3)
     stats = slip_stats([answer, "1+1=2.\n\nThe answer is \\boxed{2}."])
-    assert stats["slips_per_answer"] == 1.5 and stats["repair_share"] == pytest.approx(2 / 3)
-    assert stats["reflect_share"] == pytest.approx(1 / 3) and stats["check_share"] == pytest.approx(1 / 3)  # 1 of 3
+    assert stats["slips_per_answer"] == 3 and stats["repair_share"] == pytest.approx(5 / 6)  # attempts / slips
+    assert stats["fixed_share"] == pytest.approx(3 / 6) and stats["fix_rate"] == pytest.approx(3 / 5)
+    assert stats["reflect_share"] == pytest.approx(3 / 6) and stats["check_share"] == pytest.approx(1 / 4)  # 10 - 6
+    # intervals over answers (ratios of sums): resampling [answer, answer], [answer, plain] or [plain, plain]
+    ci = slip_intervals([stats])
+    assert ci["fixed_share"] == {"estimate": 0.5, "low": 0.5, "high": 0.5, "n": 2}  # plain has no slip: dropped or 0/0
+    assert (ci["slips_per_answer"]["low"], ci["slips_per_answer"]["high"]) == (0.0, 6.0)  # 0, 3 or 6 slips per answer
+    assert slip_intervals([stats, stats])["repair_share"]["estimate"] == pytest.approx(5 / 6)  # two seeds
 
 
 def test_pass_at_ks_is_the_unbiased_estimator():
@@ -105,7 +121,10 @@ def _job(
     curve: list[float],
     thoughts: list[tuple[float, float]],
     passk: tuple[float, float],
+    problems: dict[int, list[tuple[int, int, int]]] | None = None,
 ) -> None:
+    """A job dir as a run writes it; `problems`: {step: per-problem (correct, transition, reflection) of 4
+    samples} for `logs/passk_problems.csv`."""
     d = root / str(number)
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(f"- objective={objective}\n- seed={seed}\n")
@@ -124,6 +143,10 @@ def _job(
             w.writerow([0, i, 1, inner, cos, 0.5])
         for i, (inner, cos) in enumerate([(1, 0.4), (-2, 0.6)]):
             w.writerow([10 * (len(curve) - 1), i, 0, inner, cos, 0.5])
+    if problems:
+        rows = [[step, p, 4, *row] for step, per in problems.items() for p, row in enumerate(per)]
+        lines = [",".join(PROBLEM_FIELDS)] + [",".join(map(str, r)) for r in rows]
+        (d / "logs" / PROBLEMS_FILE).write_text("\n".join(lines) + "\n")
 
 
 def test_report_numbers_are_hand_derivable_from_logs(tmp_path):
@@ -149,25 +172,87 @@ def test_report_numbers_are_hand_derivable_from_logs(tmp_path):
     data = json.loads((tmp_path / "reproduction.json").read_text())
     assert data["thresholds"] == pytest.approx([0.45, 0.5, 0.55])  # base 0.4 + 0.05, 0.1, 0.15
     grpo, dsrl, nsr = (data["objective"][o] for o in ("grpo", "dsrl", "nsr_prerl"))
-    assert grpo["finals"]["val/accuracy"] == pytest.approx([0.51, 0.01 * 2**0.5])
+    t = 12.706205  # t(0.975, 1): two seeds, per-seed means without per-problem records
+    assert grpo["finals"]["val/accuracy"] == pytest.approx(
+        {"estimate": 0.51, "low": 0.51 - t * 0.01, "high": 0.51 + t * 0.01, "n": 2}  # s = 0.01 x sqrt(2)
+    )
     assert [s["per_seed"] for s in grpo["steps_to_threshold"]] == [[20, 10], [20, 20], [None, None]]
     assert [s["mean"] for s in grpo["steps_to_threshold"]] == [15, 20, None]
     assert [s["per_seed"] for s in dsrl["steps_to_threshold"]] == [[10, 10], [10, 20], [20, 20]]
-    assert nsr["thought_ratio"]["val/transition_thoughts"][0] == pytest.approx(2.0)
-    assert nsr["thought_ratio"]["val/reflection_thoughts"][0] == pytest.approx(3.0)
-    assert grpo["pass_at_k"]["1"] == pytest.approx([0.505, 0.01 / 2**0.5])  # jobs 0 and 1: 0.50, 0.51
-    assert data["base"]["pass_at_k"]["2"][0] == pytest.approx(0.6)
+    assert nsr["thought_ratio"]["val/transition_thoughts"]["estimate"] == pytest.approx(2.0)
+    assert nsr["thought_ratio"]["val/reflection_thoughts"]["low"] == pytest.approx(3.0)  # both seeds 3.0
+    assert grpo["pass_at_k"]["1"]["estimate"] == pytest.approx(0.505)  # jobs 0 and 1: 0.50, 0.51
+    assert grpo["pass_at_k"]["1"]["high"] == pytest.approx(0.505 + t * 0.005)
+    assert data["base"]["pass_at_k"]["2"]["estimate"] == pytest.approx(0.6)
+    # paired per seed: DSRL - GRPO = 0.10, 0.04 (mean 0.07, s 0.042426); PSR-PreRL - base = -0.1, -0.1
+    dsrl_grpo = next(c for c in data["comparisons"] if c["comparison"] == "dsrl - grpo")
+    assert dsrl_grpo["metric"] == "val/accuracy" and dsrl_grpo["estimate"] == pytest.approx(0.07)
+    assert dsrl_grpo["high"] == pytest.approx(0.07 + t * 0.03)  # s / sqrt(2) = 0.03
+    assert dsrl_grpo["mde"] == pytest.approx((t + 1.376382) * 0.03, abs=1e-6)  # t(0.975, 1) + t(0.8, 1)
+    psr_base = next(c for c in data["comparisons"] if c["comparison"] == "psr_prerl - base")
+    assert (psr_base["low"], psr_base["high"]) == pytest.approx((-0.1, -0.1))
     assert data["base"]["seeds"] == 2 and data["base"]["alignment"]["samples"] == 8  # one job per seed, not 8 jobs
     assert data["base"]["alignment"]["negative_share"] == pytest.approx(0.25)  # 2 of those 8 step-0 rows
     assert data["base"]["alignment"]["cosine_mean"] == pytest.approx(0.225)
     assert grpo["alignment_after"]["negative_share"] == pytest.approx(0.5)
     assert data["real_model"]["alignment"]["cosine_mean"] == pytest.approx(0.6)
-    assert [f["same direction"] for f in data["findings"]] == ["toy: partly; real model: yes", "yes", "yes", "yes"]
+    assert data["base"]["alignment"]["ci"]["cosine_mean"]["low"] > 0  # 6 of the 8 cosines are >= 0.2
+    assert [f["verdict"] for f in data["findings"]] == [
+        "toy: yes; real model: yes",
+        "transition: yes; reflection: yes",  # ratios 2 and 3 on both seeds: zero-width intervals
+        "inconclusive",  # DSRL - GRPO 0.07 [-0.31, 0.45] over 2 seeds
+        "yes",  # PSR-PreRL - base -0.1 on both seeds
+    ]
     md = (tmp_path / "reproduction.md").read_text()
-    assert "| grpo | 0.450 (+0.05) | 20, 10 | 2/2 | 15.0 |" in md and "0.510 ± 0.014" in md
+    assert "| grpo | 0.450 (+0.05) | 20, 10 | 2/2 | 15.0 |" in md and "0.510 [0.383, 0.637]" in md
+    assert "| dsrl - grpo | val/accuracy | 2 | – | +0.070 [-0.311, +0.451] | contains 0 | 0.422 |" in md
+    assert "## Paired differences and power" in md and "**inconclusive** when it contains it" in md
     assert "| grpo | 0.550 (+0.15) | never, never | 0/2 | – |" in md
     for png in ("repro_accuracy", "repro_thoughts", "repro_pass_at_k", "repro_alignment"):
         assert (tmp_path / f"{png}.png").stat().st_size > 10_000
+
+
+def test_findings_are_judged_from_per_problem_intervals(tmp_path):
+    """Per-problem records of 2 seeds x 20 problems x 4 samples (the same on both seeds): base solves 1 and 3
+    of 4 alternately (pass@1 0.5). GRPO and PSR-PreRL solve one more everywhere (+0.25 on every problem);
+    DSRL two more on even problems, one more on odd (DSRL - GRPO: +0.25, 0 alternately, mean 0.125, clearly
+    positive: yes). PSR-PreRL ends above base, against the paper's collapse: no. NSR-PreRL's transition
+    thoughts go from 1 per response to 0 or 2 alternately (ratio 1, noisy: inconclusive), reflections from 1
+    to 2.5 or 3.5 (ratio 3, interval well above 1: yes)."""
+    base = [(1 + 2 * (p % 2), 4, 4) for p in range(20)]  # (correct, transition, reflection) of 4 samples
+    plus = {  # objective: each problem's final (correct, transition, reflection)
+        "grpo": [(c + 1, t, r) for c, t, r in base],
+        "dsrl": [(min(4, c + 2), t, r) for c, t, r in base],
+        "psr_prerl": [(c + 1, t, r) for c, t, r in base],
+        "nsr_prerl": [(c, 8 * (p % 2), 10 + 4 * (p % 2)) for p, (c, _, _) in enumerate(base)],
+    }
+    n = 0
+    for objective, final in plus.items():
+        for seed in (0, 1):
+            thoughts = [(0.2, 0.1)] * 3
+            _job(tmp_path, n, objective, seed, [0.4, 0.4, 0.4], thoughts, (0.5, 0.7), {0: base, 20: final})
+            n += 1
+    write_reproduction_report(tmp_path)
+    data = json.loads((tmp_path / "reproduction.json").read_text())
+    assert data["base"]["heldout"]["pass@1"]["estimate"] == pytest.approx(0.5)
+    assert data["base"]["heldout"]["pass@2"]["estimate"] == pytest.approx(0.75)  # (1 - C(3,2)/C(4,2) + 1) / 2
+    dsrl = data["objective"]["dsrl"]["heldout"]["pass@1"]
+    assert dsrl["estimate"] == pytest.approx(0.875) and dsrl["n"] == 40
+    c = next(c for c in data["comparisons"] if c["comparison"] == "dsrl - grpo" and c["metric"] == "pass@1")
+    assert (c["estimate"], c["seeds"], c["problems"]) == (pytest.approx(0.125), 2, 20)
+    assert 0.05 < c["low"] < 0.1 and 0.15 < c["high"] < 0.2  # about 0.125 +- 1.96 x 0.0287
+    # MDE: problem means 0.25, 0 (var 20 x 0.125^2 / 19 = 0.016447), seed means equal: 2.801585 x sqrt(0.016447 / 20)
+    assert c["mde"] == pytest.approx(2.801585 * math.sqrt(0.0164474 / 20), abs=1e-5)
+    nsr = data["objective"]["nsr_prerl"]["thought_ratio"]
+    assert nsr["val/transition_thoughts"]["estimate"] == pytest.approx(1.0)
+    assert nsr["val/transition_thoughts"]["low"] < 1 < nsr["val/transition_thoughts"]["high"]
+    assert nsr["val/reflection_thoughts"]["estimate"] == pytest.approx(3.0)
+    assert 2.5 < nsr["val/reflection_thoughts"]["low"] < 3 < nsr["val/reflection_thoughts"]["high"] < 3.5
+    verdicts = [f["verdict"] for f in data["findings"]]
+    assert verdicts[1:] == ["transition: inconclusive; reflection: yes", "yes", "no"]
+    md = (tmp_path / "reproduction.md").read_text()
+    assert "| dsrl - grpo | pass@1 | 2 | 20 | +0.125 [" in md and "| above 0 | 0.080 |" in md
+    assert "| dsrl | 0.875 [" in md  # the pass@k table from the per-problem records
 
 
 @pytest.mark.slow
@@ -195,6 +280,7 @@ def test_reproduce_toy_command_with_reduced_settings(tmp_path):
         "## After a slip",
         "## Transition and reflection thoughts",
         "## Gradient alignment",
+        "## Paired differences and power",
     ):
         assert section in md
     data = json.loads((sweep / "reproduction.json").read_text())
@@ -214,6 +300,14 @@ def test_reproduce_toy_command_with_reduced_settings(tmp_path):
         assert job["slips"]["answers"] == 6  # 3 problems x 2 answers of the job's exported policy
     assert data["base"]["slips"]["answers"] == 6
     grpo = [j["finals"]["val/accuracy"] for j in data["jobs"] if j["objective"] == "grpo"]
-    assert data["objective"]["grpo"]["finals"]["val/accuracy"][0] == pytest.approx(sum(grpo) / 2)
+    assert data["objective"]["grpo"]["finals"]["val/accuracy"]["estimate"] == pytest.approx(sum(grpo) / 2)
+    for job in data["jobs"]:  # every job's per-problem record: the base and the trained policy on 4 problems
+        problems = stats.read_problems(Path(job["dir"]))
+        assert sorted(problems["base"]) == sorted(problems["final"]) == [0, 1, 2, 3]
+    dsrl_grpo = [c for c in data["comparisons"] if c["comparison"] == "dsrl - grpo"]
+    assert [(c["metric"], c["seeds"], c["problems"]) for c in dsrl_grpo] == [("pass@1", 2, 4), ("pass@4", 2, 4)]
+    for f in data["findings"]:
+        assert f["verdict"].split(": ")[-1] in ("yes", "no", "inconclusive")
+    assert "fixed_share" in data["base"]["slips"]
     for png in ("repro_accuracy", "repro_thoughts", "repro_pass_at_k", "repro_alignment"):
         assert (sweep / f"{png}.png").is_file()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,10 +87,11 @@ def test_ddp_two_processes_train_and_agree(tmp_path, monkeypatch):
     same weights, bit for bit (tests/rank_probe.py writes each rank's prompts and weight digest). Catches
     ranks that train on the same slice, and replicas that drift apart (an update outside DDP's sync).
     Rank 1 runs out of memory in step 1's forward: both ranks retry the pass with half the tokens
-    (training/oom.py), in lockstep, and still agree."""
+    (training/oom.py), in lockstep, and still agree. The pass@k callback's per-problem record gathers both
+    ranks' problems (3 problems: rank 0 draws 0 and 2, rank 1 draws 1 and a padding one, never written)."""
     import json
 
-    monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")])))
     run_dir = tmp_path / "ddp"
     run_experiment(
         run_dir,
@@ -105,9 +107,18 @@ def test_ddp_two_processes_train_and_agree(tmp_path, monkeypatch):
         "data.samples_per_prompt=4",
         "data.eval_prompts.count=8",
         "data.sampling.max_new_tokens=48",
+        "+callbacks.pass_at_k._target_=lightning_prerl.evaluation.passk.PassAtKCurve",
+        "+callbacks.pass_at_k.samples=2",
+        "+callbacks.pass_at_k.problems=3",
         timeout=400,
     )
     rows = read_rows(run_dir)
+    with open(run_dir / "logs" / "passk_problems.csv", newline="") as fh:
+        problems = [{k: int(v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    assert [(r["step"], r["problem"], r["samples"]) for r in problems] == [(s, p, 2) for s in (0, 2) for p in range(3)]
+    for step in (0, 2):  # the logged pass@1 is the per-problem record's mean
+        pass1 = next(float(r["passk/pass@1"]) for r in rows if r.get("passk/pass@1") and int(r["step"]) == step)
+        assert pass1 == pytest.approx(sum(r["correct"] for r in problems if r["step"] == step) / 6)
     assert steps_with(rows, "train/loss") == [0, 1]
     assert steps_with(rows, "val/accuracy") == [0, 2]
     ranks = [json.loads((run_dir / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -204,37 +204,59 @@ _STEP = re.compile(r"^(\d+)([+-])(\d+)=(-?\d+)\.$")  # a computation thought: "2
 class SlipCounts:
     """What a "thoughts"-world answer does after each computation: `slips` wrong results, of which
     `reflected` / `switched` are followed by a reflection ("Wait...") / transition ("Alternatively...")
-    thought; `steps` computations in all, `checks` reflection or transition thoughts after a correct one."""
+    thought (repair attempts) and `fixed` are repaired successfully: the repair thought's last stated
+    value is the step's right result and the answer carries that value on (the next computation starts
+    from it, or the boxed answer is it when no computation follows); `steps` computations in all,
+    `checks` reflection or transition thoughts after a correct one."""
 
     steps: int = 0
     slips: int = 0
     reflected: int = 0
     switched: int = 0
     checks: int = 0
+    fixed: int = 0
 
     def __add__(self, other: SlipCounts) -> SlipCounts:
         return SlipCounts(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+
+_STATED = re.compile(r"=(-?\d+)")  # a value a thought states: "Wait, let me check: 23+45=68, not 69." -> 68
+_BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
+
+
+def _carried(thoughts: list[str]) -> int | None:
+    """The value the rest of an answer goes on from: the first operand of its next computation thought,
+    else its boxed answer (None: neither)."""
+    for thought in thoughts:
+        if m := _STEP.match(thought):
+            return int(m[1])
+        if m := _BOXED.search(thought):
+            return int(m[1])
+    return None
 
 
 def slip_counts(answer: str) -> SlipCounts:
     """Slips and what follows them in one answer of the "thoughts" world (thoughts split at blank lines;
     anything that is not a computation, a "Wait" or an "Alternatively" thought is ignored)."""
     thoughts = [t.strip() for t in answer.split("\n\n")]
-    steps = slips = reflected = switched = checks = 0
+    steps = slips = reflected = switched = checks = fixed = 0
     for i, thought in enumerate(thoughts):
         if not (m := _STEP.match(thought)):
             continue
         a, op, b, result = int(m[1]), m[2], int(m[3]), int(m[4])
+        right = a + b if op == "+" else a - b
         after = thoughts[i + 1] if i + 1 < len(thoughts) else ""
         follows = "reflect" if after.startswith("Wait") else "switch" if after.startswith("Alternatively") else None
         steps += 1
-        if result != (a + b if op == "+" else a - b):
+        if result != right:
             slips += 1
             reflected += follows == "reflect"
             switched += follows == "switch"
+            stated = _STATED.findall(after)
+            fixed += follows is not None and bool(stated) and int(stated[-1]) == right == _carried(thoughts[i + 2 :])
         else:
             checks += follows is not None
-    return SlipCounts(steps, slips, reflected, switched, checks)
+    return SlipCounts(steps, slips, reflected, switched, checks, fixed)
 
 
 WORLDS = {  # name: (answer writer, shipped base policy, completion budget in tokens)

@@ -7,6 +7,7 @@ import math
 import statistics
 from pathlib import Path
 
+from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.plots import _pyplot, _save
 from lightning_prerl.reports.sweep import Job
 
@@ -16,7 +17,7 @@ SMOOTH = 5  # per-step (training-rollout) series: trailing mean over this many s
 
 
 def _band(ax, runs: list[list[tuple[float, float]]], color: str, label: str) -> None:
-    """Mean over seeds at every step some seed logged, with a ± std band."""
+    """Mean over seeds at every step some seed logged, with its 95 % t interval over seeds as a band."""
     by_step: dict[float, list[float]] = {}
     for points in runs:
         for step, value in points:
@@ -24,16 +25,9 @@ def _band(ax, runs: list[list[tuple[float, float]]], color: str, label: str) -> 
     if not by_step:
         return
     steps = sorted(by_step)
-    mean = [statistics.fmean(by_step[s]) for s in steps]
-    std = [statistics.stdev(by_step[s]) if len(by_step[s]) > 1 else 0.0 for s in steps]
-    ax.fill_between(
-        steps,
-        [m - d for m, d in zip(mean, std, strict=True)],
-        [m + d for m, d in zip(mean, std, strict=True)],
-        color=color,
-        alpha=0.2,
-    )
-    ax.plot(steps, mean, color=color, marker="o", ms=3, label=label)
+    bands = [intervals.over_seeds(by_step[s]) for s in steps]
+    ax.fill_between(steps, [b.low for b in bands], [b.high for b in bands], color=color, alpha=0.2)
+    ax.plot(steps, [b.estimate for b in bands], color=color, marker="o", ms=3, label=label)
 
 
 def _smoothed(points: list[tuple[float, float]], window: int = SMOOTH) -> list[tuple[float, float]]:
@@ -54,8 +48,8 @@ def _switch_steps(jobs: list[Job]) -> list[float]:
 def plot_over_steps(
     jobs: list[Job], objectives: list[str], metrics: list[str], out_png: Path, thresholds: list[float] = ()
 ) -> Path:
-    """One panel per metric: every objective's mean ± std over seeds against the optimizer step (held-out `val/*`
-    as evaluated; per-step training-rollout series as a trailing mean over SMOOTH steps)."""
+    """One panel per metric: every objective's mean over seeds with its 95 % t band against the optimizer step
+    (held-out `val/*` as evaluated; per-step training-rollout series as a trailing mean over SMOOTH steps)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False, layout="constrained")
     for ax, metric in zip(axes[0], metrics, strict=True):
@@ -72,7 +66,7 @@ def plot_over_steps(
             ax.annotate(f"{t:.3f}", (0, t), fontsize=7, va="bottom")
         where = "held-out" if metric.startswith("val/") else f"training rollouts, mean of {SMOOTH} steps"
         ax.set_xlabel("optimizer step")
-        ax.set_title(f"{metric} ({where}), mean ± std over seeds", fontsize=9)
+        ax.set_title(f"{metric} ({where}), mean, 95 % t band over seeds", fontsize=9)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:  # a metric no run logged draws nothing
             ax.legend(fontsize=7)
@@ -83,19 +77,22 @@ def plot_pass_at_k(data: dict, out_png: Path) -> Path:
     plt = _pyplot()
     ks = data["ks"]
     fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
-    curves = [("base policy", data["base"]["pass_at_k"], "k")] + [
-        (o, data["objective"][o]["pass_at_k"], f"C{i}") for i, o in enumerate(data["objectives"])
+    curves = [("base policy", data["base"], "k")] + [
+        (o, data["objective"][o], f"C{i}") for i, o in enumerate(data["objectives"])
     ]
-    for name, values, color in curves:
-        mean = [values[k][0] if values[k][0] is not None else math.nan for k in ks]
-        std = [values[k][1] or 0.0 for k in ks]
+    for name, policy, color in curves:
+        ci = [policy["heldout"].get(f"pass@{k}") or policy["pass_at_k"][k] for k in ks]  # per-problem, else per-seed
+        mean = [c["estimate"] if c and c["estimate"] is not None else math.nan for c in ci]
+        low = [m - c["low"] if c and c["low"] is not None else 0.0 for m, c in zip(mean, ci, strict=True)]
+        high = [c["high"] - m if c and c["high"] is not None else 0.0 for m, c in zip(mean, ci, strict=True)]
         ax.errorbar(
-            ks, mean, yerr=std, color=color, marker="o", ms=3, capsize=2, ls="--" if color == "k" else "-", label=name
-        )
+            ks, mean, yerr=[low, high], color=color, marker="o", ms=3, capsize=2, ls="--" if color == "k" else "-",
+            label=name,
+        )  # fmt: skip
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylabel("pass@k (held-out)")
-    ax.set_title("pass@k at the end of training, mean ± std over seeds", fontsize=9)
+    ax.set_title("pass@k at the end of training, 95 % interval over seeds and problems", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     return _save(fig, out_png)

@@ -9,25 +9,43 @@ separates the two with `toyworld.slip_counts`:
 | key | meaning |
 |---|---|
 | `slips_per_answer` | wrong computation thoughts per answer |
-| `repair_share` | slips followed by a reflection or transition thought / slips |
+| `repair_share` | slips followed by a reflection or transition thought (repair attempts) / slips |
+| `fixed_share` | slips repaired successfully (the repair states the right value and the answer carries it on) / slips |
+| `fix_rate` | successful repairs / repair attempts |
 | `reflect_share`, `switch_share` | the same, reflection / transition only |
 | `check_share` | correct computations followed by a reflection or transition thought / correct ones |
+
+Each is a ratio of sums over answers; `slip_intervals` gives it a 95 % interval by resampling seeds and
+answers (`intervals.ratio`).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lightning_prerl.data.prompts import render_prompt, toy_prompts
 from lightning_prerl.data.rewards import Prompt
-from lightning_prerl.data.toyworld import SlipCounts, slip_counts
+from lightning_prerl.data.toyworld import slip_counts
+from lightning_prerl.evaluation import intervals
+from lightning_prerl.reproduction import stats
 from lightning_prerl.rollout.engine import SamplingConfig, derive_seed
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.scale.models import load_policy, load_tokenizer, stop_token_ids
 
-FIELDS = ["slips_per_answer", "repair_share", "reflect_share", "switch_share", "check_share"]
+RATIOS = {  # field: (numerator, denominator) of one answer's SlipCounts, summed over answers
+    "slips_per_answer": (lambda c: c.slips, lambda c: 1),
+    "repair_share": (lambda c: c.reflected + c.switched, lambda c: c.slips),
+    "fixed_share": (lambda c: c.fixed, lambda c: c.slips),
+    "fix_rate": (lambda c: c.fixed, lambda c: c.reflected + c.switched),
+    "reflect_share": (lambda c: c.reflected, lambda c: c.slips),
+    "switch_share": (lambda c: c.switched, lambda c: c.slips),
+    "check_share": (lambda c: c.checks, lambda c: c.steps - c.slips),
+}
+FIELDS = list(RATIOS)
 
 
 def sample_answers(policy: str, prompts: list[Prompt], samples: int, max_new_tokens: int, seed: int = 0) -> list[str]:
@@ -43,22 +61,28 @@ def sample_answers(policy: str, prompts: list[Prompt], samples: int, max_new_tok
     return tokenizer.batch_decode(out.completions, skip_special_tokens=True)
 
 
-def slip_stats(answers: list[str]) -> dict[str, float | None]:
-    """FIELDS over `answers` (a share is None when its denominator is 0)."""
-    c = sum((slip_counts(a) for a in answers), SlipCounts())
-    correct = c.steps - c.slips
+def slip_stats(answers: list[str]) -> dict:
+    """FIELDS over `answers` (a share is None when its denominator is 0), and `per_answer`: each answer's
+    (numerator, denominator) of every field, what `slip_intervals` resamples."""
+    counts = [slip_counts(a) for a in answers]
+    per_answer = {f: [(num(c), den(c)) for c in counts] for f, (num, den) in RATIOS.items()}
 
-    def share(n: int, d: int) -> float | None:
-        return n / d if d else None
+    def share(pairs: list[tuple[int, int]]) -> float | None:
+        d = sum(x for _, x in pairs)
+        return sum(n for n, _ in pairs) / d if d else None
 
-    return {
-        "answers": len(answers),
-        "slips_per_answer": share(c.slips, len(answers)),
-        "repair_share": share(c.reflected + c.switched, c.slips),
-        "reflect_share": share(c.reflected, c.slips),
-        "switch_share": share(c.switched, c.slips),
-        "check_share": share(c.checks, correct),
-    }
+    return {"answers": len(answers), **{f: share(pairs) for f, pairs in per_answer.items()}, "per_answer": per_answer}
+
+
+def slip_intervals(per_seed: list[dict]) -> dict[str, dict | None]:
+    """Every field of the `slip_stats` of S policies (seeds, same prompts and sampling seeds) as a ratio of
+    sums with its two-level bootstrap interval over seeds and answers (`intervals.ratio`)."""
+    out = {}
+    for f in FIELDS:  # one policy: S = 1, the bootstrap over answers
+        pairs = np.array([s["per_answer"][f] for s in per_seed], dtype=np.float64)  # (S, A, 2)
+        ci = intervals.ratio(pairs[..., 0], pairs[..., 1])
+        out[f] = None if math.isnan(ci.estimate) else stats.as_dict(ci)
+    return out
 
 
 def sweep_slip_stats(job_dirs: list[Path], problems: int, samples: int) -> tuple[dict, dict[Path, dict]]:

@@ -7,17 +7,21 @@ from `passk.PassAtKCurve`, `align/*`) and `logs/alignment.csv` (one row per meas
 
 | file | content |
 |---|---|
-| `reproduction.md` | findings vs the paper, final numbers (mean ± std over seeds), steps to thresholds, |
-|  | pass@k, thoughts ratios, what policies do after a slip, alignment |
+| `reproduction.md` | findings vs the paper with a verdict from each interval, paired differences with their |
+|  | minimum detectable effect, final numbers, steps to thresholds, pass@k, thoughts ratios, |
+|  | what policies do after a slip, alignment (95 % intervals throughout, `stats.py`) |
 | `reproduction.json` | every number of the markdown, per job too (what the test compares with the logs) |
-| `repro_accuracy.png` | held-out and training-rollout accuracy over steps, mean ± std band per objective |
+| `repro_accuracy.png` | held-out and training-rollout accuracy over steps, 95 % t band over seeds per objective |
 | `repro_pass_at_k.png` | pass@k for k = 1..64 of the base policy and after training |
 | `repro_thoughts.png` | transition and reflection thoughts per response over steps |
 | `repro_alignment.png` | histograms of <grad log P(y), grad log P(y|x)> and their cosine: base, after, real model |
 
 The base policy's numbers are the step-0 values, one job per seed (jobs of one seed share the base
-policy, the first rollout batch and every sampling seed, so their step-0 values are equal), mean ± std
-over seeds. Steps to a threshold: the first held-out evaluation at or above base accuracy + gain, for
+policy, the first rollout batch and every sampling seed, so their step-0 values are equal). Per-seed
+logged means (`val/*`) get Student's t interval over seeds, slip shares a bootstrap over seeds and
+answers; pass@k, thoughts and the paired differences come from each job's per-problem record
+(`logs/passk_problems.csv`) with the two-level bootstrap over seeds and problems (`stats.py`).
+Steps to a threshold: the first held-out evaluation at or above base accuracy + gain, for
 each gain of `threshold_gains` (the evaluation interval is the resolution).
 """
 
@@ -29,11 +33,12 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.alignment import summarize
 from lightning_prerl.reports.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
+from lightning_prerl.reproduction import stats
 from lightning_prerl.reproduction.plots import plot_alignment, plot_over_steps, plot_pass_at_k
-from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
-from lightning_prerl.reproduction.repairs import sweep_slip_stats
+from lightning_prerl.reproduction.repairs import slip_intervals, sweep_slip_stats
 from lightning_prerl.reproduction.text import ACCURACY, FINALS, THOUGHTS, findings, markdown
 
 OBJECTIVE_KEY = "objective"
@@ -78,11 +83,52 @@ def _pass_ks(jobs: list[Job]) -> list[int]:
     return sorted(ks)
 
 
-def _alignment_stats(rows: list[dict[str, float]]) -> dict[str, float | int | None]:
-    """The report's alignment numbers: `alignment.summarize`, as logged during training, of `rows`."""
+def _alignment_stats(rows: list[dict[str, float]]) -> dict:
+    """The report's alignment numbers: `alignment.summarize`, as logged during training, of `rows`, and
+    the intervals over rollouts of the negative share and the mean cosine (`ci`)."""
     keys = ("negative_share", "cosine_mean", "inner_mean", "logp_gap_mean")
-    stats = summarize(rows) if rows else {}
-    return {"samples": len(rows), **{k: stats.get(f"align/{k}") for k in keys}}
+    logged = summarize(rows) if rows else {}
+    return {"samples": len(rows), **{k: logged.get(f"align/{k}") for k in keys}, "ci": stats.alignment_intervals(rows)}
+
+
+def _without_answers(slips: dict) -> dict:
+    """`repairs.slip_stats` without its per-answer counts (kept out of reproduction.json)."""
+    return {k: v for k, v in slips.items() if k != "per_answer"}
+
+
+def _over_seeds(values) -> dict | None:
+    kept = [v for v in values if v is not None]
+    return stats.as_dict(intervals.over_seeds(kept)) if kept else None
+
+
+def _by_seed(members: list[Job]) -> dict[str | None, Job]:
+    return {j.overrides.get(SEED_KEY): j for j in members}
+
+
+def comparisons(by_objective: dict[str, list[Job]], problems: dict[Path, dict], ks: list[int]) -> list[dict]:
+    """Paired differences: each objective's trained policy - its base policy (same job), DSRL - GRPO (same
+    seed); on pass@1 and the largest pass@k from the per-problem records, else on the per-seed final
+    `val/accuracy`."""
+    pairs = [(f"{o} - base", [(j, "base", j, "final") for j in members]) for o, members in by_objective.items()]
+    if "dsrl" in by_objective and "grpo" in by_objective:
+        grpo, dsrl = _by_seed(by_objective["grpo"]), _by_seed(by_objective["dsrl"])
+        pairs.append(("dsrl - grpo", [(grpo[s], "final", dsrl[s], "final") for s in grpo if s in dsrl]))
+    out = []
+    for name, matched in pairs:
+        a = [problems[ja.dir].get(wa, {}) for ja, wa, _, _ in matched]
+        b = [problems[jb.dir].get(wb, {}) for _, _, jb, wb in matched]
+        metrics = [f"pass@{k}" for k in ks[:1] + ks[-1:]] if a and all(a) and all(b) else []
+        for metric in dict.fromkeys(metrics):
+            out.append({"comparison": name, "metric": metric, **stats.compare(a, b, metric)})
+        if not metrics:
+            values = [
+                (first_value(ja, ACCURACY) if wa == "base" else ja.final(ACCURACY), jb.final(ACCURACY))
+                for ja, wa, jb, _ in matched
+            ]
+            result = stats.compare_seed_means(*map(list, zip(*values, strict=True))) if values else None
+            if result:
+                out.append({"comparison": name, "metric": ACCURACY, **result})
+    return out
 
 
 def sweep_jobs(sweep_dir: Path) -> list[Job]:
@@ -106,9 +152,11 @@ def collect(
     objectives = ordered_values(jobs, OBJECTIVE_KEY)
     by_objective = {o: [j for j in jobs if j.overrides.get(OBJECTIVE_KEY, "") == o] for o in objectives}
     ks, seeds = _pass_ks(jobs), one_per_seed(jobs)
-    base = {m: mean_std([v for j in seeds if (v := first_value(j, m)) is not None]) for m in FINALS}
-    base_passk = {k: mean_std([v for j in seeds if (v := first_value(j, f"passk/pass@{k}")) is not None]) for k in ks}
-    base_accuracy = base[ACCURACY][0]
+    problems = {j.dir: stats.read_problems(j.dir) for j in jobs}
+    measured = [f"pass@{k}" for k in ks] + stats.THOUGHT_KEYS
+    base = {m: _over_seeds(first_value(j, m) for j in seeds) for m in FINALS}
+    base_passk = {k: _over_seeds(first_value(j, f"passk/pass@{k}") for j in seeds) for k in ks}
+    base_accuracy = base[ACCURACY]["estimate"] if base[ACCURACY] else None
     thresholds = [] if base_accuracy is None else [round(base_accuracy + g, 4) for g in threshold_gains]
     base_rows = [r for j in seeds for r in read_alignment(j.dir) if r["step"] == 0]
     slips_base, slips = (
@@ -133,7 +181,7 @@ def collect(
                 "steps_to_threshold": [steps_to(job, t) for t in thresholds],
                 "peak_accuracy": max((v for _, v in job.series.get(ACCURACY, [])), default=None),
                 "alignment_after": _alignment_stats(after),
-                "slips": slips.get(job.dir, {}),
+                "slips": _without_answers(slips.get(job.dir, {})),
             }
             for m in THOUGHTS:
                 b, f = record["base"][m], record["finals"][m]
@@ -141,21 +189,24 @@ def collect(
             records.append(record)
         per_job += records
 
-        def over_seeds(values):
-            return mean_std([v for v in values if v is not None])
-
+        before, after = ([problems[j.dir].get(w, {}) for j in members] for w in ("base", "final"))
+        ratios = {
+            m: stats.thought_ratio(before, after, key) or stats.seed_ratio([r["thought_ratio"][m] for r in records])
+            for m, key in zip(THOUGHTS, stats.THOUGHT_KEYS, strict=True)
+        }
         per_objective[objective] = {
             "seeds": len(records),
-            "finals": {m: over_seeds(r["finals"][m] for r in records) for m in FINALS},
-            "pass_at_k": {k: over_seeds(r["pass_at_k"][k] for r in records) for k in ks},
-            "thought_ratio": {m: over_seeds(r["thought_ratio"][m] for r in records) for m in THOUGHTS},
-            "peak_accuracy": over_seeds(r["peak_accuracy"] for r in records),
+            "finals": {m: _over_seeds(r["finals"][m] for r in records) for m in FINALS},
+            "pass_at_k": {k: _over_seeds(r["pass_at_k"][k] for r in records) for k in ks},
+            "heldout": stats.heldout(after, measured),
+            "thought_ratio": ratios,
+            "peak_accuracy": _over_seeds(r["peak_accuracy"] for r in records),
             "steps_to_threshold": [
                 _reached([r["steps_to_threshold"][i] for r in records]) for i in range(len(thresholds))
             ],
             "alignment_after": _alignment_stats(after_rows),
             "alignment_after_rows": after_rows,
-            "slips": {f: over_seeds(r["slips"].get(f) for r in records) for f in SLIP_FIELDS} if slips else {},
+            "slips": slip_intervals([slips[j.dir] for j in members if j.dir in slips]) if slips else {},
         }
     real_rows = read_alignment(real_model) if real_model else []
     return {
@@ -169,13 +220,15 @@ def collect(
         "base": {
             "finals": base,
             "pass_at_k": base_passk,
+            "heldout": stats.heldout([problems[j.dir].get("base", {}) for j in seeds], measured),
             "alignment": _alignment_stats(base_rows),
             "alignment_rows": base_rows,
             "seeds": len(seeds),
-            "slips": slips_base,
+            "slips": _without_answers(slips_base) | ({"ci": slip_intervals([slips_base])} if slips_base else {}),
         },
         "jobs_count": len(jobs),
         "objective": per_objective,
+        "comparisons": comparisons(by_objective, problems, ks),
         "jobs": per_job,
         "real_model": {
             "dir": str(real_model) if real_model else None,

@@ -3,8 +3,7 @@ measured ones, and the markdown of `reproduction.md`."""
 
 from __future__ import annotations
 
-import math
-
+from lightning_prerl.reproduction import stats
 from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
 
 ACCURACY = "val/accuracy"
@@ -18,73 +17,81 @@ PAPER = {  # arXiv 2604.14142 on Qwen3-4B (PAPER-NOTES.md)
 }
 
 
-def _fmt(mean: float | None, std: float | None, digits: int = 3) -> str:
-    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+VERDICT_RULE = (
+    "Verdicts are judged from 95 % intervals, never from point estimates: **yes** when the interval of the"
+    " effect excludes no effect (0 for a difference, 1 for a ratio) in the paper's direction, **no** when it"
+    " excludes it in the other direction, **inconclusive** when it contains it. An inconclusive verdict is a"
+    " null only where the minimum detectable effect (the power table) is below the effect that matters."
+)
+
+
+def _ci(interval: dict | None, digits: int = 3, sign: str = "") -> str:
+    """`estimate [low, high]` of an interval dict (`stats.as_dict`), "–" without one."""
+    if not interval or interval["estimate"] is None:
         return "–"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    e, lo, hi = interval["estimate"], interval["low"], interval["high"]
+    if lo is None or lo == hi == e:
+        return f"{e:{sign}.{digits}f}"
+    return f"{e:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
+def comparison(data: dict, name: str) -> dict | None:
+    """The first paired difference called `name` (its first metric: pass@1, else val/accuracy)."""
+    return next((c for c in data["comparisons"] if c["comparison"] == name), None)
+
+
+def _paired_text(c: dict) -> str:
+    design = f"{c['seeds']} seeds" + (f" x {c['problems']} problems" if c["problems"] else "")
+    return f"{c['metric']} {_ci(c, sign='+')} ({design}; detectable at 80 % power: {_num(c['mde'])})"
 
 
 def findings(data: dict) -> list[dict[str, str]]:
-    """The paper's four findings next to what the runs measured, and whether the direction agrees."""
+    """The paper's four findings next to what the runs measured, with a verdict judged from the intervals."""
     obj, base, out = data["objective"], data["base"], []
     a, real = base["alignment"], data["real_model"]["alignment"]
-    measured = f"toy base policy: {_pct(a['negative_share'])} negative, mean cosine {_num(a['cosine_mean'])}"
-    measured += f" ({a['samples']} rollouts)"
+    measured = f"toy base policy: {_alignment_text(a)}"
+    verdict = f"toy: {stats.verdict(a['ci']['cosine_mean'], +1)}"
     if real["samples"]:
-        measured += f"; real model: {_pct(real['negative_share'])} negative"
-        measured += f", cosine {_num(real['cosine_mean'])} ({real['samples']})"
-    aligned = f"toy: {_aligned(a)}" + (f"; real model: {_aligned(real)}" if real["samples"] else "")
-    out.append(_finding("(a) gradients align", PAPER["alignment"], measured, aligned))
+        measured += f"; real model: {_alignment_text(real)}"
+        verdict += f"; real model: {stats.verdict(real['ci']['cosine_mean'], +1)}"
+    out.append(_finding("(a) gradients align (mean cosine > 0)", PAPER["alignment"], measured, verdict))
     if nsr := obj.get("nsr_prerl"):
-        t, r = (nsr["thought_ratio"][m][0] for m in THOUGHTS)
-        measured = f"transition {_num(t, 2)}x, reflection {_num(r, 2)}x the base policy"
-        measured += " (final vs step 0, mean over seeds)"
-        more = t is not None and r is not None and t > 1 and r > 1
+        t, r = (nsr["thought_ratio"][m] for m in THOUGHTS)
+        measured = f"final / base thoughts per response: transition {_ci(t, 2)}, reflection {_ci(r, 2)}"
+        verdict = f"transition: {stats.verdict(t, +1, 1.0)}; reflection: {stats.verdict(r, +1, 1.0)}"
         if nsr["slips"] and base["slips"]:
-            b_share, n_share = base["slips"]["repair_share"], nsr["slips"]["repair_share"][0]
-            measured += f"; slips repaired: base {_pct(b_share)}, NSR-PreRL {_pct(n_share)}"
-            measured += f" (slips per answer {_num(base['slips']['slips_per_answer'], 2)}"
-            measured += f" → {_num(nsr['slips']['slips_per_answer'][0], 2)})"
-        out.append(_finding("(b) NSR-PreRL raises transition / reflection thoughts", PAPER["thoughts"], measured, more))
-    dsrl, grpo = obj.get("dsrl"), obj.get("grpo")
-    if dsrl and grpo:
-        d, g = dsrl["finals"][ACCURACY], grpo["finals"][ACCURACY]
-        measured = f"final accuracy DSRL {_fmt(*d)} vs GRPO {_fmt(*g)}; mean steps to"
+            b, n = base["slips"], nsr["slips"]
+            measured += f"; share of slips followed by a repair attempt: base {_ci(b['ci']['repair_share'], 2)},"
+            measured += f" NSR-PreRL {_ci(n['repair_share'], 2)}; repaired successfully: base"
+            measured += f" {_ci(b['ci']['fixed_share'], 2)}, NSR-PreRL {_ci(n['fixed_share'], 2)}"
+        out.append(
+            _finding("(b) NSR-PreRL raises transition / reflection thoughts", PAPER["thoughts"], measured, verdict)
+        )
+    if c := comparison(data, "dsrl - grpo"):
+        dsrl, grpo = obj["dsrl"], obj["grpo"]
+        measured = f"DSRL - GRPO {_paired_text(c)}; mean steps to"
         for t, sd, sg in zip(data["thresholds"], dsrl["steps_to_threshold"], grpo["steps_to_threshold"], strict=True):
             measured += f" {_num(t)}: DSRL {_num(sd['mean'], 1)} ({sd['reached']}/{dsrl['seeds']} seeds),"
             measured += f" GRPO {_num(sg['mean'], 1)} ({sg['reached']}/{grpo['seeds']});"
-        measured = measured.rstrip(";")
-        ahead = d[0] is not None and g[0] is not None and d[0] > g[0]
-        out.append(_finding("(c) DSRL beats GRPO", PAPER["dsrl"], measured, ahead))
-    if psr := obj.get("psr_prerl"):
-        f, peak, b0 = psr["finals"][ACCURACY][0], psr["peak_accuracy"][0], base["finals"][ACCURACY][0]
-        measured = f"PSR-PreRL final {_num(f)}, its peak {_num(peak)}, base {_num(b0)}"
-        out.append(
-            _finding("(d) PSR-PreRL collapses", PAPER["psr"], measured, f is not None and b0 is not None and f < b0)
-        )
+        out.append(_finding("(c) DSRL beats GRPO", PAPER["dsrl"], measured.rstrip(";"), stats.verdict(c, +1)))
+    if c := comparison(data, "psr_prerl - base"):
+        measured = f"PSR-PreRL - base {_paired_text(c)}; its peak held-out accuracy"
+        measured += f" {_ci(obj['psr_prerl']['peak_accuracy'])}"
+        out.append(_finding("(d) PSR-PreRL collapses (ends below base)", PAPER["psr"], measured, stats.verdict(c, -1)))
     return out
 
 
-def _aligned(stats: dict) -> str:
-    """yes: positive inner product on every rollout (the paper's finding); partly: positive on average."""
-    if stats["negative_share"] is None:
-        return "no"
-    if stats["negative_share"] == 0 and stats["cosine_mean"] > 0:
-        return "yes"
-    return "partly" if stats["negative_share"] < 0.5 and stats["cosine_mean"] > 0 else "no"
+def _alignment_text(a: dict) -> str:
+    ci = a["ci"]
+    return f"{_ci(ci['negative_share'], 2)} negative, mean cosine {_ci(ci['cosine_mean'])} ({a['samples']} rollouts)"
 
 
-def _finding(name: str, paper: str, measured: str, agrees: bool | str) -> dict[str, str]:
-    agrees = agrees if isinstance(agrees, str) else "yes" if agrees else "no"
-    return {"finding": name, "paper": paper, "measured": measured, "same direction": agrees}
+def _finding(name: str, paper: str, measured: str, verdict: str) -> dict[str, str]:
+    return {"finding": name, "paper": paper, "measured": measured, "verdict": verdict}
 
 
 def _num(value: float | None, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
-
-
-def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.0f} %"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -99,16 +106,22 @@ def markdown(data: dict, command: str) -> str:
         '# Reproduction on the toy "thoughts" world',
         "",
         f"Command: `{command}`  ",
-        f"Sweep: `{data['sweep_dir']}`; {data['jobs_count']} runs; numbers are mean ± std over seeds (n - 1), read"
-        " from each run's `logs/metrics.csv` and `logs/alignment.csv`; the base policy's, once per seed.",
+        f"Sweep: `{data['sweep_dir']}`; {data['jobs_count']} runs, read from each run's `logs/metrics.csv`,"
+        " `logs/passk_problems.csv` and `logs/alignment.csv`; the base policy's numbers once per seed. Every number"
+        " is `estimate [95 % interval]`: per-problem results (pass@k, thoughts, paired differences) by the"
+        " two-level bootstrap over seeds and problems, per-seed means (`val/*`, slips, steps) by Student's t over"
+        " seeds, alignment by the bootstrap over rollouts.",
         "",
         "## The paper's findings",
         "",
+        VERDICT_RULE,
+        "",
         *_table(
-            ["finding", "paper (Qwen3-4B)", "measured here", "same direction"],
+            ["finding", "paper (Qwen3-4B)", "measured here", "verdict"],
             [list(f.values()) for f in findings(data)],
         ),
         "",
+        *_power_section(data),
         "## Final held-out numbers",
         "",
     ]
@@ -123,13 +136,21 @@ def markdown(data: dict, command: str) -> str:
     }
     finals = [base["finals"]] + [obj[o]["finals"] for o in data["objectives"]]
     seeds = [str(base["seeds"])] + [str(obj[o]["seeds"]) for o in data["objectives"]]
-    rows = [[n, s, *(_fmt(*f[m]) for m in FINALS)] for n, s, f in zip(names, seeds, finals, strict=True)]
+    rows = [[n, s, *(_ci(f[m]) for m in FINALS)] for n, s, f in zip(names, seeds, finals, strict=True)]
     lines += _table(["", "seeds", *(short[m] for m in FINALS)], rows)
     lines += ["", f"## pass@k ({', '.join(map(str, ks))})", ""]
+    heldout = [base["heldout"]] + [obj[o]["heldout"] for o in data["objectives"]]
     passk = [base["pass_at_k"]] + [obj[o]["pass_at_k"] for o in data["objectives"]]
-    lines += _table(
-        ["", *(f"pass@{k}" for k in ks)], [[n, *(_fmt(*p[k]) for k in ks)] for n, p in zip(names, passk, strict=True)]
-    )
+    rows = [
+        [n, *(_ci(h[f"pass@{k}"]) if h else _ci(p[k]) for k in ks)]
+        for n, h, p in zip(names, heldout, passk, strict=True)
+    ]
+    lines += [
+        "Over seeds x problems from the per-problem records (pass@1 is the accuracy per sample, avg@k); runs"
+        " without them: t over the seeds' logged pass@k.",
+        "",
+        *_table(["", *(f"pass@{k}" for k in ks)], rows),
+    ]
     lines += [
         "",
         "![pass@k](repro_pass_at_k.png)",
@@ -150,7 +171,7 @@ def markdown(data: dict, command: str) -> str:
         "## Transition and reflection thoughts (SEAL counting)",
         "",
     ]
-    rows = [[o, *(_fmt(*obj[o]["thought_ratio"][m], 2) for m in THOUGHTS)] for o in data["objectives"]]
+    rows = [[o, *(_ci(obj[o]["thought_ratio"][m], 2) for m in THOUGHTS)] for o in data["objectives"]]
     lines += _table(["objective", "transition thoughts: final / base", "reflection thoughts: final / base"], rows)
     lines += ["", "![thoughts](repro_thoughts.png)", ""]
     if base["slips"]:
@@ -165,8 +186,8 @@ def markdown(data: dict, command: str) -> str:
         [
             n,
             str(a["samples"]),
-            _pct(a["negative_share"]),
-            _num(a["cosine_mean"]),
+            _ci(a["ci"]["negative_share"], 2),
+            _ci(a["ci"]["cosine_mean"]),
             _num(a["inner_mean"], 1),
             _num(a["logp_gap_mean"]),
         ]
@@ -176,7 +197,7 @@ def markdown(data: dict, command: str) -> str:
         [
             "policy",
             "rollouts",
-            "negative inner products",
+            "share of negative inner products",
             "mean cosine",
             "mean inner product",
             "log-prob gap (nats/token)",
@@ -190,13 +211,54 @@ def markdown(data: dict, command: str) -> str:
 def _slip_section(data: dict) -> list[str]:
     """What the policies do after a slip (`repairs.py`), base vs each objective's exported policies."""
     base, obj = data["base"]["slips"], data["objective"]
-    head = ["policy", "slips per answer", "slips repaired", "by reflection", "by transition", "correct steps checked"]
-    rows = [["base policy", *(_num(base[f]) for f in SLIP_FIELDS)]]
-    rows += [[o, *(_fmt(*obj[o]["slips"][f]) for f in SLIP_FIELDS)] for o in data["objectives"] if obj[o]["slips"]]
+    head = [
+        "policy",
+        "slips per answer",
+        "slips with a repair attempt",
+        "slips repaired successfully",
+        "attempts that succeed",
+        "attempts by reflection",
+        "attempts by transition",
+        "correct steps checked",
+    ]
+    rows = [["base policy", *(_ci(base["ci"][f]) for f in SLIP_FIELDS)]]
+    rows += [[o, *(_ci(obj[o]["slips"][f]) for f in SLIP_FIELDS)] for o in data["objectives"] if obj[o]["slips"]]
     intro = (
         f"{base['answers']} answers per policy ({data['slip_problems']} held-out problems x {data['slip_samples']}"
         " samples, T = 1, the same seeds for every policy), sampled from each run's exported `policy/` when the"
-        " report is written. A slip is a computation thought with a wrong result; it is repaired when the next"
-        " thought is a reflection (`Wait, ...`) or a transition (`Alternatively, ...`)."
+        " report is written; each share is a ratio of sums over answers, its interval a bootstrap over seeds"
+        " and answers. A slip is a computation thought with a wrong result; a"
+        " repair attempt is a reflection (`Wait, ...`) or transition (`Alternatively, ...`) thought right after it;"
+        " the repair succeeds when that thought states the step's right value and the answer goes on from it (the"
+        " next computation starts from it, or the boxed answer is it)."
     )
     return ["## After a slip (the toy world's view of finding (b))", "", intro, "", *_table(head, rows), ""]
+
+
+SIDE = {"yes": "above 0", "no": "below 0", "inconclusive": "contains 0"}
+
+
+def _power_section(data: dict) -> list[str]:
+    """Every paired difference with its interval and the minimum detectable effect of its design."""
+    rows = [
+        [
+            c["comparison"],
+            c["metric"],
+            str(c["seeds"]),
+            str(c["problems"] or "–"),
+            _ci(c, sign="+"),
+            SIDE[stats.verdict(c, +1)],
+            _num(c["mde"]),
+        ]
+        for c in data["comparisons"]
+    ]
+    intro = (
+        "Paired differences (b - a on the same seeds and problems) and the power of each design: the minimum"
+        " detectable effect (MDE) is the smallest true difference a two-sided test at alpha = 0.05 detects with"
+        " 80 % power, (z_0.975 + z_0.8) x SE = 2.80 x SE, SE^2 = var(per-seed mean differences) / seeds +"
+        " var(per-problem mean differences) / problems, from the observed differences (per-seed means only"
+        " without per-problem records). An interval that contains 0 with an MDE above the effect that matters"
+        " is an underpowered comparison, not a null."
+    )
+    head = ["b - a", "metric", "seeds", "problems", "difference [95 %]", "interval", "MDE (80 % power)"]
+    return ["## Paired differences and power", "", intro, "", *_table(head, rows), ""]

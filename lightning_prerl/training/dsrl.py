@@ -75,11 +75,10 @@ class Phase:
     reset_reference: bool = True
     reset_optimizer: bool = False
 
-    def __post_init__(self) -> None:
-        if self.lr_scale is not None:
-            self.objective = replace(self.objective, lr_scale=self.lr_scale)
-        if self.coef is not None:
-            self.objective = replace(self.objective, coef=self.coef)
+    def weighted(self) -> Phase:
+        """This phase with its `lr_scale` and `coef` written into its objective."""
+        weights = {key: value for key in ("lr_scale", "coef") if (value := getattr(self, key)) is not None}
+        return replace(self, objective=replace(self.objective, **weights)) if weights else self
 
 
 def schedule_error(phases: list[Phase], names: list[str]) -> str | None:
@@ -115,9 +114,10 @@ class PhaseSchedule(L.Callback):
         if not isinstance(phases, Mapping):
             phases = {str(i): phase for i, phase in enumerate(phases)}
         self.phase_names = [str(n) for n in phases]
-        self.phases = [p if isinstance(p, Phase) else Phase(**{k: p[k] for k in p}) for p in phases.values()]
-        if error := schedule_error(self.phases, self.phase_names):
+        given = [p if isinstance(p, Phase) else Phase(**{k: p[k] for k in p}) for p in phases.values()]
+        if error := schedule_error(given, self.phase_names):
             raise ValueError(error)
+        self.phases = [phase.weighted() for phase in given]
         self.name = name
         self.index = 0  # the active phase
         self.starts = [0]  # the step each phase reached so far started at

@@ -17,8 +17,9 @@ from lightning_prerl.training.dsrl import Phase, PhaseSchedule
 
 
 def drive(schedule: PhaseSchedule, values: list[float]) -> tuple[list[int], list]:
-    """Step the schedule as Lightning would (batch start, then the metric `m` observed at batch end);
-    returns the active phase of each step and what the schedule asked of the module."""
+    """Step the schedule as Lightning does: batch start at global_step = step, the metric `m` observed at
+    batch end, after the optimizer step (global_step = step + 1). Returns the active phase of each step
+    and what the schedule asked of the module and the optimizer."""
     calls, phases = [], []
     module = SimpleNamespace(reference=None, phase=0)
 
@@ -33,22 +34,21 @@ def drive(schedule: PhaseSchedule, values: list[float]) -> tuple[list[int], list
         trainer.global_step = step
         schedule.on_train_batch_start(trainer, module, None, 0)
         phases.append(module.phase)
-        trainer.callback_metrics["m"] = value
-        schedule.on_train_batch_end(trainer, module, None, None, 0)
         if not optimizer.state:
             calls.append(f"optimizer cleared at {step}")
             optimizer.state["moments"] = 1
+        trainer.global_step, trainer.callback_metrics["m"] = step + 1, value
+        schedule.on_train_batch_end(trainer, module, None, None, 0)
     return phases, calls
 
 
 def four_phases(c_steps: int = 6) -> PhaseSchedule:
+    plateau = {"monitor": "m", "patience": 1, "min_steps": 3}
     return PhaseSchedule(
         {
             "a": Phase(PG(name="a", space="marginal"), steps=2),
             "b": Phase(PG(name="b"), steps=0),  # 0 steps: skipped at the boundary it starts on
-            "c": Phase(
-                PG(name="c"), c_steps, "m", patience=2, min_steps=3, lr_scale=0.5, coef=0.2, reset_optimizer=True
-            ),
+            "c": Phase(PG(name="c"), c_steps, **plateau, lr_scale=0.5, coef=0.2, reset_optimizer=True),
             "d": Phase(PG(name="d", kl_coef=0.1)),  # KL: the reference is reset to the policy at its start
         },
         name="abcd",
@@ -57,15 +57,16 @@ def four_phases(c_steps: int = 6) -> PhaseSchedule:
 
 def test_which_phase_at_which_step_by_hand(caplog):
     """a: steps 0-1 (steps=2). b has 0 steps: at step 2 the schedule passes b and starts c. c ends on a
-    plateau of `m` (patience 2, min 3 of its steps): m = 1.0 at step 2 is its best, 1.0 (step 3),
-    0.9 (step 4) and 0.95 (step 5) do not improve -> stale 1, 2 (but only 2 < 3 steps of c), 3 -> plateau
-    after step 5, so d trains from step 6 with its reference reset (KL on). c's lr_scale / coef replace
-    its objective's own, and its start clears the optimizer. With the plateau never coming (m rising),
-    c's `steps=3` ends it at step 2 + 3 = 5."""
+    plateau of `m` (patience 1, at least 3 of its steps): m = 1.0 after step 2 is its best, 0.9 after
+    step 3 is stale but c has run 2 steps only, 0.95 after step 4 is stale again with 3 steps run -> d
+    trains from step 5, its reference reset first (KL on). c's lr_scale / coef replace its objective's
+    own and its start clears the optimizer. With m rising (no plateau) c's `steps=3` ends it at step 5
+    too; with `steps=4`, at step 6. Two monitored phases in a row: each starts with a fresh trigger
+    (x plateaus after step 1; y starts at 2 with no best value yet, so it cannot end before step 4)."""
     rising = [float(i) for i in range(8)]
     with caplog.at_level(logging.INFO, logger="lightning_prerl.training.dsrl"):
-        phases, calls = drive(four_phases(), [0.0, 0.0, 1.0, 1.0, 0.9, 0.95, 2.0, 3.0])
-    assert phases == [0, 0, 2, 2, 2, 2, 3, 3]
+        phases, calls = drive(four_phases(), [0.0, 0.0, 1.0, 0.9, 0.95, 2.0, 3.0])
+    assert phases == [0, 0, 2, 2, 2, 3, 3]
     assert calls == [
         ("b", 1, 1.0, 1.0),
         ("c", 2, 0.5, 0.2),
@@ -76,16 +77,21 @@ def test_which_phase_at_which_step_by_hand(caplog):
     assert caplog.messages == [
         "abcd: phase 1 (b): a -> b at step 2 (step)",
         "abcd: phase 2 (c): b -> c at step 2 (step)",
-        "abcd: phase 3 (d): c -> d at step 6 (m plateau)",
+        "abcd: phase 3 (d): c -> d at step 5 (m plateau)",
     ]
     assert drive(four_phases(c_steps=3), rising)[0] == [0, 0, 2, 2, 2, 3, 3, 3]
+    assert drive(four_phases(c_steps=4), rising)[0] == [0, 0, 2, 2, 2, 2, 3, 3]
+    plateau = {"monitor": "m", "patience": 1, "min_steps": 1}
+    twice = PhaseSchedule({"x": Phase(PG(), **plateau), "y": Phase(PG(), **plateau), "z": Phase(PG())})
+    assert drive(twice, [1.0] * 6)[0] == [0, 0, 1, 1, 2, 2]
+
     schedule = four_phases()
-    drive(schedule, [0.0, 0.0, 1.0, 1.0, 0.9])  # stopped inside c, one observation short of the plateau
+    drive(schedule, [0.0, 0.0, 1.0, 0.9])  # stopped inside c, one stale value short of its plateau
     state = schedule.state_dict()
-    assert state == {"phase": 2, "starts": [0, 2, 2], "best": 1.0, "stale": 2, "plateaued": False}
+    assert state == {"phase": 2, "starts": [0, 2, 2], "best": 1.0, "stale": 1, "plateaued": False}
     resumed = four_phases()
-    resumed.load_state_dict(state)  # the trigger's state comes back: one more stale value ends c
-    assert (resumed.index, resumed.boundaries, resumed._stale) == (2, [2, 2], 2)
+    resumed.load_state_dict(state)
+    assert (resumed.index, resumed.boundaries, resumed._best, resumed._stale) == (2, [2, 2], 1.0, 1)
     assert resumed.initial_objective.name == "a" and [p.objective.lr_scale for p in resumed.phases] == [0.1, 1, 0.5, 1]
 
 

@@ -236,3 +236,18 @@ def test_kill_and_resume_in_each_phase_is_exact_across_both_boundaries(tmp_path)
         assert weights(run_dir) == weights(full), k
         phases = json.loads((run_dir / "summary.json").read_text())["phases"]
         assert [p["start_step"] for p in phases] == [0, 2, 5], k
+
+
+def test_a_dsrl_checkpoint_written_before_schedules_still_resumes():
+    """DSRL's callback state before it was a schedule held only `switched_at` and the plateau tracking:
+    it loads into the right phase (an `if` dropped or the old key misread would restart the warm-up)."""
+    from lightning_prerl.training.dsrl import DSRLSwitch
+
+    old = {"switched_at": 3, "best": 0.5, "stale": 1, "plateaued": True, "switch_step": 3}
+    switch = DSRLSwitch(PG(name="nsr_prerl"), PG(name="grpo"), switch_step=3)
+    switch.load_state_dict(old)
+    assert (switch.index, switch.starts, switch.switched_at, switch._best, switch._stale) == (1, [0, 3], 3, 0.5, 1)
+    before = DSRLSwitch(PG(), PG(), switch_step=3)
+    before.load_state_dict({**old, "switched_at": None, "plateaued": False})
+    assert (before.index, before.starts, before.switched_at) == (0, [0], None)
+    assert set(switch.state_dict()) == {"phase", "starts", "best", "stale", "plateaued", "switched_at", "switch_step"}

@@ -177,16 +177,20 @@ def phase_of_step(run_dir) -> list[int]:
 
 def test_the_three_phase_yaml_trains_with_no_code(tmp_path):
     """The shipped `objective=nsr_psr_grpo`, lengths shortened from the command line (2 + 1 steps, then
-    GRPO to step 5), one phase's objective swapped for GSPO: each step's logged phase, the lr of each
-    phase (0.1 x 1e-4 prompt-free, then 1e-4), the summary's boundaries and the switch lines."""
+    GRPO to step 5), one phase's objective swapped for GSPO: each step's logged phase, the summary's
+    boundaries and the switch lines, and the lr by hand: base 1e-4 x lr_scale (0.1 prompt-free, 1.0 for
+    GSPO) x the 4-step warm-up min(1, (k + 1) / 4), k = steps since its start, restarted in GSPO's phase.
+    `train/lr` is read after the step's scheduler step, so step s logs k + 1: 0.5e-5, 0.75e-5 (NSR),
+    1e-5 (PSR), then GSPO from its own start 0.5e-4, 0.75e-4 (not restarted: 1e-4, 1e-4)."""
     lengths = ["objective.phases.nsr.steps=2", "objective.phases.psr.steps=1", "trainer.max_steps=5"]
+    lengths += ["module.warmup_steps=4", "objective.phases.grpo.reset_lr_schedule=true"]
     run_dir = tmp_path / "run"
     proc = run_experiment(
         run_dir, "objective=nsr_psr_grpo", *lengths, *SMALL, "objective@objective.phases.grpo.objective=gspo"
     )
     assert phase_of_step(run_dir) == [0, 0, 1, 2, 2]
     lrs = [float(r["train/lr"]) for r in read_rows(run_dir) if r.get("train/lr")]
-    assert lrs == pytest.approx([1e-5, 1e-5, 1e-5, 1e-4, 1e-4])
+    assert lrs == pytest.approx([0.5e-5, 0.75e-5, 1e-5, 0.5e-4, 0.75e-4])
     phases = json.loads((run_dir / "summary.json").read_text())["phases"]
     assert [(p["name"], p["objective"], p["start_step"]) for p in phases] == [
         ("nsr", "nsr_prerl", 0),
@@ -206,6 +210,8 @@ RESUMABLE = [
     "objective.phases.psr.lr_scale=0.5",
     "objective.phases.grpo.objective.kl_coef=0.05",  # a reference, reset to the policy at GRPO's start
     "objective.phases.grpo.reset_optimizer=true",
+    "objective.phases.grpo.reset_lr_schedule=true",  # the lr warm-up starts again with GRPO
+    "module.warmup_steps=5",  # still warming up at the end: a resume that lost the restart logs another lr
     "callbacks.checkpoint.every_n_train_steps=1",
     "trainer.max_steps=7",
     *SMALL,
@@ -215,7 +221,8 @@ RESUMABLE = [
 @pytest.mark.slow
 def test_kill_and_resume_in_each_phase_is_exact_across_both_boundaries(tmp_path):
     """NSR-PreRL for 2 steps, PSR-PreRL until `train/skipped_steps` (always 0) plateaus with patience 2
-    (observations after steps 2, 3, 4 -> GRPO from step 5), GRPO with KL to step 7. Killed once the
+    (observations after steps 2, 3, 4 -> GRPO from step 5), GRPO with KL, an optimizer reset and the
+    lr warm-up restarted, to step 7. Killed once the
     checkpoint of 1 step (phase 1), 4 steps (phase 2, one stale observation: a resume that forgot the
     trigger's state would switch at step 7) and 6 steps (phase 3) exists: each resumed run ends with the
     uninterrupted run's metrics, weights and phase boundaries."""

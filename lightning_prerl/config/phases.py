@@ -46,6 +46,8 @@ class Phase(_Node, Generic[ObjectiveT]):
     """At the phase's start the reference model becomes the current policy (matters with KL on only)."""
     reset_optimizer: bool = False
     """At the phase's start AdamW's moments are cleared (the paper keeps them)."""
+    reset_lr_schedule: bool = False
+    """At the phase's start the learning-rate warm-up (`module.warmup_steps`) starts again."""
 
 
 class Schedule(_Node, Generic[ObjectiveT]):

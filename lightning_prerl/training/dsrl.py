@@ -5,7 +5,8 @@ registered objective, in any space), a length -- `steps` optimizer steps, or a p
 monitored metric (`monitor`, `patience`, `min_delta`, `min_steps`; `steps` then stays an upper
 bound) --, an optional learning-rate multiplier and loss coefficient that replace the objective's own
 (`lr_scale`, `coef`), and what is reset at its start (`reset_reference`: the reference model becomes
-the current policy, `reset_optimizer`: AdamW's moments are cleared). The last phase runs to the end of
+the current policy, `reset_optimizer`: AdamW's moments are cleared, `reset_lr_schedule`: the
+learning-rate warm-up starts again). The last phase runs to the end of
 the fit. `DSRLSwitch` is the paper's two-phase instance, NSR-PreRL for `switch_step` steps then GRPO,
 kept with its own keys (`switch_step`, `nsr_weight`, `monitor`, ...) so that `objective=dsrl` means
 what it always meant.
@@ -61,6 +62,8 @@ class Phase:
         reset_reference: at the phase's start, the reference model becomes the current policy (only
             matters with KL on; the first phase has no start boundary).
         reset_optimizer: at the phase's start, AdamW's moments are cleared.
+        reset_lr_schedule: at the phase's start, the learning-rate warm-up (`module.warmup_steps`)
+            starts again.
     """
 
     objective: PolicyGradientObjective
@@ -74,6 +77,7 @@ class Phase:
     coef: float | None = None
     reset_reference: bool = True
     reset_optimizer: bool = False
+    reset_lr_schedule: bool = False
 
     def weighted(self) -> Phase:
         """This phase with its `lr_scale` and `coef` written into its objective."""
@@ -183,6 +187,8 @@ class PhaseSchedule(L.Callback):
         # reset first: set_objective would otherwise load a base reference only to overwrite it
         if phase.reset_reference and (phase.objective.needs_reference or pl_module.reference is not None):
             pl_module.reset_reference()
+        if phase.reset_lr_schedule:  # before set_objective, which re-evaluates this step's learning rate
+            pl_module.lr_start = trainer.global_step
         pl_module.set_objective(phase.objective, phase=self.index)
         if phase.reset_optimizer:
             for opt in trainer.optimizers:

@@ -22,6 +22,7 @@ Python API, importable from the package itself (the docs' "Python API" page trai
 `lightning.Trainer`)::
 
     from lightning_prerl import CondRL, PreRL, NSRPreRL, PSRPreRL, DSRLSwitch, RolloutDataModule
+    from lightning_prerl import PhaseSchedule, Phase
     from lightning_prerl import PolicyGradientObjective, HFEngine, VLLMEngine, BoxedExactMatch, MathVerifyReward
 
 The names are imported on first use (PEP 562): reward worker processes import this package and
@@ -46,6 +47,8 @@ _API = {
     "NSRPreRL": "lightning_prerl.training.policy",
     "PSRPreRL": "lightning_prerl.training.policy",
     "DSRLSwitch": "lightning_prerl.training.dsrl",
+    "PhaseSchedule": "lightning_prerl.training.dsrl",
+    "Phase": "lightning_prerl.training.dsrl",
     "RolloutDataModule": "lightning_prerl.training.datamodule",
     "RolloutBatch": "lightning_prerl.data.batch",
     "PolicyGradientObjective": "lightning_prerl.objectives",

@@ -218,7 +218,23 @@ def _differences(group: str, composed: dict, against: dict, keys: dict, skip: tu
     return lines
 
 
+def _schedule_section(schedule: type[BaseModel], phase: type[BaseModel], options: list[str]) -> list[str]:
+    """The keys of a schedule of phases; a phase's keys once, under `objective.phases.<name>.`, with the
+    schema's defaults (docs/how-to/phases.md)."""
+    schema_defaults = {"default": {}, "resolved": {}}
+    out = ["", f"### A schedule of phases ({', '.join(f'`objective={o}`' for o in options)})", ""]
+    out += [schedule.__doc__ or "", "", *table([("objective.name", schedule.model_fields["name"])], schema_defaults)]
+    field = schedule.model_fields["phases"]
+    allowed = ", ".join(_bounds(field.metadata))
+    out.append(f"| `objective.phases` | mapping | {allowed} | – | {_cell(field.description)} |")
+    rows = [(f"objective.phases.<name>.{k}", f) for k, f in phase.model_fields.items() if k != "objective"]
+    description = phase.model_fields["objective"].description
+    out.append(f"| `objective.phases.<name>.objective` | objective | the keys above | – | {_cell(description)} |")
+    return out + table(rows, schema_defaults)[2:]
+
+
 def render() -> str:
+    from lightning_prerl.config.phases import Phase, Schedule
     from lightning_prerl.config.schema import DSRL, Objective, RunConfig
 
     composed = compose_all()
@@ -253,11 +269,13 @@ def render() -> str:
 
     single = compose_single_objective(composed)
     out += ["", "## objective", "", RunConfig.model_fields["objective"].description or "", ""]
-    out += ["### One objective (`objective=grpo` and the others but `dsrl`)", ""]
+    options = composed["options"]["objective"]
+    schedules = tuple(o for o, tree in options.items() if {"warmup", "phases"} & set(tree["objective"]))
+    out += [f"### One objective (`objective=grpo` and the others but {', '.join(f'`{o}`' for o in schedules)})", ""]
     out += [Objective.__doc__ or "", "", *table(schema_keys(Objective, "objective."), single), ""]
     out += ["What each option changes against `objective=grpo`:", ""]
     objective_keys = dict(schema_keys(Objective, "objective."))
-    out += _differences("objective", composed, single["default"], objective_keys, skip=("dsrl",))
+    out += _differences("objective", composed, single["default"], objective_keys, skip=schedules)
     out += ["", "### `objective=dsrl` (the default)", "", DSRL.__doc__ or "", ""]
     dsrl_rows = [
         (k, f) for k, f in schema_keys(DSRL, "objective.") if not k.startswith(("objective.warmup.", "objective.main."))
@@ -267,6 +285,7 @@ def render() -> str:
         name = lookup(composed["default"], f"objective.{phase}.name")
         description = DSRL.model_fields[phase].description
         out.append(f"| `objective.{phase}.*` | objective | the keys above | `{name}` | {_cell(description)} |")
+    out += _schedule_section(Schedule, Phase, [o for o in schedules if "phases" in options[o]["objective"]])
 
     typed = dict(schema_keys(RunConfig, ""))
     for group in ("model", "module", "data", "rollout", "trainer", "eval", "behavior"):

@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from lightning_prerl.config.phases import Schedule, schedule_contradictions
 from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
 from lightning_prerl.data.sources import default_data_root, missing_file
 from lightning_prerl.objectives import registry
@@ -65,7 +66,9 @@ for _name, _fn in (
 
 
 def _phases(run: RunConfig) -> list:
-    """The objective of each phase: DSRL's warm-up and main, else the one objective."""
+    """The objective of each phase: DSRL's warm-up and main, a schedule's phases, else the one objective."""
+    if isinstance(run.objective, Schedule):
+        return [phase.objective for phase in run.objective.phases.values()]
     return [run.objective.warmup, run.objective.main] if isinstance(run.objective, DSRL) else [run.objective]
 
 
@@ -113,6 +116,9 @@ def _contradictions(run: RunConfig, cfg: DictConfig) -> None:
                 f"objective.switch_step={switch} >= trainer.max_steps={max_steps}: DSRL would never leave its "
                 f"warm-up (for the warm-up objective alone use objective={run.objective.warmup.name})"
             )
+    if isinstance(run.objective, Schedule):
+        updates = run.module.ppo_epochs * run.module.mini_batches
+        schedule_contradictions(run.objective.phases, run.trainer.max_steps, updates)
     strategy = cfg.trainer.get("strategy")
     tp = strategy.get("tensor_parallel_size", 1) if isinstance(strategy, DictConfig) else 1
     if tp != 1:
@@ -266,7 +272,7 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
     """
     for arg in overrides:
         key, sep, value = arg.partition("=")
-        group = conf_dir / key.lstrip("+~")
+        group = conf_dir / key.lstrip("+~").partition("@")[0]  # objective@objective.main=gspo: the objective group
         # Hydra's own groups also hold its plugins' options (hydra/launcher=joblib): Hydra checks those
         if not sep or not group.is_dir() or value in ("null", "") or key.lstrip("+~").startswith("hydra/"):
             continue

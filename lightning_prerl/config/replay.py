@@ -104,10 +104,13 @@ def replay_config(cfg: DictConfig) -> None:
                 f"{changed}={new.get(changed)}: the rollout record {directory} was drawn with {old.get(changed)}; "
                 "a replay may change the objective, optimizer and update, not the rollouts, model or world size"
             )
-    monitor = cfg.objective.get("monitor")
-    if monitor and str(monitor).startswith("val/"):
+    monitors = {"objective.monitor": cfg.objective.get("monitor")}
+    for name, phase in (cfg.objective.get("phases") or {}).items():
+        monitors[f"objective.phases.{name}.monitor"] = phase.get("monitor")
+    key, monitor = next(((k, m) for k, m in monitors.items() if str(m).startswith("val/")), (None, None))
+    if monitor:
         raise ConfigError(
-            f"objective.monitor={monitor}: a replay has no held-out evaluation to switch on "
+            f"{key}={monitor}: a replay has no held-out evaluation to switch on "
             "(switch by objective.switch_step, or monitor a rollout/ metric)"
         )
     if cfg.callbacks.get("alignment"):

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from lightning_prerl.config.phases import Schedule
 from lightning_prerl.errors import ConfigError
 from lightning_prerl.objectives import registry
 
@@ -343,7 +344,8 @@ class Behavior(_Node):
 
 
 def _objective_kind(value: Any) -> str:
-    return "dsrl" if isinstance(value, dict) and "warmup" in value else "single"
+    kinds = {"warmup": "dsrl", "phases": "schedule"}
+    return next((kind for key, kind in kinds.items() if isinstance(value, dict) and key in value), "single")
 
 
 class RunConfig(_Node):
@@ -358,9 +360,12 @@ class RunConfig(_Node):
     ckpt_path: str | None
     """Resume from this checkpoint; `auto`: the newest complete one in `run_dir`, else a fresh start."""
     objective: Annotated[
-        Annotated[Objective, Tag("single")] | Annotated[DSRL, Tag("dsrl")], Discriminator(_objective_kind)
+        Annotated[Objective, Tag("single")]
+        | Annotated[DSRL, Tag("dsrl")]
+        | Annotated[Schedule[Objective], Tag("schedule")],
+        Discriminator(_objective_kind),
     ]
-    """The objective: one `PolicyGradientObjective`, or DSRL's two phases."""
+    """The objective: one `PolicyGradientObjective`, DSRL's two phases, or a schedule of phases."""
     model: Model
     """The policy."""
     module: Module
@@ -395,7 +400,8 @@ def _allowed(error: dict) -> str:
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
     # drop the names pydantic gives union members ("dsrl", "constrained-int", "literal['auto']")
-    loc = [str(p) for p in error["loc"] if p not in ("single", "dsrl") and (str(p).isidentifier() or str(p).isdigit())]
+    tags = ("single", "dsrl", "schedule")
+    loc = [str(p) for p in error["loc"] if p not in tags and (str(p).isidentifier() or str(p).isdigit())]
     while loc and loc[-1].isdigit() and error["type"] not in ("missing",):  # list items: name the list
         loc.pop()
     key = ".".join(loc)

@@ -13,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning_prerl.reports.plots import plot_run
 from lightning_prerl.reports.summary import build_summary, print_summary, write_summary
 from lightning_prerl.scale.models import export_policy
+from lightning_prerl.training.dsrl import PhaseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,15 @@ class RunReport(L.Callback):
             log.info("run report: %s", self.out_png)
 
 
+def _name_phases(phases: list[dict], trainer: L.Trainer) -> None:
+    """Each phase's name and objective beside the start step the metrics logged for it."""
+    schedule = next((cb for cb in trainer.callbacks if isinstance(cb, PhaseSchedule)), None)
+    for phase in phases if schedule is not None else []:
+        if phase["phase"] < len(schedule.phases):
+            phase["name"] = schedule.phase_names[phase["phase"]]
+            phase["objective"] = schedule.phases[phase["phase"]].objective.name
+
+
 class RunSummary(L.Callback):
     """At the end of fit, print the run summary and write it as `run_dir/summary.json` (rank 0).
 
@@ -84,6 +94,7 @@ class RunSummary(L.Callback):
         out = self.run_dir / "summary.json"
         summary = build_summary(metrics, {**self._artefacts(trainer), "metrics": str(metrics), "summary": str(out)})
         summary["optimizer_steps"] = trainer.global_step
+        _name_phases(summary["phases"], trainer)
         write_summary(summary, out)
         # the progress bar's live display stops at teardown, after on_fit_end: stopped later, Rich
         # draws its last frame again below the summary. Its teardown stops it now (idempotent).

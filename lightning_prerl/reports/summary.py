@@ -63,6 +63,14 @@ def heldout(series: dict[str, list[tuple[float, float]]]) -> dict:
     }
 
 
+def phase_starts(series: dict[str, list[tuple[float, float]]]) -> list[dict]:
+    """[{"phase", "start_step"}] of each phase a schedule (DSRL) ran, from the logged `objective/phase`."""
+    starts: dict[int, int] = {}
+    for step, phase in sorted(series.get("objective/phase", [])):
+        starts.setdefault(int(phase), int(step))
+    return [{"phase": phase, "start_step": step} for phase, step in starts.items()]
+
+
 def build_summary(metrics_csv: Path, artefacts: dict[str, str] | None = None) -> dict:
     """The run summary from a Lightning CSVLogger `metrics.csv`.
 
@@ -74,7 +82,7 @@ def build_summary(metrics_csv: Path, artefacts: dict[str, str] | None = None) ->
         {"heldout": see `heldout`, "seconds_per_step": {time/*: mean over rollout steps, "total": sum},
         "rollout_steps": rows with timings, "skipped_steps": the last `train/skipped_steps`,
         "oom_retries": the last `train/oom_retries`,
-        "artefacts": artefacts}.
+        "phases": see `phase_starts`, "artefacts": artefacts}.
     """
     series = read_metrics(metrics_csv)
     time_keys = [k for k in TIMES if k in series] + sorted(
@@ -90,6 +98,7 @@ def build_summary(metrics_csv: Path, artefacts: dict[str, str] | None = None) ->
         "rollout_steps": max((len(series[k]) for k in time_keys), default=0),
         "skipped_steps": int(skipped[-1][1]) if skipped else 0,
         "oom_retries": int(oom[-1][1]) if oom else 0,
+        "phases": phase_starts(series),
         "artefacts": dict(artefacts or {}),
     }
 
@@ -128,9 +137,13 @@ def summary_lines(summary: dict) -> list[str]:
     seconds = summary["seconds_per_step"]
     split = " + ".join(f"{k.removeprefix('time/')} {v:.2f}" for k, v in seconds.items() if k != "total")
     timing = f"{split} = {seconds['total']:.2f}" if seconds else "not logged"
+    phases = summary.get("phases", [])
+    named = [f"{p['name']} ({p['objective']})" if "objective" in p else str(p["phase"]) for p in phases]
+    starts = ", ".join(f"{label} from step {p['start_step']}" for label, p in zip(named, phases, strict=True))
     return [
         f"seconds per step (mean of {summary['rollout_steps']}): {timing}",
         f"skipped steps: {summary['skipped_steps']}, out-of-memory retries: {summary.get('oom_retries', 0)}",
+        *([f"phases: {starts}"] if len(phases) > 1 else []),
         *(f"{what.replace('_', ' ')}: {path}" for what, path in summary["artefacts"].items()),
     ]
 

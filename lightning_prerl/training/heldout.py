@@ -39,10 +39,10 @@ class HeldOutEvaluation:
         for i, batch in enumerate(t.datamodule.val_dataloader()):
             self.validation_step(t.strategy.batch_to_device(batch), i)  # as Lightning's loop moves it
         self.on_validation_epoch_end()
-        from lightning_prerl.training.dsrl import DSRLSwitch  # its metric trigger observes every evaluation
+        from lightning_prerl.training.dsrl import PhaseSchedule  # its metric trigger observes every evaluation
 
         for callback in t.callbacks:
-            if isinstance(callback, DSRLSwitch):
+            if isinstance(callback, PhaseSchedule):
                 callback.on_validation_end(t, self)
 
     def _benchmark_metrics(self) -> BenchmarkMetrics:

@@ -150,6 +150,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         self.strict_loading = not self.lora.enabled  # LoRA checkpoints hold the adapters only
         self.updates_per_batch = ppo_epochs * mini_batches
         self.phase = 0
+        self.lr_start = 0  # the step the lr warm-up counts from (a schedule's phase may restart it)
         self.skipped_steps, self.bad_in_row = 0, 0
         self.fault: str | None = None  # set when the run stopped on non-finite steps
         self.oom = OOMBackoff(oom_retries)
@@ -201,7 +202,8 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         warmup = max(0, hp.warmup_steps)
 
         def factor(step: int) -> float:  # read at every step: the active objective's lr_scale applies
-            return (min(1.0, (step + 1) / warmup) if warmup else 1.0) * self.objective.lr_scale
+            since = step - self.lr_start
+            return (min(1.0, (since + 1) / warmup) if warmup else 1.0) * self.objective.lr_scale
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -348,7 +350,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
 
     # -- checkpoints --------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["objective"] = {"config": asdict(self.objective), "phase": self.phase}
+        checkpoint["objective"] = {"config": asdict(self.objective), "phase": self.phase, "lr_start": self.lr_start}
         checkpoint["faults"] = {"skipped_steps": self.skipped_steps, "bad_in_row": self.bad_in_row}
         checkpoint["faults"]["oom"] = self.oom.state_dict()
         checkpoint["lora"] = {"reference_adapter": self.reference_adapter}
@@ -364,7 +366,7 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
         saved = checkpoint.get("objective")
         if saved is not None:
             self.objective = PolicyGradientObjective(**saved["config"])
-            self.phase = saved["phase"]
+            self.phase, self.lr_start = saved["phase"], saved.get("lr_start", 0)
         faults = checkpoint.get("faults", {})
         self.skipped_steps, self.bad_in_row = faults.get("skipped_steps", 0), faults.get("bad_in_row", 0)
         self.oom.load_state_dict(faults.get("oom", {}))

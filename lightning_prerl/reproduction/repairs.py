@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import lightning_prerl.reproduction.stats as stats
 from lightning_prerl.data.prompts import render_prompt, toy_prompts
 from lightning_prerl.data.rewards import Prompt
 from lightning_prerl.data.toyworld import slip_counts
 from lightning_prerl.evaluation import intervals
-from lightning_prerl.reproduction import stats
 from lightning_prerl.rollout.engine import SamplingConfig, derive_seed
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.scale.models import load_policy, load_tokenizer, stop_token_ids

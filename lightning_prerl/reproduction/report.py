@@ -33,10 +33,10 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+import lightning_prerl.reproduction.stats as stats
 from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.alignment import summarize
 from lightning_prerl.reports.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
-from lightning_prerl.reproduction import stats
 from lightning_prerl.reproduction.plots import plot_alignment, plot_over_steps, plot_pass_at_k
 from lightning_prerl.reproduction.repairs import slip_intervals, sweep_slip_stats
 from lightning_prerl.reproduction.text import ACCURACY, FINALS, THOUGHTS, findings, markdown

@@ -3,7 +3,7 @@ measured ones, and the markdown of `reproduction.md`."""
 
 from __future__ import annotations
 
-from lightning_prerl.reproduction import stats
+import lightning_prerl.reproduction.stats as stats
 from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
 
 ACCURACY = "val/accuracy"

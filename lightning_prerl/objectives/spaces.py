@@ -65,7 +65,7 @@ def after_start(start_token_id: int, ids: torch.Tensor, mask: torch.Tensor) -> t
     real token (in the last column for an empty row)."""
     rows = torch.arange(ids.shape[0], device=ids.device)  # (N,)
     first = ids.shape[1] - mask.sum(1)  # (N,) the column of s once one column is added on the left
-    out_ids = torch.nn.functional.pad(ids, (1, 0), value=start_token_id)  # (N, W + 1)
+    out_ids = torch.cat([ids[:, :1], ids], dim=1)  # (N, W + 1): a padded row's new column holds its padding
     out_mask = torch.nn.functional.pad(mask, (1, 0), value=0)  # (N, W + 1)
     out_ids[rows, first] = start_token_id
     out_mask[rows, first] = 1

@@ -124,9 +124,13 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         # conditioning spaces (lightning_prerl/objectives/spaces.py)
         (
             ["objective=grpo", "objective.space=both"],
-            "objective.space='both': expected one of 'conditional', 'fixed', 'last_k', 'marginal', 'question', 'system'",
+            "objective.space='both': expected one of 'conditional', 'fixed', 'last_k', 'marginal', 'question', "
+            "'system'",
         ),
-        (["objective=grpo", "objective.space=last_k"], "objective.space_args={}: k=<missing>: space 'last_k' requires it"),
+        (
+            ["objective=grpo", "objective.space=last_k"],
+            "objective.space_args={}: k=<missing>: space 'last_k' requires it",
+        ),
         (
             ["objective.warmup.space=last_k", "+objective.warmup.space_args.k=0"],
             "objective.warmup.space_args={'k': 0}: k=0: must be >= 1 (the last k prompt tokens)",
@@ -137,8 +141,8 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
             "callbacks.alignment.pairs=['marginal', 'nope']: space 'nope': expected one of ['conditional', 'fixed'",
         ),
         (
-            ["diagnostics=alignment", "callbacks.alignment.pairs=[[marginal,{space:last_k,k:-1}]]"],
-            "callbacks.alignment.pairs=['marginal', {'space': 'last_k', 'k': -1}]: k=-1: must be >= 1",
+            ["diagnostics=alignment", "callbacks.alignment.pairs=[[marginal,{space:last_k,space_args:{k:-1}}]]"],
+            "callbacks.alignment.pairs=['marginal', {'space': 'last_k', 'space_args': {'k': -1}}]: k=-1: must be >= 1",
         ),
         (["diagnostics=alignment", "callbacks.alignment.pairs=[[marginal]]"], "callbacks.alignment.pairs=['marginal']"),
         (["diagnostics=alignment", "callbacks.alignment.pairs=[[question,fixed]]"], "data.fixed_context=null"),

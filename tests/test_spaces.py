@@ -53,9 +53,9 @@ def hand_built() -> RolloutBatch:
     [
         ("conditional", [[0, 11, 12, 13], [21, 22, 23, 24], [0, 0, 0, 31]], [[0, 1, 1, 1], [1] * 4, [0, 0, 0, 1]]),
         ("marginal", [[S], [S], [S]], [[1], [1], [1]]),
-        ({"space": "last_k", "k": 2}, [[12, 13], [23, 24], [0, 31]], [[1, 1], [1, 1], [0, 1]]),
+        ({"space": "last_k", "space_args": {"k": 2}}, [[12, 13], [23, 24], [0, 31]], [[1, 1], [1, 1], [0, 1]]),
         (
-            {"space": "last_k", "k": 9},
+            {"space": "last_k", "space_args": {"k": 9}},
             [[0, 11, 12, 13], [21, 22, 23, 24], [0, 0, 0, 31]],
             [[0, 1, 1, 1], [1] * 4, [0, 0, 0, 1]],
         ),
@@ -130,7 +130,7 @@ def test_logprobs_in_every_new_space_equal_a_forward_on_the_concatenated_context
     }
     assert contexts["question"][0] == [s] + enc("Compute 1+2") and len(enc("Solve it.")) > 1
     for name, rows in contexts.items():
-        space = {"space": name, "k": 3} if name == "last_k" else name
+        space = {"space": name, "space_args": {"k": 3}} if name == "last_k" else name
         logp, _ = sequence_logprobs(policy, batch, bind_space(space), s, share_prompts=share_prompts)  # (N, T)
         for i, context in enumerate(rows):
             response = batch.response_ids[i, : int(batch.response_mask[i].sum())].tolist()
@@ -142,7 +142,7 @@ def test_alignment_compares_any_two_spaces(policy, tokenizer):
     """<g_a, g_b>, the cosine and the log-prob gap of (question, last_k 3), against hand-made gradients."""
     batch = with_parts(tokenizer, make_batch(tokenizer))
     s = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    pair = ("question", {"space": "last_k", "k": 3})
+    pair = ("question", {"space": "last_k", "space_args": {"k": 3}})
     stats = gradient_alignment(policy, batch, s, max_samples=1, pair=pair)
     one, mask = batch.select(slice(0, 1)), batch.select(slice(0, 1)).response_mask
     flat, means = [], []
@@ -181,10 +181,10 @@ def test_the_config_names_the_parts_its_spaces_read():
     cfg = compose_cfg(
         "objective.warmup.space=question",
         "diagnostics=alignment",
-        "callbacks.alignment.pairs=[[marginal,conditional],[fixed,{space:last_k,k:4}]]",
+        "callbacks.alignment.pairs=[[marginal,conditional],[fixed,{space:last_k,space_args:{k:4}}]]",
         "data.fixed_context=Solve.",
     )
-    assert {"space": "last_k", "k": 4} in configured_spaces(cfg)
+    assert {"space": "last_k", "space_args": {"k": 4}} in configured_spaces(cfg)
     assert parts_read(configured_spaces(cfg)) == ["question", "fixed"]
     assert PG(space="system").lr_scale == 0.1 and PG(space="conditional").lr_scale == 1.0
 

@@ -22,14 +22,14 @@ def _pairs(cfg: DictConfig) -> list:
 
 
 def configured_spaces(cfg: DictConfig) -> list[dict]:
-    """Every space the run scores in, as `{space: name, **space_args}`: each node of `objective` with a
-    `space` (so every phase of a schedule) and each space of the alignment pairs."""
+    """Every space the run scores in, as `{space: name, space_args: {...}}`: each node of `objective`
+    with a `space` (so every phase of a schedule) and each space of the alignment pairs."""
     found, nodes = [], [OmegaConf.to_container(cfg.objective, resolve=True)]
     while nodes:
         node = nodes.pop()
         if isinstance(node, dict):
             if isinstance(node.get("space"), str):
-                found.append({"space": node["space"], **(node.get("space_args") or {})})
+                found.append({"space": node["space"], "space_args": node.get("space_args") or {}})
             nodes.extend(node.values())
         elif isinstance(node, list):
             nodes.extend(node)
@@ -39,14 +39,15 @@ def configured_spaces(cfg: DictConfig) -> list[dict]:
 
 
 def check_spaces(cfg: DictConfig) -> None:
-    """ConfigError (one line) for an alignment pair that is not two registered spaces with the parameters
-    they take, or a `fixed` space without `data.fixed_context` (an empty text fails when it is tokenised)."""
+    """ConfigError (one line) for an alignment pair that is not two registered spaces (a name, or
+    `{space: name, space_args: {...}}`) with the parameters they take, or a `fixed` space without
+    `data.fixed_context` (an empty text fails when it is tokenised)."""
     for pair in _pairs(cfg):
         if not isinstance(pair, list) or len(pair) != 2:
             raise ConfigError(f"callbacks.alignment.pairs={pair}: expected a pair of spaces, e.g. [marginal, question]")
         for space in pair:
             spec = space if isinstance(space, dict) else {"space": space}
-            name, args = spec.get("space"), {k: v for k, v in spec.items() if k != "space"}
+            name, args = spec.get("space"), spec.get("space_args") or {}
             if name not in registry.names("space"):
                 raise ConfigError(
                     f"callbacks.alignment.pairs={pair}: space {name!r}: expected one of {registry.names('space')}"

@@ -153,21 +153,20 @@ Fixed = _after_start_space(
 
 
 def bind_space(space) -> object:
-    """A space instance from a registered name (default parameters), a mapping `{space: name, **args}`
-    (`{space: last_k, k: 8}`) or an instance (returned as is)."""
+    """A space instance from a registered name (default parameters), a mapping `{space: name,
+    space_args: {...}}` as in an objective's config (`{space: last_k, space_args: {k: 8}}`), or an
+    instance (returned as is)."""
     if isinstance(space, str):
         return registry.bind("space", space, {}, {})
     if isinstance(space, Mapping):
-        args = {str(k): v for k, v in space.items() if k != "space"}
-        return registry.bind("space", space["space"], {}, args)
+        return registry.bind(
+            "space", space["space"], {}, {str(k): v for k, v in (space.get("space_args") or {}).items()}
+        )
     return space
 
 
 def space_label(space) -> str:
-    """A short name of a space spec for metric keys and file names: `last_k` with k 8 -> `last_k8`."""
-    if isinstance(space, str):
-        return space
-    if isinstance(space, Mapping):
-        return str(space["space"]) + "".join(str(v) for k, v in space.items() if k != "space")
+    """A short name of a space for metric keys and file names: `last_k` with k 8 -> `last_k8`."""
+    space = bind_space(space)
     name = next(n for n in registry.names("space") if registry.lookup("space", n).fn is type(space))
     return name + "".join(str(getattr(space, f.name)) for f in fields(space))

@@ -18,7 +18,8 @@ from lightning_prerl.data.prompts import PartTokens, toy_prompts
 from lightning_prerl.data.rewards import Prompt
 from lightning_prerl.objectives import PolicyGradientObjective as PG
 from lightning_prerl.objectives.spaces import bind_space, parts_read
-from lightning_prerl.reports.alignment import GradientAlignment, gradient_alignment
+from lightning_prerl.reports.alignment import GradientAlignment, alignment_samples, gradient_alignment, pairs_samples
+from lightning_prerl.reports.spaces import spaces_table, write_spaces_report
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.training.datamodule import RolloutDataModule
 from lightning_prerl.training.policy import PolicyModule
@@ -160,6 +161,12 @@ def test_alignment_compares_any_two_spaces(policy, tokenizer):
     assert stats[f"{prefix}logp_gap_mean"] == pytest.approx(means[1] - means[0], rel=1e-4)
     assert stats[f"{prefix}negative_share"] == float(dot < 0)
     assert "align/inner_mean" in gradient_alignment(policy, batch, s, max_samples=1)  # the paper's pair: plain keys
+    # several pairs at once share each space's gradient, with the numbers of one pair at a time
+    both = pairs_samples(policy, batch, s, 2, 1.0, [pair, ("marginal", "question")])
+    one_by_one = [alignment_samples(policy, batch, s, 2, 1.0, p) for p in (pair, ("marginal", "question"))]
+    for got, want in zip(both, one_by_one, strict=True):
+        assert [r.keys() for r in got] == [r.keys() for r in want]
+        assert all(g[k] == pytest.approx(w[k], rel=1e-6) for g, w in zip(got, want, strict=True) for k in g)
 
 
 def test_prompt_parts_are_tokenised_without_the_template_and_a_fixed_context_needs_a_token(tokenizer):
@@ -240,3 +247,30 @@ def test_a_short_fit_in_the_question_space_with_two_alignment_pairs(tiny_model_d
     for name in ("alignment_question_vs_conditional.csv", "alignment_marginal_vs_system.csv"):
         assert len(list(csv.DictReader(open(logs / name)))) == 4  # 2 steps x 2 responses
     assert not (logs / "alignment.csv").exists()  # the paper's pair was not asked for
+
+
+def test_the_spaces_table_bootstraps_prompts_then_samples(tmp_path):
+    """2 prompts x 2 samples of one pair at step 0: the means by hand, intervals around them, the
+    paper's pair read from alignment.csv, the files written."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    fields = ["step", "sample", "reward", "inner", "cosine", "logp_gap"]
+    for name, inners in (
+        ("alignment_question_vs_conditional.csv", [2.0, -1.0, 4.0, 3.0]),
+        ("alignment.csv", [1.0] * 4),
+    ):
+        with open(logs / name, "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(fields)
+            writer.writerows([0, i, 0.0, inner, inner / 10, 0.5 * i] for i, inner in enumerate(inners))
+    rows = {row["pair"]: row for row in spaces_table(tmp_path, group_size=2)}
+    assert set(rows) == {"question_vs_conditional", "marginal_vs_conditional"}
+    row = rows["question_vs_conditional"]
+    assert (row["step"], row["rollouts"]) == (0, 4)
+    assert row["inner"].estimate == pytest.approx(2.0) and row["cosine"].estimate == pytest.approx(0.2)
+    assert row["negative_share"].estimate == pytest.approx(0.25) and row["logp_gap"].estimate == pytest.approx(0.75)
+    assert row["inner"].low <= 2.0 <= row["inner"].high and row["inner"].low < row["inner"].high
+    assert rows["marginal_vs_conditional"]["negative_share"].text() == "0.000 [0.000, 0.000]"
+    md, flat = write_spaces_report(tmp_path, 2, "python experiments/run.py experiment=spaces_toy")
+    assert "| question_vs_conditional | 0 | 4 | 0.200 [" in md.read_text()
+    assert next(csv.reader(open(flat)))[:6] == ["run", "pair", "step", "rollouts", "cosine", "cosine_low"]

@@ -40,6 +40,47 @@ SAMPLE_FIELDS = ["step", "sample", "reward", "inner", "cosine", "logp_gap"]
 PAPER_PAIR = ("marginal", "conditional")  # PreRL's gradient against GRPO's: the plain align/* keys
 
 
+def pairs_samples(
+    policy: torch.nn.Module,
+    batch: RolloutBatch,
+    start_token_id: int,
+    max_samples: int = 8,
+    temperature: float = 1.0,
+    pairs: list[tuple] = (PAPER_PAIR,),
+) -> list[list[dict[str, float]]]:
+    """Per pair of spaces (names, `{space: name, space_args: {...}}` mappings or bound spaces), per
+    response, for the first `max_samples` responses of `batch` (no .grad is touched): {reward, inner,
+    cosine, logp_gap}, inner <g_a, g_b> and logp_gap the token-mean log P(y|c_b) - log P(y|c_a). Each
+    space's gradient is computed once per response, however many pairs hold it."""
+    params = [p for p in policy.parameters() if p.requires_grad]
+    labelled = [tuple(space_label(space) for space in pair) for pair in pairs]  # last_k with k 8: last_k8
+    bound = {}  # label -> bound space, each space once
+    for pair, labels in zip(pairs, labelled, strict=True):
+        for space, label in zip(pair, labels, strict=True):
+            bound.setdefault(label, bind_space(space))
+    out = [[] for _ in pairs]
+    for i in range(min(max_samples, len(batch))):
+        one = batch.select(slice(i, i + 1))
+        mask = one.response_mask.float()  # (1, T)
+        per_space = {}  # label -> (flat gradient (P,), token-mean log-prob)
+        for label, space in bound.items():
+            logp, _ = sequence_logprobs(policy, one, space, start_token_id, temperature)  # (1, T)
+            total = (logp * mask).sum()
+            per_space[label] = (_flat_grad(total, params), total.detach() / mask.sum())
+        for rows, (a, b) in zip(out, labelled, strict=True):
+            (g_a, lp_a), (g_b, lp_b) = per_space[a], per_space[b]
+            dot = torch.dot(g_a, g_b)
+            rows.append(
+                {
+                    "reward": one.rewards[0].item(),
+                    "inner": dot.item(),
+                    "cosine": (dot / (g_a.norm() * g_b.norm()).clamp(min=1e-12)).item(),
+                    "logp_gap": (lp_b - lp_a).item(),
+                }
+            )
+    return out
+
+
 def alignment_samples(
     policy: torch.nn.Module,
     batch: RolloutBatch,
@@ -48,31 +89,8 @@ def alignment_samples(
     temperature: float = 1.0,
     pair: tuple = PAPER_PAIR,
 ) -> list[dict[str, float]]:
-    """Per response, for the first `max_samples` responses of `batch` (no .grad is touched):
-    {reward, inner, cosine, logp_gap} of the two spaces of `pair` (names, `{space: name, **args}`
-    mappings or bound spaces): inner <g_a, g_b>, logp_gap the token-mean log P(y|c_b) - log P(y|c_a)."""
-    params = [p for p in policy.parameters() if p.requires_grad]
-    spaces = [bind_space(space) for space in pair]
-    rows = []
-    for i in range(min(max_samples, len(batch))):
-        one = batch.select(slice(i, i + 1))
-        mask = one.response_mask.float()  # (1, T)
-        per_space = []
-        for space in spaces:
-            logp, _ = sequence_logprobs(policy, one, space, start_token_id, temperature)  # (1, T)
-            total = (logp * mask).sum()
-            per_space.append((_flat_grad(total, params), total.detach() / mask.sum()))
-        (g_a, lp_a), (g_b, lp_b) = per_space
-        dot = torch.dot(g_a, g_b)
-        rows.append(
-            {
-                "reward": one.rewards[0].item(),
-                "inner": dot.item(),
-                "cosine": (dot / (g_a.norm() * g_b.norm()).clamp(min=1e-12)).item(),
-                "logp_gap": (lp_b - lp_a).item(),
-            }
-        )
-    return rows
+    """`pairs_samples` of one pair: its rows."""
+    return pairs_samples(policy, batch, start_token_id, max_samples, temperature, [pair])[0]
 
 
 def pair_prefix(pair: tuple) -> str:
@@ -145,15 +163,9 @@ class GradientAlignment(L.Callback):
         if is_sharded(pl_module.policy):  # FSDP2 shards, ZeRO-3 partitions: per-sample full gradients needed
             log.warning("gradient alignment is not measured under sharded strategies (FSDP2, ZeRO-3)")
             return
-        for pair in self.pairs:
-            rows = alignment_samples(
-                pl_module.policy,
-                batch,
-                pl_module.start_token_id,
-                self.max_samples,
-                pl_module.hparams.temperature,
-                pair,
-            )
+        policy, start, temperature = pl_module.policy, pl_module.start_token_id, pl_module.hparams.temperature
+        every = pairs_samples(policy, batch, start, self.max_samples, temperature, self.pairs)
+        for pair, rows in zip(self.pairs, every, strict=True):
             prefix, step = pair_prefix(pair), trainer.global_step
             stats = summarize(rows, prefix)
             if trainer.world_size > 1:  # rank means, as self.log(sync_dist=True) would give

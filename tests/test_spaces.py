@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_prerl.config.spaces import configured_spaces
-from lightning_prerl.data.batch import RolloutBatch, concat_batches
+from lightning_prerl.data.batch import PART_TENSORS, RolloutBatch, concat_batches
 from lightning_prerl.data.prompts import PartTokens, toy_prompts
 from lightning_prerl.data.rewards import Prompt
 from lightning_prerl.objectives import PolicyGradientObjective as PG
@@ -23,6 +23,7 @@ from lightning_prerl.reports.spaces import spaces_table, write_spaces_report
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.training.datamodule import RolloutDataModule
 from lightning_prerl.training.policy import PolicyModule
+from lightning_prerl.training.record import batch_table, table_batch
 from lightning_prerl.training.update import sequence_logprobs
 from tests.test_config import compose_cfg
 from tests.test_policy import make_batch, quiet_cpu_trainer
@@ -94,6 +95,17 @@ def test_select_and_concat_keep_the_parts_left_padded_and_trimmed():
     both = concat_batches([one, batch.select(slice(0, 1))], pad=0)
     assert both.question_ids.tolist() == [[0, 61], [41, 42]] and both.question_mask.tolist() == [[0, 1], [1, 1]]
     assert both.system_ids.tolist() == [[0, 81], [71, 72]]
+
+
+def test_a_recorded_batch_keeps_its_prompt_parts():
+    """The rollout record writes the parts as list columns and reads back every tensor equal (a replay in
+    the question space has its tokens)."""
+    batch = hand_built()
+    back, meta = table_batch(batch_table(batch, {}, pad=0))
+    assert meta["widths"] == {"prompt": 4, "response": 1, "question": 3, "system": 2, "fixed": 2}
+    for name in ("prompt_ids", "prompt_mask", *PART_TENSORS):
+        assert torch.equal(getattr(back, name), getattr(batch, name)), name
+    assert bind_space("system")(back, S)[0].tolist() == [[S, 71, 72], [0, 0, S], [0, S, 81]]
 
 
 def with_parts(tokenizer, batch: RolloutBatch) -> RolloutBatch:

@@ -3,10 +3,10 @@
 Per measured pair of spaces (each run's `logs/alignment*.csv`, `GradientAlignment`) and step: the mean
 cosine of the two gradients, the share of negative inner products, the mean inner product and the
 log-prob gap, each with a 95 % interval from a two-level bootstrap, prompts then their samples
-(`intervals.over_seeds_and_problems`): a prompt's G responses are not independent. A sweep's rows add
-each run's final held-out accuracy. `spaces.md` (the table, the command) and `spaces.csv` go into the
-sweep or run directory: the `SpacesReport` Hydra callback at the end of a multirun, or
-`experiments/report.py DIR --spaces` afterwards.
+(`intervals.over_seeds_and_problems`): a prompt's G responses are not independent. Each row adds the
+run's held-out accuracy at that step, where it was evaluated. `spaces.md` (the table, the command) and
+`spaces.csv` go into the sweep or run directory: the `SpacesReport` Hydra callback at the end of a
+multirun, or `experiments/report.py DIR --spaces` afterwards.
 """
 
 from __future__ import annotations
@@ -56,14 +56,15 @@ def pair_rows(run: str, pair: str, rows: list[dict[str, float]], group_size: int
 
 def spaces_table(directory: Path, group_size: int) -> list[dict]:
     """The rows of a sweep directory (every job) or of one run directory."""
-    jobs = find_jobs(directory) or []
-    runs = [(job.dir, job.overrides.get("objective.space", job.dir.name), job.final(ACCURACY)) for job in jobs]
+    jobs = find_jobs(directory)
+    runs = [(job.dir, job.overrides.get("objective.space", job.dir.name), job.series.get(ACCURACY, [])) for job in jobs]
     if not runs:
-        runs = [(Path(directory), Path(directory).name, None)]
+        runs = [(Path(directory), Path(directory).name, [])]
     table = []
     for run_dir, name, accuracy in runs:
+        at_step = dict(accuracy)  # step -> held-out accuracy, where evaluated
         for pair, rows in read_pairs(run_dir / "logs").items():
-            table += [{**row, "accuracy": accuracy} for row in pair_rows(name, pair, rows, group_size)]
+            table += [{**row, "accuracy": at_step.get(row["step"])} for row in pair_rows(name, pair, rows, group_size)]
     return table
 
 

@@ -121,12 +121,14 @@ def sequence_logprobs(
     """Per-token log-probs (N, T) of the responses after the context of `space` (and the entropy,
     differentiable or only measured: `entropy_grad`).
 
-    `space` is a registered space's name (default parameters) or a bound space (`objective.context`):
-    it maps the batch to the left-padded (N, C) context that replaces the prompt
-    (`objectives/spaces.py`): conditional, the whole prompt; marginal, the start token alone; ...
-    The sequence is [context | response], positions count real tokens from 0. With `share_prompts`,
-    rows with the same context share one forward of it (`shared_context_hidden_states`; not for a
-    one-token context, and not under activation checkpointing, which drops the cache).
+    `space` is a registered space's name (default parameters), a `{space, space_args}` mapping or a
+    bound space (`objective.context`): it maps the batch to the left-padded (N, C) context that
+    replaces the prompt (`objectives/spaces.py`): conditional, the whole prompt; marginal, the start
+    token alone; system, question, fixed, last_k, in between. The sequence is [context | response],
+    positions count real tokens from 0 (marginal: 0..C+T-1 through the response padding, as always).
+    With `share_prompts`, rows with the same context share one forward of it
+    (`shared_context_hidden_states`; not for marginal's one-token context, and not under activation
+    checkpointing, which drops the cache).
     Either way the EOS token of a finished response is scored (it is inside `response_mask`).
     The logits are never materialised: the head runs chunk by chunk (`ops.head_logprobs`).
     """

@@ -4,11 +4,13 @@
     python experiments/report.py multirun/2026-11-25/10-00-00 --metric val/pass@2
     python experiments/report.py outputs/2026-11-25/10-00-00                  # one run: its report.png
     python experiments/report.py multirun/... --reproduction [--real-model outputs/<smollm2 alignment run>]
+    python experiments/report.py multirun/<spaces_toy sweep> --spaces          # or a run dir, --group-size 4
 
 A sweep dir gets sweep_summary.csv, sweep_heatmap.png (sweep_bars.png for one swept key),
 sweep_curves.png and sweep_behavior.png, as the multirun's own SweepReport callback writes them;
 with --reproduction, an `experiment=reproduce_toy` sweep gets reproduction.md/.json and its PNGs
-(`lightning_prerl.reproduction.report`), the real-model alignment column read from --real-model's logs/alignment.csv.
+(`lightning_prerl.reproduction.report`), the real-model alignment column read from --real-model's logs/alignment.csv;
+with --spaces, the conditioning-space alignment table spaces.md/.csv (`lightning_prerl.reports.spaces`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--slip-problems", type=int, default=100, help="--reproduction: held-out problems of the slip analysis (0: off)"
     )
+    parser.add_argument("--spaces", action="store_true", help="the alignment table of every pair of spaces measured")
+    parser.add_argument("--group-size", type=int, default=8, help="--spaces: samples per prompt (bootstrap units)")
     args = parser.parse_args(argv)
+    if args.spaces:
+        from lightning_prerl.reports.spaces import write_spaces_report
+
+        written = write_spaces_report(args.dir, args.group_size, f"python experiments/report.py {args.dir} --spaces")
+        if not written:
+            sys.exit(f"report: no logs/alignment*.csv under {args.dir}")
+        for path in written:
+            print(path)
+        return 0
     if args.reproduction:
         from lightning_prerl.reproduction.report import write_reproduction_report
 

@@ -76,7 +76,8 @@ def compose_cfg(*overrides: str, model_dir: Path | None = None):
     [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))],
 )
 def test_every_config_option_composes_and_instantiates(group, option, tiny_model_dir, tmp_path, data_root):
-    cfg = compose_cfg(f"{group}={option}", f"data_root={data_root}", model_dir=tiny_model_dir)
+    gguf = ["model.gguf_file=null"] if group == "experiment" else []  # a preset's GGUF model: the tiny one here
+    cfg = compose_cfg(f"{group}={option}", f"data_root={data_root}", *gguf, model_dir=tiny_model_dir)
     cfg.run_dir = str(tmp_path)
     validate_config(cfg)
     node = {"objective": cfg.objective, "rollout": cfg.rollout, "trainer": cfg.trainer}.get(group)
@@ -121,7 +122,31 @@ def test_every_config_option_composes_and_instantiates(group, option, tiny_model
         # the key the user typed, not the one that reads it through ${...} (module.temperature)
         (["data.sampling.temperature=-1"], "data.sampling.temperature=-1: must be > 0.0 (module.temperature reads it)"),
         (["module.betas=[0.9,1.2]"], "module.betas=1.2: must be < 1"),
-        (["objective=grpo", "objective.space=both"], "objective.space='both': expected one of 'conditional', 'marg"),
+        # conditioning spaces (lightning_prerl/objectives/spaces.py)
+        (
+            ["objective=grpo", "objective.space=both"],
+            "objective.space='both': expected one of 'conditional', 'fixed', 'last_k', 'marginal', 'question', "
+            "'system'",
+        ),
+        (
+            ["objective=grpo", "objective.space=last_k"],
+            "objective.space_args={}: k=<missing>: space 'last_k' requires it",
+        ),
+        (
+            ["objective.warmup.space=last_k", "+objective.warmup.space_args.k=0"],
+            "objective.warmup.space_args={'k': 0}: k=0: must be >= 1 (the last k prompt tokens)",
+        ),
+        (["objective=grpo", "objective.space=fixed"], "data.fixed_context=null: the fixed space needs the text that"),
+        (
+            ["diagnostics=alignment", "callbacks.alignment.pairs=[[marginal,nope]]"],
+            "callbacks.alignment.pairs=['marginal', 'nope']: space 'nope': expected one of ['conditional', 'fixed'",
+        ),
+        (
+            ["diagnostics=alignment", "callbacks.alignment.pairs=[[marginal,{space:last_k,space_args:{k:-1}}]]"],
+            "callbacks.alignment.pairs=['marginal', {'space': 'last_k', 'space_args': {'k': -1}}]: k=-1: must be >= 1",
+        ),
+        (["diagnostics=alignment", "callbacks.alignment.pairs=[[marginal]]"], "callbacks.alignment.pairs=['marginal']"),
+        (["diagnostics=alignment", "callbacks.alignment.pairs=[[question,fixed]]"], "data.fixed_context=null"),
         (["module.micro_batch_size=0"], "module.micro_batch_size=0: must be >= 1"),
         (["model.dtype=float64"], "model.dtype='float64': expected one of 'float32', 'bfloat16', 'float16'"),
         (["data.reward_timeout_s=-1"], "data.reward_timeout_s=-1: must be > 0"),

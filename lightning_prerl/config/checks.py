@@ -16,6 +16,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from lightning_prerl.config.phases import Schedule, schedule_contradictions
 from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
+from lightning_prerl.config.spaces import check_spaces
 from lightning_prerl.data.sources import default_data_root, missing_file
 from lightning_prerl.objectives import registry
 from lightning_prerl.scale.models import resolve_model_path
@@ -210,6 +211,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(_as_typed(cfg, str(exc))) from None
     _contradictions(run, cfg)
     _update_contradictions(run, cfg)
+    check_spaces(cfg)
     try:
         resolve_model_path(run.model.path)
     except FileNotFoundError as exc:

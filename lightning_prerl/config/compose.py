@@ -22,6 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_prerl.config.checks import ConfigError, uses_deepspeed, validate_config
 from lightning_prerl.config.replay import replay_config
+from lightning_prerl.config.spaces import configured_spaces
+from lightning_prerl.objectives.spaces import parts_read
 from lightning_prerl.reports.callbacks import ResumableCSVLogger
 from lightning_prerl.scale.models import resolve_model_path, stop_token_ids
 from lightning_prerl.training.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
@@ -163,7 +165,10 @@ def build_run(cfg: DictConfig) -> Run:
         stops = stop_token_ids(module.tokenizer, cfg.model.path, cfg.model.gguf_file, cfg.model.get("stop_token_ids"))
         engine = instantiate(cfg.rollout, stop_token_ids=stops)
         build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
-        datamodule = build_data(tokenizer=module.tokenizer, engine=engine, mini_batches=cfg.module.mini_batches)
+        parts = parts_read(configured_spaces(cfg))  # the prompt parts the spaces score after, as tokens
+        datamodule = build_data(
+            tokenizer=module.tokenizer, engine=engine, mini_batches=cfg.module.mini_batches, context_parts=parts
+        )
     except (ConfigError, CheckpointError, InstantiationException, ValueError, FileNotFoundError) as exc:
         sys.exit(f"config error: {' '.join(str(exc).split())}")
 

@@ -61,8 +61,9 @@ class Objective(_Node):
 
     name: str
     """Label in logs, reports and checkpoints."""
-    space: Literal["conditional", "marginal"]
-    """Space the gradient lives in: `conditional` log P(y|x), or `marginal`, the prompt-free log P(y)."""
+    space: Annotated[str, _registered("space")]
+    """Context a response is scored after (`objectives/spaces.py`): conditional (the prompt, log P(y|x)), marginal
+    (the start token, log P(y)), system, question, fixed (`data.fixed_context`) or last_k (`space_args.k`)."""
     advantage: Annotated[str, _registered("advantage")]
     """Registered estimator: grpo (r - mean)/(std + adv_eps), group_mean r - mean, signed -1 / +positive_weight."""
     samples: Literal["all", "negative", "positive"]
@@ -88,7 +89,7 @@ class Objective(_Node):
     adv_tolerance: NonNeg = 1e-6
     """|A| at most this counts as 0: flat groups get A = 0, never 'negative' by rounding."""
     lr_scale: Positive | None
-    """Learning-rate multiplier while active; null: 0.1 in the prompt-free space, else 1.0."""
+    """Learning-rate multiplier while active; null: 1.0 in the conditional space, else 0.1 (the prompt-free rule)."""
     policy_loss: Annotated[str, _registered("policy_loss")] = "ppo_clip"
     """Registered per-token loss (`objectives/losses/`): ppo_clip, gspo, cispo, sapo, clip_cov, kl_cov, ..."""
     aggregation: Annotated[str, _registered("aggregation")] = "token-mean"
@@ -99,8 +100,10 @@ class Objective(_Node):
     """Parameters of the policy loss beyond the shared `eps_low`, `eps_high` and `clip_c`."""
     aggregation_args: dict[str, Any] = {}
     """Parameters of the aggregation (constant: `length`, the response budget)."""
+    space_args: dict[str, Any] = Field(default={}, validate_default=True)
+    """Parameters of the space (last_k: `k`, the prompt tokens kept)."""
 
-    @field_validator("advantage_args", "loss_args", "aggregation_args")
+    @field_validator("advantage_args", "loss_args", "aggregation_args", "space_args")
     @classmethod
     def _part_args(cls, args: dict, info: ValidationInfo) -> dict:
         kind = {v: k for k, v in registry.ARGS_KEY.items()}[info.field_name]
@@ -287,6 +290,8 @@ class Data(_Node):
     """Dynamic sampling: extra rounds of prompts per step at most, then flat groups fill the gap."""
     record_rollouts: bool = False
     """Write every step's training rollouts to `run_dir/rollouts/` (parquet per step and rank): replay.py."""
+    fixed_context: str | None = None
+    """Text every prompt is replaced by in the `fixed` space (after the start token); null: none."""
 
 
 class Rollout(_Node):

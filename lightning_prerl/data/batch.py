@@ -12,7 +12,9 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 RESPONSE_ALIGNED = ("rollout_logprobs", "loss_mask", "is_weights", "old_logprobs")  # (N, T) like response_ids
-OPTIONAL_ROWS = ("sample_mask", "advantages", *RESPONSE_ALIGNED)
+PROMPT_PARTS = ("question", "system", "fixed")  # left-padded (N, W) `<part>_ids` / `<part>_mask` pairs
+PART_TENSORS = tuple(f"{part}_{kind}" for part in PROMPT_PARTS for kind in ("ids", "mask"))
+OPTIONAL_ROWS = ("sample_mask", "advantages", *RESPONSE_ALIGNED, *PART_TENSORS)
 
 
 @dataclass
@@ -44,6 +46,12 @@ class RolloutBatch:
         is_weights: (N, T) truncated importance weights of the rollout correction (None: off).
         old_logprobs: (N, T) log-probs before the first update in the active objective's space
             (None: the update is the batch's only one, and they equal the detached current ones).
+        question_ids, question_mask: (N, Q) left-padded tokens of the bare question (no chat template,
+            no system prompt), for the `question` space (`objectives/spaces.py`); None: not carried.
+        system_ids, system_mask: (N, S) left-padded tokens of the bare system prompt (no row where a
+            prompt has none), for the `system` space; None: not carried.
+        fixed_ids, fixed_mask: (N, F) `data.fixed_context`'s tokens on every row, for the `fixed`
+            space; None: no fixed context.
     """
 
     prompt_ids: torch.Tensor
@@ -64,6 +72,12 @@ class RolloutBatch:
     loss_mask: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None
     old_logprobs: torch.Tensor | None = None
+    question_ids: torch.Tensor | None = None
+    question_mask: torch.Tensor | None = None
+    system_ids: torch.Tensor | None = None
+    system_mask: torch.Tensor | None = None
+    fixed_ids: torch.Tensor | None = None
+    fixed_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.rewards.shape[0]
@@ -97,10 +111,12 @@ class RolloutBatch:
         row uses are removed (prompts are left-padded, responses right-padded).
         """
         tensors = self.tensors_at(rows)
-        p_used = max(1, int(tensors["prompt_mask"].sum(1).max()))
         t_used = max(1, int(tensors["response_mask"].sum(1).max()))
-        for name in ("prompt_ids", "prompt_mask"):
-            tensors[name] = tensors[name][:, -p_used:]  # (n, P') the last P' columns
+        for part in ("prompt", *PROMPT_PARTS):
+            if f"{part}_ids" in tensors:
+                used = max(1, int(tensors[f"{part}_mask"].sum(1).max()))
+                for name in (f"{part}_ids", f"{part}_mask"):
+                    tensors[name] = tensors[name][:, -used:]  # (n, W') the last W' columns
         for name in ("response_ids", "response_mask", *RESPONSE_ALIGNED):
             if name in tensors:
                 tensors[name] = tensors[name][:, :t_used]  # (n, T') the first T' columns
@@ -286,18 +302,21 @@ def concat_batches(batches: Sequence[RolloutBatch], pad: int) -> RolloutBatch:
     g = batches[0].group_size
     if any(b.group_size != g for b in batches):
         raise ValueError(f"cannot concatenate group sizes {sorted({b.group_size for b in batches})}")
-    p_width = max(b.prompt_ids.shape[1] for b in batches)
     t_width = max(b.response_ids.shape[1] for b in batches)
 
-    def left(x: torch.Tensor, value: int) -> torch.Tensor:  # (n, P) -> (n, p_width)
-        return torch.nn.functional.pad(x, (p_width - x.shape[1], 0), value=value)
+    def left(x: torch.Tensor, value: int, width: int) -> torch.Tensor:  # (n, P) -> (n, width)
+        return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+    def stack_left(parts: list[torch.Tensor], value: int) -> torch.Tensor:  # left-padded to the widest
+        width = max(x.shape[1] for x in parts)
+        return torch.cat([left(x, value, width) for x in parts])
 
     def right(x: torch.Tensor, value: float) -> torch.Tensor:  # (n, T) -> (n, t_width)
         return torch.nn.functional.pad(x, (0, t_width - x.shape[1]), value=value)
 
     tensors = {
-        "prompt_ids": torch.cat([left(b.prompt_ids, pad) for b in batches]),  # (N, P)
-        "prompt_mask": torch.cat([left(b.prompt_mask, 0) for b in batches]),  # (N, P)
+        "prompt_ids": stack_left([b.prompt_ids for b in batches], pad),  # (N, P)
+        "prompt_mask": stack_left([b.prompt_mask for b in batches], 0),  # (N, P)
         "response_ids": torch.cat([right(b.response_ids, pad) for b in batches]),  # (N, T)
         "response_mask": torch.cat([right(b.response_mask, 0) for b in batches]),  # (N, T)
         "rewards": torch.cat([b.rewards for b in batches]),  # (N,)
@@ -313,7 +332,10 @@ def concat_batches(batches: Sequence[RolloutBatch], pad: int) -> RolloutBatch:
         if not all(present):
             raise ValueError(f"cannot concatenate batches where only some have {name}")
         parts = [getattr(b, name) for b in batches]
-        tensors[name] = torch.cat([right(x, 0) for x in parts] if name in RESPONSE_ALIGNED else parts)
+        if name in PART_TENSORS:  # left-padded like the prompt
+            tensors[name] = stack_left(parts, pad if name.endswith("_ids") else 0)  # (N, W)
+        else:
+            tensors[name] = torch.cat([right(x, 0) for x in parts] if name in RESPONSE_ALIGNED else parts)
     return replace(
         batches[0],
         **tensors,

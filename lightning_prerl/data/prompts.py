@@ -13,6 +13,9 @@ import random
 import re
 from pathlib import Path
 
+import torch
+
+from lightning_prerl.data.batch import PROMPT_PARTS, pad_left
 from lightning_prerl.data.rewards import Prompt, last_boxed
 from lightning_prerl.data.toyworld import generate_problems
 
@@ -272,3 +275,46 @@ def render_prompt(tokenizer, prompt: Prompt, template_kwargs: dict | None = None
         prompt.messages(), add_generation_prompt=True, tokenize=False, **(template_kwargs or {})
     )
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class PartTokens:
+    """The prompt parts a conditioning space reads (`objectives/spaces.py`), as left-padded tokens.
+
+    Each part is tokenised once per prompt, without the chat template or special tokens: `question`
+    the user turn, `system` the system prompt (no tokens where a prompt has none), `fixed` one text
+    for every prompt (`data.fixed_context`).
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        parts: the parts to carry (`batch.PROMPT_PARTS`).
+        fixed_context: the `fixed` part's text (required, and at least one token, when carried).
+    """
+
+    def __init__(self, tokenizer, parts: list[str], fixed_context: str | None = None):
+        unknown = [part for part in parts if part not in PROMPT_PARTS]
+        if unknown:
+            raise ValueError(f"data context_parts={unknown}: expected some of {list(PROMPT_PARTS)}")
+        self.tokenizer, self.parts = tokenizer, list(parts)
+        self.fixed = self.encode(fixed_context) if fixed_context is not None else []
+        if "fixed" in self.parts and not self.fixed:
+            raise ValueError(f"data.fixed_context={fixed_context!r}: the fixed space needs at least one token")
+        self._cache: dict[tuple[Prompt, str], list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def ids(self, prompt: Prompt, part: str) -> list[int]:
+        if part == "fixed":
+            return self.fixed
+        if (prompt, part) not in self._cache:
+            text = prompt.question if part == "question" else prompt.system or ""
+            self._cache[prompt, part] = self.encode(text)
+        return self._cache[prompt, part]
+
+    def tensors(self, prompts: list[Prompt], n: int) -> dict[str, torch.Tensor]:
+        """`<part>_ids`, `<part>_mask` (B * n, W) for each carried part, each prompt repeated n times."""
+        out = {}
+        for part in self.parts:
+            rows = [self.ids(p, part) for p in prompts for _ in range(n)]
+            out[f"{part}_ids"], out[f"{part}_mask"] = pad_left(rows, self.tokenizer.pad_token_id)
+        return out

@@ -9,6 +9,8 @@ The advantage estimator, the policy loss and the aggregation are registered part
 - `space: marginal` scores log P(y_t | s, y_<t) with the whole prompt replaced by one start token s
   (arXiv 2604.14142, PreRL). The policy module computes only the log-probs of the active space, so
   a PreRL step never pays for a conditional forward pass.
+- the other registered spaces (`objectives/spaces.py`: system, question, fixed, last_k) score the
+  response after another context c that replaces the prompt: log P(y_t | c, y_<t).
 - `samples: negative | positive` keeps samples with A < -tol / A > tol by masking the *response
   mask*: the token mean then runs over the kept samples' tokens only (NSR-PreRL, PSR-PreRL). A group
   whose rewards are all equal (within `adv_tolerance`) gets a group-relative A = 0 exactly, so
@@ -27,12 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lightning_prerl.objectives import aggregation, losses, registry  # noqa: F401 (importing registers the parts)
+from lightning_prerl.objectives import aggregation, losses, registry, spaces  # noqa: F401 (importing registers the parts)
 from lightning_prerl.objectives.advantages import REWARD_TOLERANCE, flat_groups
 from lightning_prerl.objectives.ops import kl_estimate
 from lightning_prerl.objectives.registry import LossInputs, LossOutput
 
-SPACES = ("conditional", "marginal")
 SAMPLES = ("all", "negative", "positive")
 PRETRAIN_LR_SCALE = 0.1  # the learning-rate rule of the prompt-free (marginal) family, see `lr_scale`
 
@@ -43,7 +44,8 @@ class PolicyGradientObjective:
 
     Attributes:
         name: label used in logs and reports.
-        space: "conditional" (log P(y|x)) or "marginal" (prompt-free log P(y)).
+        space: registered conditioning space (`objectives/spaces.py`): "conditional" (log P(y|x)),
+            "marginal" (prompt-free log P(y)), "system", "question", "fixed" or "last_k".
         advantage: registered estimator (`objectives/advantages.py`): grpo, group_mean or signed.
         samples: which samples enter the loss: all, negative or positive advantage.
         positive_weight: lambda of the signed estimator (W-REINFORCE: 0.1).
@@ -57,12 +59,14 @@ class PolicyGradientObjective:
         adv_tolerance: |A| <= this counts as zero: such samples are neither negative nor positive,
             and groups whose rewards span no more than this get A = 0 exactly.
         lr_scale: multiplier of the optimizer's learning rate while this objective is active. None
-            applies the one rule: 0.1 (`PRETRAIN_LR_SCALE`) in the prompt-free space, 1.0 in the
-            conditional one. With Adam a loss coefficient barely changes the step size (the update is
-            normalised), so the PreRL family's 0.01 `coef` alone does not make its steps smaller.
+            applies the one rule: 1.0 in the conditional space, 0.1 (`PRETRAIN_LR_SCALE`) in the
+            prompt-free one and every other space that drops part of the prompt. With Adam a loss
+            coefficient barely changes the step size (the update is normalised), so the PreRL
+            family's 0.01 `coef` alone does not make its steps smaller.
         policy_loss: registered loss (`objectives/losses/`); `ppo_clip` takes eps_low, eps_high, clip_c.
         aggregation: registered aggregation (`objectives/aggregation.py`), default the global token mean.
-        advantage_args, loss_args, aggregation_args: the parts' own parameters (`registry.bind`).
+        advantage_args, loss_args, aggregation_args, space_args: the parts' own parameters
+            (`registry.bind`; `last_k` takes `k`).
     """
 
     name: str = "grpo"
@@ -85,14 +89,15 @@ class PolicyGradientObjective:
     advantage_args: dict = field(default_factory=dict)
     loss_args: dict = field(default_factory=dict)
     aggregation_args: dict = field(default_factory=dict)
+    space_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        choices = {"space": SPACES, "samples": SAMPLES, "kl_estimator": ("k1", "k2", "k3")}
+        choices = {"samples": SAMPLES, "kl_estimator": ("k1", "k2", "k3")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"objective.{key}={getattr(self, key)!r}: expected one of {list(allowed)}")
         if self.lr_scale is None:
-            self.lr_scale = PRETRAIN_LR_SCALE if self.space == "marginal" else 1.0
+            self.lr_scale = 1.0 if self.space == "conditional" else PRETRAIN_LR_SCALE
         if self.lr_scale <= 0:
             raise ValueError(f"objective.lr_scale={self.lr_scale}: must be > 0")
         for key in ("coef", "eps_low", "eps_high", "kl_coef", "entropy_coef", "adv_tolerance"):
@@ -106,10 +111,11 @@ class PolicyGradientObjective:
             setattr(self, registry.ARGS_KEY[kind], args)
             shared = {k: getattr(self, k) for k in registry.SHARED[kind]}
             parts[kind] = registry.bind(kind, getattr(self, kind), shared, args)
-        self._advantage_fn, self._loss_fn, self._aggregate = (
+        self._advantage_fn, self._loss_fn, self._aggregate, self.context = (
             parts["advantage"],
             parts["policy_loss"],
             parts["aggregation"],
+            parts["space"],
         )
 
     @property

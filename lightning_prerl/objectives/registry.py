@@ -1,4 +1,5 @@
-"""The objective's replaceable parts, registered by name: advantage estimators, policy losses, aggregations.
+"""The objective's replaceable parts, registered by name: advantage estimators, policy losses, aggregations
+and the conditioning space (what a response is scored after: `objectives/spaces.py`).
 
 A YAML names each part (`advantage: grpo`, `policy_loss: gspo`, `aggregation: seq-mean-token-mean`) and
 sets its own parameters (`advantage_args`, `loss_args`, `aggregation_args`); `PolicyGradientObjective`
@@ -24,13 +25,19 @@ from functools import partial
 
 import torch
 
-KINDS = ("advantage", "policy_loss", "aggregation")
+KINDS = ("advantage", "policy_loss", "aggregation", "space")
 SHARED = {
     "advantage": ("adv_eps", "positive_weight"),
     "policy_loss": ("eps_low", "eps_high", "clip_c"),
     "aggregation": (),
+    "space": (),
 }
-ARGS_KEY = {"advantage": "advantage_args", "policy_loss": "loss_args", "aggregation": "aggregation_args"}
+ARGS_KEY = {
+    "advantage": "advantage_args",
+    "policy_loss": "loss_args",
+    "aggregation": "aggregation_args",
+    "space": "space_args",
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +107,13 @@ def register_aggregation(name: str) -> Callable:
     return _register("aggregation", name)
 
 
+def register_space(name: str) -> Callable:
+    """Register a class whose instances map `(parts, start_token_id)` to the left-padded context
+    (ids (N, C), mask (N, C)) that replaces the prompt when a response is scored, as space `name`
+    (see `objectives/spaces.py` for the contract)."""
+    return _register("space", name)
+
+
 def names(kind: str) -> list[str]:
     """Registered names of one kind, sorted."""
     return sorted(_REGISTRY[kind])
@@ -113,13 +127,24 @@ def lookup(kind: str, name: str) -> Registered:
 
 
 def args_error(kind: str, name: str, args: dict) -> str | None:
-    """`key=value: why` for the first `*_args` key the part does not take (or that is a shared field)."""
-    own = [p for p in lookup(kind, name).params if p not in SHARED[kind]]
+    """`key=value: why` for the first `*_args` key the part does not take (or that is a shared field),
+    then for a required parameter left out, then (a class part) for what its constructor refuses."""
+    entry = lookup(kind, name)
+    own = [p for p in entry.params if p not in SHARED[kind]]
     for key, value in args.items():
         if key in SHARED[kind]:
             return f"{key}={value!r}: set objective.{key} instead"
         if key not in own:
             return f"{key}={value!r}: {kind} {name!r} takes " + (f"one of {own}" if own else "none")
+    signature = inspect.signature(entry.fn).parameters
+    for key in own:
+        if key not in args and signature[key].default is inspect.Parameter.empty:
+            return f"{key}=<missing>: {kind} {name!r} requires it"
+    if kind == "space":  # a space checks its parameters when built (`objectives/spaces.py`)
+        try:
+            entry.fn(**args)
+        except ValueError as exc:
+            return str(exc)
     return None
 
 

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_prerl.data.batch import RolloutBatch, pad_left, pad_right, truncated_flags
 from lightning_prerl.data.benchmarks import decontaminate
-from lightning_prerl.data.prompts import PromptSet, render_prompt
+from lightning_prerl.data.prompts import PartTokens, PromptSet, render_prompt
 from lightning_prerl.data.rewards import Prompt, RewardFn, RewardScorer
 from lightning_prerl.data.shaping import OverlongShaping, sample_informative
 from lightning_prerl.rollout.engine import RolloutEngine, SamplingConfig, derive_seed
@@ -93,6 +93,10 @@ class RolloutDataModule(L.LightningDataModule):
             rank's prompts so that its i-th mini-batch is its share of the global i-th one.
         record_rollouts: write every training batch to `<run dir>/rollouts/` (`record.py`), for
             `experiments/replay.py`.
+        fixed_context: a text tokenised once (no template) for the `fixed` conditioning space.
+        context_parts: the prompt parts the batches carry as tokens for the objective's spaces and the
+            alignment diagnostic (`batch.PROMPT_PARTS`: question, system, fixed; `compose` derives them
+            from the config): each tokenised once per prompt, without the chat template.
     """
 
     def __init__(
@@ -124,6 +128,8 @@ class RolloutDataModule(L.LightningDataModule):
         max_extra_rounds: int = 4,
         mini_batches: int = 1,
         record_rollouts: bool = False,
+        fixed_context: str | None = None,
+        context_parts: list[str] | None = None,
     ):
         super().__init__()
         for key, value in (
@@ -159,6 +165,7 @@ class RolloutDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.template_kwargs = template_kwargs or {}
         self._rendered: dict[Prompt, list[int]] = {}
+        self.part_tokens = PartTokens(tokenizer, context_parts or [], fixed_context)
         self.dropped_prompts = {"train": 0, "eval": 0, "contaminated": 0}
         self._synced_at: int | None = None
 
@@ -282,6 +289,7 @@ class RolloutDataModule(L.LightningDataModule):
             seeds=[s for s in seeds for _ in range(n)],
             padding_prompts=padding_prompts,
             rollout_logprobs=engine_logp,
+            **self.part_tokens.tensors(prompts, n),
             stats={
                 "rollout/reward_errors": float(scored.errors),
                 "rollout/reward_timeouts": float(scored.timeouts),

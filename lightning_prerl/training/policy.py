@@ -16,9 +16,10 @@ update) old log-probs in the objective's space are fixed once per rollout batch 
 each mini-batch's micro-batches are then forwarded and back-propagated with the loss divided by that
 mini-batch's global kept-token count, so neither micro-batch size nor world size changes an update.
 Only the log-probs the objective needs are computed: the conditional forward for `space:
-conditional`, the prompt-free one for `space: marginal`, the reference forward only when
-`kl_coef > 0`. With one update per rollout batch (the paper's setting) old log-probs equal the
-detached current ones (ratio 1) and no extra pass runs.
+conditional`, the prompt-free one for `space: marginal` (or the context of any other registered
+space, `objectives/spaces.py`), the reference forward only when `kl_coef > 0`. With one update per
+rollout batch (the paper's setting) old log-probs equal the detached current ones (ratio 1) and no
+extra pass runs.
 """
 
 from __future__ import annotations

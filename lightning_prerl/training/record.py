@@ -17,7 +17,8 @@ Decisions:
   default) the optimizer step k. The file also holds the policy version: the global step whose weights
   generated it.
 - **A column per `RolloutBatch` field**, readable with pyarrow alone (`pyarrow.parquet.read_table`):
-  `prompt_ids` and `response_ids` are list columns of the real tokens (padding stripped; the masks are
+  `prompt_ids` and `response_ids` (and the prompt parts of the conditioning spaces, `question_ids`,
+  `system_ids`, `fixed_ids`, when carried) are list columns of the real tokens (padding stripped; the masks are
   their lengths), response-aligned tensors (`rollout_logprobs`, when the engine returned them) list
   columns of the same lengths, per-sample tensors (`rewards` after DAPO shaping, `sample_mask`) and lists
   (`texts`, `has_answer`, `sources`, `seeds`) plain columns. The rest (step, rank, world size, policy
@@ -44,7 +45,7 @@ import pyarrow.parquet as pq
 import torch
 
 from lightning_prerl.atomic import atomic_file, write_text
-from lightning_prerl.data.batch import RESPONSE_ALIGNED, RolloutBatch
+from lightning_prerl.data.batch import PROMPT_PARTS, RESPONSE_ALIGNED, RolloutBatch
 from lightning_prerl.errors import ConfigError
 
 FORMAT = 1
@@ -52,6 +53,15 @@ META_KEY = b"lightning_prerl"
 LISTS = ("texts", "has_answer", "sources", "seeds")  # per-sample lists of the batch, as plain columns
 MASKS = {"prompt_ids": "prompt_mask", "response_ids": "response_mask"}  # list columns: the mask of their tokens
 MASKS.update(dict.fromkeys(RESPONSE_ALIGNED, "response_mask"))
+MASKS.update({f"{part}_ids": f"{part}_mask" for part in PROMPT_PARTS})  # the spaces' prompt parts, when carried
+LEFT_PADDED = ("prompt_ids", *(f"{part}_ids" for part in PROMPT_PARTS))
+TOKENS = ("prompt_ids", "response_ids", *LEFT_PADDED[1:])  # the list columns whose lengths are their masks'
+
+
+def _width_key(name: str) -> str:  # "prompt_ids" -> "prompt", a response-aligned column -> "response"
+    return MASKS[name].removesuffix("_mask")
+
+
 LIST_TYPES = {"texts": pa.string(), "has_answer": pa.bool_(), "sources": pa.string(), "seeds": pa.int64()}
 
 
@@ -72,13 +82,13 @@ def batch_table(batch: RolloutBatch, meta: dict, pad: int) -> pa.Table:
     tensors = {k: v.detach().cpu() for k, v in _tensors(batch).items()}
     columns = {}
     for name, x in tensors.items():
-        if name in ("prompt_mask", "response_mask"):
+        if name in MASKS.values():
             continue  # their lengths: the list columns' lengths
         if name not in MASKS:  # (N,) one value per sample
             columns[name] = pa.array(x.numpy())
             continue
         mask = tensors[MASKS[name]].bool()  # (N, W)
-        if x.shape != mask.shape or not _is_run(mask, left=name == "prompt_ids"):
+        if x.shape != mask.shape or not _is_run(mask, left=name in LEFT_PADDED):
             raise ValueError(f"cannot record {name}: its mask is not one run of ones per row")
         fill = pad if name.endswith("_ids") else 0
         if bool((x[~mask] != fill).any()):
@@ -94,7 +104,7 @@ def batch_table(batch: RolloutBatch, meta: dict, pad: int) -> pa.Table:
         "format": FORMAT,
         "group_size": batch.group_size,
         "padding_prompts": batch.padding_prompts,
-        "widths": {"prompt": tensors["prompt_ids"].shape[1], "response": tensors["response_ids"].shape[1]},
+        "widths": {_width_key(name): tensors[name].shape[1] for name in TOKENS if name in tensors},
         "pad_token_id": pad,
         "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in tensors.items()},
         "stats": batch.stats,
@@ -115,11 +125,11 @@ def table_batch(table: pa.Table) -> tuple[RolloutBatch, dict]:
     meta = json.loads(table.schema.metadata[META_KEY])
     widths, dtypes, pad = meta["widths"], meta["dtypes"], meta["pad_token_id"]
     tensors, masks = {}, {}
-    for name in ("prompt_ids", "response_ids"):
+    for name in (n for n in TOKENS if n in table.column_names):
         lengths = torch.from_numpy(np.diff(table[name].combine_chunks().offsets.to_numpy()))  # (N,)
-        width = widths["prompt" if name == "prompt_ids" else "response"]
+        width = widths[_width_key(name)]
         cols = torch.arange(width)
-        masks[name] = cols >= width - lengths[:, None] if name == "prompt_ids" else cols < lengths[:, None]
+        masks[name] = cols >= width - lengths[:, None] if name in LEFT_PADDED else cols < lengths[:, None]
     for name in table.column_names:
         if name in LISTS:
             continue
@@ -128,13 +138,13 @@ def table_batch(table: pa.Table) -> tuple[RolloutBatch, dict]:
         if name not in MASKS:
             tensors[name] = torch.from_numpy(column.to_numpy(zero_copy_only=False).copy()).to(dtype)
             continue
-        mask = masks["prompt_ids" if name == "prompt_ids" else "response_ids"]  # (N, W)
+        mask = masks[f"{_width_key(name)}_ids"]  # (N, W)
         fill = pad if name.endswith("_ids") else 0
         out = torch.full(mask.shape, fill, dtype=dtype)
         out[mask] = torch.from_numpy(column.flatten().to_numpy(zero_copy_only=False).copy()).to(dtype)
         tensors[name] = out
-    for name, ids in (("prompt_mask", "prompt_ids"), ("response_mask", "response_ids")):
-        tensors[name] = masks[ids].to(getattr(torch, dtypes[name]))
+    for ids, mask in masks.items():
+        tensors[MASKS[ids]] = mask.to(getattr(torch, dtypes[MASKS[ids]]))
     lists = {name: table[name].to_pylist() if name in table.column_names else [] for name in LISTS}
     batch = RolloutBatch(
         **tensors, **lists, group_size=meta["group_size"], padding_prompts=meta["padding_prompts"], stats=meta["stats"]

@@ -23,6 +23,7 @@ from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
 from lightning_prerl.objectives.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives.ops import head_logprobs
+from lightning_prerl.objectives.spaces import bind_space
 from lightning_prerl.scale.zero import through_own_call
 from lightning_prerl.training.oom import micro_batch_guard
 
@@ -58,10 +59,10 @@ def final_hidden_states(model: torch.nn.Module, ids, attn, pos, keep: int, cache
     return captured[-1][:, -keep:]  # (N, keep, H)
 
 
-def prompt_sharing(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U,) the first row of each distinct prompt and (N,) each row's distinct prompt (GRPO's G
-    samples of a prompt share it, wherever a micro-batch holds them)."""
-    rows = torch.cat([batch.prompt_ids, batch.prompt_mask], dim=1)  # (N, 2P): same ids, same padding
+def context_sharing(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U,) the first row of each distinct context and (N,) each row's distinct context, from the
+    (N, C) context ids and mask (GRPO's G samples of a prompt share it, wherever a micro-batch holds them)."""
+    rows = torch.cat([ids, mask], dim=1)  # (N, 2C): same ids, same padding
     _, inverse = torch.unique(rows, dim=0, return_inverse=True)  # (N,)
     n, u = len(inverse), int(inverse.max()) + 1
     order = torch.arange(n, device=inverse.device)
@@ -69,22 +70,25 @@ def prompt_sharing(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
-def shared_prompt_hidden_states(model: torch.nn.Module, batch: RolloutBatch, first, inverse) -> torch.Tensor:
-    """(N, T, H) hidden states that predict the responses, each distinct prompt forwarded once.
+def shared_context_hidden_states(
+    model: torch.nn.Module, ctx_ids: torch.Tensor, ctx_mask: torch.Tensor, batch: RolloutBatch
+) -> torch.Tensor:
+    """(N, T, H) hidden states that predict the responses, each distinct context forwarded once.
 
-    The prompts' keys and values (with their autograd graph) are computed on the U distinct prompts,
-    indexed out to the N rows and extended by the responses' pass: the same causal attention as one
-    [prompt | response] pass, with the prompt tokens' share of the compute divided by the rows per
-    prompt. The last prompt position (which predicts the first response token) comes from the first pass.
-    Always two forward calls, also when no prompt repeats: sharded (FSDP2, ZeRO-3) ranks must gather
-    parameters in lockstep whatever their rows hold.
+    The contexts' (N, C) keys and values (with their autograd graph) are computed on the U distinct
+    contexts, indexed out to the N rows and extended by the responses' pass: the same causal attention
+    as one [context | response] pass, with the context tokens' share of the compute divided by the rows
+    per prompt. The last context position (which predicts the first response token) comes from the
+    first pass. Always two forward calls, also when no context repeats: sharded (FSDP2, ZeRO-3) ranks
+    must gather parameters in lockstep whatever their rows hold.
     """
-    p_ids, p_mask = batch.prompt_ids[first], batch.prompt_mask[first]  # (U, P)
+    first, inverse = context_sharing(ctx_ids, ctx_mask)  # (U,), (N,)
+    c_ids, c_mask = ctx_ids[first], ctx_mask[first]  # (U, C)
     cache = DynamicCache(config=model.config)
-    last = final_hidden_states(model, p_ids, p_mask, (p_mask.cumsum(1) - 1).clamp(min=0), 1, cache)  # (U, 1, H)
+    last = final_hidden_states(model, c_ids, c_mask, (c_mask.cumsum(1) - 1).clamp(min=0), 1, cache)  # (U, 1, H)
     cache.batch_select_indices(inverse)  # (U, ...) -> (N, ...) in every layer, differentiably
-    attn = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)  # (N, P + T)
-    pos = (attn.cumsum(1) - 1).clamp(min=0)[:, batch.prompt_ids.shape[1] :]  # (N, T)
+    attn = torch.cat([ctx_mask, batch.response_mask], dim=1)  # (N, C + T)
+    pos = (attn.cumsum(1) - 1).clamp(min=0)[:, ctx_ids.shape[1] :]  # (N, T)
     t = batch.response_ids.shape[1]
     responses = final_hidden_states(model, batch.response_ids, attn, pos, t, cache)  # (N, T, H)
     return torch.cat([last[inverse], responses[:, :-1]], dim=1)  # (N, T, H)
@@ -107,7 +111,7 @@ def output_head_weight(model: torch.nn.Module) -> torch.Tensor:
 def sequence_logprobs(
     model: torch.nn.Module,
     batch: RolloutBatch,
-    space: str,
+    space: str | object,
     start_token_id: int,
     temperature: float = 1.0,
     with_entropy: bool = False,
@@ -115,33 +119,33 @@ def sequence_logprobs(
     entropy_grad: bool = True,
     share_prompts: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs (N, T) of the responses, with or without their prompts (and the entropy,
+    """Per-token log-probs (N, T) of the responses after the context of `space` (and the entropy,
     differentiable or only measured: `entropy_grad`).
 
-    conditional: [prompt (left-padded) | response], positions count real tokens from 0; with
-    `share_prompts` rows with the same prompt share one forward of it (`shared_prompt_hidden_states`;
-    not under activation checkpointing, which drops the cache).
-    marginal: [start token | response], the prompt removed entirely; positions restart at 0.
+    `space` is a registered space's name (default parameters), a `{space, space_args}` mapping or a
+    bound space (`objective.context`): it maps the batch to the left-padded (N, C) context that
+    replaces the prompt (`objectives/spaces.py`): conditional, the whole prompt; marginal, the start
+    token alone; system, question, fixed, last_k, in between. The sequence is [context | response],
+    positions count real tokens from 0 (marginal: 0..C+T-1 through the response padding, as always).
+    With `share_prompts`, rows with the same context share one forward of it
+    (`shared_context_hidden_states`; not for marginal's one-token context, and not under activation
+    checkpointing, which drops the cache).
     Either way the EOS token of a finished response is scored (it is inside `response_mask`).
     The logits are never materialised: the head runs chunk by chunk (`ops.head_logprobs`).
     """
-    if space not in ("conditional", "marginal"):
-        raise ValueError(f"space={space!r}: expected 'conditional' or 'marginal'")
+    context = bind_space(space)
+    ctx_ids, ctx_mask = context(batch, start_token_id)  # (N, C), (N, C)
     resp, resp_mask = batch.response_ids, batch.response_mask  # (N, T)
-    n, t = resp.shape
+    t = resp.shape[1]
     checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    if space == "conditional" and share_prompts and not checkpointing:
-        hidden = shared_prompt_hidden_states(model, batch, *prompt_sharing(batch))  # (N, T, H)
+    if share_prompts and getattr(context, "shares_context", True) and not checkpointing:
+        hidden = shared_context_hidden_states(model, ctx_ids, ctx_mask, batch)  # (N, T, H)
     else:
-        if space == "conditional":
-            ids = torch.cat([batch.prompt_ids, resp], dim=1)  # (N, P + T)
-            attn = torch.cat([batch.prompt_mask, resp_mask], dim=1)  # (N, P + T)
-            pos = (attn.cumsum(1) - 1).clamp(min=0)  # (N, P + T)
-        else:
-            start = torch.full((n, 1), start_token_id, dtype=resp.dtype, device=resp.device)
-            ids = torch.cat([start, resp], dim=1)  # (N, 1 + T)
-            attn = torch.cat([torch.ones_like(start), resp_mask], dim=1)  # (N, 1 + T)
-            pos = torch.arange(t + 1, device=resp.device).expand(n, -1)  # (N, 1 + T)
+        ids = torch.cat([ctx_ids, resp], dim=1)  # (N, C + T)
+        attn = torch.cat([ctx_mask, resp_mask], dim=1)  # (N, C + T)
+        pos = (attn.cumsum(1) - 1).clamp(min=0)  # (N, C + T) real tokens counted from 0
+        if getattr(context, "positions_through_padding", False):  # marginal: 0..C+T-1, padding too
+            pos = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)  # (N, C + T)
         hidden = final_hidden_states(model, ids, attn, pos, t + 1)[:, :-1]  # (N, T, H): position j predicts token j
 
     def score(weight: torch.Tensor):  # weight (V, H)
@@ -213,7 +217,7 @@ class Collectives:
 def _no_grad_logprobs(
     model: torch.nn.Module,
     batch: RolloutBatch,
-    space: str,
+    space: str | object,
     start_token_id: int,
     temperature: float,
     micro: MicroBatching,
@@ -255,7 +259,7 @@ def prepare(
     stats, old, weights = MismatchStats(), None, None
     args = (start_token_id, temperature, micro, comm)
     if updates > 1:
-        old = _no_grad_logprobs(policy, batch, objective.space, *args)  # (N, T)
+        old = _no_grad_logprobs(policy, batch, objective.context, *args)  # (N, T)
     if batch.rollout_logprobs is not None and correction.applies_to(objective.space):
         cond = old if objective.space == "conditional" and old is not None else None
         if cond is None:
@@ -325,7 +329,7 @@ def backward_objective(
         batch = rows_with_loss(batch, micro.skip_zero_advantage and objective.inert_at_zero_advantage)
         result.forwarded_tokens = comm.sum(batch.loss_mask.sum())
     micro_batches = batch.micro_batches(micro.size, micro.max_tokens, comm.max)
-    space, differentiable_entropy = objective.space, objective.needs_entropy  # the entropy: only in the loss
+    space, differentiable_entropy = objective.context, objective.needs_entropy  # the entropy: only in the loss
     for i, (_, mb) in enumerate(micro_batches):
         mask = mb.loss_mask  # (n, T')
         with micro_batch_guard(mb, "forward", comm.world_size, comm.oom_agree):  # failures known to every rank
@@ -343,9 +347,7 @@ def backward_objective(
             ref_logp = None
             if objective.needs_reference:
                 with torch.no_grad():
-                    ref_logp, _ = sequence_logprobs(
-                        reference, mb, objective.space, start_token_id, temperature, **micro.scoring
-                    )
+                    ref_logp, _ = sequence_logprobs(reference, mb, space, start_token_id, temperature, **micro.scoring)
             terms = objective.loss_terms(logp, old, mb.advantages, ref_logp, entropy, mb.is_weights, mask)  # (n, T')
             loss = (terms.loss * objective.loss_weights(mask)).sum() / normaliser * comm.world_size
         if mismatch is not None and mb.rollout_logprobs is not None and objective.space == "conditional":

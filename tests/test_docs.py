@@ -109,6 +109,9 @@ def test_the_config_reference_lists_every_schema_key_with_its_meaning(site):
         if key in rows:
             assert " ".join(field.description.replace("`", "").split()) in " ".join(rows[key][3].split()), key
     # defaults come from the composed default config, interpolations resolved where they can be
-    assert rows["objective.switch_step"][2] == "${oc.select:dsrl.switch_step,20} = 20"
+    assert (
+        rows["objective.switch_step"][2]
+        == "${oc.select:dsrl.switch_step,${lp.share_of:0.055,${trainer.max_steps}}} = 3"
+    )
     assert rows["data.prompts_per_step"][2] == "16"
     assert "objective=nsr_prerl" in page  # what each option of a group changes

@@ -103,6 +103,8 @@ def compose_all() -> dict[str, Any]:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import lightning_prerl.config.checks  # noqa: F401  (registers the lp.* resolvers the defaults use)
+
     def raw(cfg) -> dict:
         return OmegaConf.to_container(cfg, resolve=False)
 

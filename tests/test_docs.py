@@ -109,9 +109,8 @@ def test_the_config_reference_lists_every_schema_key_with_its_meaning(site):
         if key in rows:
             assert " ".join(field.description.replace("`", "").split()) in " ".join(rows[key][3].split()), key
     # defaults come from the composed default config, interpolations resolved where they can be
-    assert (
-        rows["objective.switch_step"][2]
-        == "${oc.select:dsrl.switch_step,${lp.share_of:0.055,${trainer.max_steps}}} = 3"
-    )
+    # the paper's 19 of 348 steps: 3 of the toy's 60, in whole rollout batches
+    share = "${lp.share_of:0.055,${trainer.max_steps},${lp.mul:${module.ppo_epochs},${module.mini_batches}}}"
+    assert rows["objective.switch_step"][2] == "${oc.select:dsrl.switch_step," + share + "} = 3"
     assert rows["data.prompts_per_step"][2] == "16"
     assert "objective=nsr_prerl" in page  # what each option of a group changes

@@ -246,11 +246,12 @@ def test_python_defaults_are_the_configs_and_the_paper_s():
     assert {k: getattr(built, k) for k in keys} == {k: defaults[k] for k in keys} == {k: yaml[k] for k in keys}
     # the paper's switch: 19 NSR-PreRL steps of 348; Python knows no run length and takes the paper's 20,
     # the YAML the paper's share of trainer.max_steps (5.5 %): 19 of 348, 3 of the toy's 60
-    assert built.switch_step == 20 and "lp.share_of:0.055,${trainer.max_steps}" in OmegaConf.to_yaml(yaml)
+    assert built.switch_step == 20 and "lp.share_of:0.055,${trainer.max_steps}," in OmegaConf.to_yaml(yaml)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        for steps, switch in ((60, 3), (348, 19), (10, 1), (3, 1)):
-            cfg = compose("config", overrides=[f"trainer.max_steps={steps}", "run_dir=/tmp/x"])
-            assert cfg.objective.switch_step == switch, steps
+        for steps, updates, switch in ((60, 1, 3), (348, 1, 19), (10, 1, 1), (3, 1, 1), (60, 4, 4), (348, 4, 20)):
+            batches = [f"module.mini_batches={updates}", f"data.prompts_per_step={4 * updates}"]  # whole batches
+            cfg = compose("config", overrides=[f"trainer.max_steps={steps}", *batches, "run_dir=/tmp/x"])
+            assert cfg.objective.switch_step == switch, (steps, updates)
         assert compose("config", overrides=["+dsrl.switch_step=7", "run_dir=/tmp/x"]).objective.switch_step == 7
         unbounded = compose("config", overrides=["trainer.max_steps=-1", "run_dir=/tmp/x"])
         with pytest.raises(ConfigError, match=r"objective.switch_step defaults to 5.5% of trainer.max_steps=-1"):

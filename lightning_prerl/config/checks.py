@@ -42,19 +42,20 @@ def _precision(dtype: str, param_dtype: str) -> str:
     return "bf16-mixed" if dtype == "bfloat16" and param_dtype != "bfloat16" else "32-true"
 
 
-def _share_of(share, total) -> int:
-    """DSRL's default switch step: the paper's share of the run (19 of 348 steps), at least one step."""
-    share, total = float(share), int(total)
+def _share_of(share, total, multiple=1) -> int:
+    """DSRL's default switch step: the paper's share of the run (19 of 348 steps), rounded to whole
+    rollout batches (`multiple` optimizer steps each), at least one."""
+    share, total, multiple = float(share), int(total), int(multiple)
     if total <= 0:
         raise ConfigError(
             f"objective.switch_step defaults to {share:.1%} of trainer.max_steps={total}: set objective.switch_step"
         )
-    return max(1, round(share * total))
+    return max(1, round(share * total / multiple)) * multiple
 
 
 # `${lp.devices:2}`, `${lp.mul:a,b}`, `${lp.precision:dtype,param_dtype}` in conf/trainer/*.yaml;
 # `${lp.data_root:}` in conf/config.yaml (lightning_prerl/data/sources.py: the order it looks in);
-# `${lp.share_of:share,total}` in conf/objective/dsrl.yaml
+# `${lp.share_of:share,total,multiple}` in conf/objective/dsrl.yaml
 for _name, _fn in (
     ("lp.devices", _devices),
     ("lp.mul", lambda a, b: int(a) * int(b)),

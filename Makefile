@@ -58,9 +58,14 @@ clean:
 # Docker (not part of `make test`): build the CPU image from docker/Dockerfile.cpu (which calls
 # `make setup` itself) and run `make test-fast` and a short default run inside it. Starts a Docker
 # daemon and creates a debootstrap Python base image when none is available (root; docker/test.sh).
-.PHONY: docker-test
+.PHONY: docker-test docker-test-gpu
 docker-test:
 	bash docker/test.sh
+
+# The GPU image, built and checked here without a GPU or a registry (docker/test-gpu.sh): the CUDA stack
+# imports at the pinned versions, the paper presets compose for 8 GPUs, `make test-fast` on the CPU.
+docker-test-gpu:
+	bash docker/test-gpu.sh
 
 # The GPU machine (not part of `make test`): `make gpu-carry` here fills .gpu-carry/ (the wheels of
 # gpu/wheels.txt that the GPU image lacks + the Qwen3 tokenizer, ~17 MiB); carry it with the checkout and

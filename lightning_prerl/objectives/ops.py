@@ -175,9 +175,14 @@ def lce_options(chunk_rows: int, device: torch.device, dtype: torch.dtype):
     low-precision gradient tensor itself (`addmm_`), so the head's gradient is summed in bf16 across
     chunks. "balanced" keeps a float32 (V, H) scratch for that sum (1.56 GB for Qwen3-4B's 151,936 x
     2,560 head, 0.62 GB for Qwen3-0.6B's x 1,024); on CPU "accurate" is torch's own pick and the only
-    policy whose weight-gradient matmul runs in float32 there. An explicit policy resolves `acc_dtype`
-    None to the input dtype, so float32 is named here.
+    policy whose weight-gradient matmul runs in float32 there. torch 2.14 (the GPU install's) has no
+    "balanced" (`_VALID_ACC_POLICIES = ("auto", "accurate", "compact")` in linear_cross_entropy_options.py):
+    there "accurate" is the one policy left with the float32 scratch. An explicit policy resolves
+    `acc_dtype` None to the input dtype, so float32 is named here.
     """
     policy = "accurate" if device.type == "cpu" else "balanced"
     acc = torch.float32 if dtype in (torch.bfloat16, torch.float16) else None
-    return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_rows, acc_policy=policy, acc_dtype=acc)
+    try:
+        return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_rows, acc_policy=policy, acc_dtype=acc)
+    except ValueError:  # "invalid acc_policy: 'balanced'" (torch >= 2.14)
+        return torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_rows, acc_policy="accurate", acc_dtype=acc)

@@ -159,7 +159,8 @@ class Model(_Node):
     """The policy (`conf/model/*.yaml`)."""
 
     path: str
-    """`toy`, `toy-thoughts` (shipped policies) or a local Hugging Face directory; nothing is downloaded."""
+    """`toy`, `toy-thoughts`, `toy-recheck` (shipped policies) or a local Hugging Face directory; nothing is
+    downloaded."""
     dtype: Dtype
     """Compute dtype of forward and backward (bfloat16: bf16 compute over `param_dtype` weights)."""
     param_dtype: Dtype

@@ -11,6 +11,11 @@ propagated slip, and slips followed by a self-correction ("Wait, let me check: .
 transition words ("But", "Alternatively,") sprinkled in. A perfect imitator of that mix solves
 about 80 % at temperature 1, which keeps the base policy inside the band where RL sees both
 positive and negative samples.
+
+Three worlds (`WORLDS`) share the problems, tokenizer and architecture: "arith" (one-paragraph answers,
+the default run's), "thoughts" (one thought per step, repairs aimed at slips: the negative control, whose
+pretraining never saw the prompt-free space) and "recheck" (3-4 steps, blind rechecks and switches of
+method that pay on average, low base rates, and 40 % of its pretraining in the prompt-free space).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
@@ -30,6 +36,7 @@ CHAT_TEMPLATE = (
 ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the shipped toy policies
 SHIPPED_MODEL_DIR = ASSETS / "toy-base"
 THOUGHTS_MODEL_DIR = ASSETS / "toy-thoughts"  # the "thoughts" world's base policy
+RECHECK_MODEL_DIR = ASSETS / "toy-recheck"  # the "recheck" world's base policy
 
 
 @dataclass(frozen=True)
@@ -197,6 +204,39 @@ def thought_trace(
     return "\n\n".join(thoughts)
 
 
+def recheck_trace(
+    problem: ToyProblem,
+    rng: random.Random,
+    *,
+    p_slip: float = 0.18,
+    p_reflect: float = 0.04,
+    p_switch: float = 0.015,
+) -> str:
+    """One answer of the "recheck" world: one thought per step, where checking pays without knowing where.
+
+    Each step slips with probability `p_slip`. Independently of whether it slipped, it is followed by a
+    recheck ("Wait, let me check: 68-17=51.") with probability `p_reflect`, else by a recomputation in
+    another way ("Alternatively, 68-10=58 and 58-7=51.") with probability `p_switch`. Both are always right
+    and their value is the one carried forward: a check never harms a correct step and repairs a slipped
+    one, but the corpus places it blind, so a policy can only raise its rate, not aim it.
+    """
+    acc, thoughts = problem.operands[0], []
+    for op, x in zip(problem.ops, problem.operands[1:], strict=True):
+        true = acc + x if op == "+" else acc - x
+        shown = _slip(true, rng) if rng.random() < p_slip else true
+        thoughts.append(f"{acc}{op}{x}={shown}.")
+        r = rng.random()
+        if r < p_reflect:
+            thoughts.append(f"Wait, let me check: {acc}{op}{x}={true}.")
+        elif r < p_reflect + p_switch:
+            thoughts.append(_alternative(acc, op, x, true))
+        else:
+            true = shown  # unchecked: a slip propagates
+        acc = true
+    thoughts.append(f"The answer is \\boxed{{{acc}}}.")
+    return "\n\n".join(thoughts)
+
+
 _STEP = re.compile(r"^(\d+)([+-])(\d+)=(-?\d+)\.$")  # a computation thought: "23+45=68."
 
 
@@ -259,9 +299,24 @@ def slip_counts(answer: str) -> SlipCounts:
     return SlipCounts(steps, slips, reflected, switched, checks, fixed)
 
 
-WORLDS = {  # name: (answer writer, shipped base policy, completion budget in tokens)
-    "arith": (solution_trace, SHIPPED_MODEL_DIR, 120),
-    "thoughts": (thought_trace, THOUGHTS_MODEL_DIR, 200),
+@dataclass(frozen=True)
+class World:
+    """A toy world's pretraining recipe: `trace` writes the answers, `model_dir` holds its shipped base
+    policy, `max_new_tokens` bounds an answer, `num_ops` the operations per problem; `marginal_share` of
+    the pretraining sequences are `start token + answer` with the loss on the whole sequence (PreRL's
+    prompt-free space, trained), the rest chat-formatted with the loss on the assistant turn."""
+
+    trace: Callable[..., str]
+    model_dir: Path
+    max_new_tokens: int
+    num_ops: tuple[int, int] = (2, 3)
+    marginal_share: float = 0.0
+
+
+WORLDS = {
+    "arith": World(solution_trace, SHIPPED_MODEL_DIR, 120),
+    "thoughts": World(thought_trace, THOUGHTS_MODEL_DIR, 200),
+    "recheck": World(recheck_trace, RECHECK_MODEL_DIR, 240, num_ops=(3, 4), marginal_share=0.4),
 }
 
 

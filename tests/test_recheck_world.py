@@ -34,7 +34,7 @@ def test_a_recheck_repairs_a_slip_never_harms_a_correct_step_and_carries_its_val
     thoughts = fixed.split("\n\n")
     assert thoughts[1] == "Wait, let me check: 23+45=68." and thoughts[2].startswith("68-17=")
     assert thoughts[3] == "Wait, let me check: 68-17=51." and fixed.endswith("\\boxed{51}.")
-    assert slip_counts(fixed) == SlipCounts(steps=2, slips=2, reflected=2, switched=0, checks=0)
+    assert slip_counts(fixed) == SlipCounts(steps=2, slips=2, reflected=2, switched=0, checks=0, fixed=2)
     # no slip, every step rechecked: the recheck repeats the right value and the answer stays right
     harmless = recheck_trace(problem, random.Random(0), p_slip=0.0, p_reflect=1.0)
     assert harmless == (
@@ -46,6 +46,7 @@ def test_a_recheck_repairs_a_slip_never_harms_a_correct_step_and_carries_its_val
     switched = recheck_trace(problem, random.Random(0), p_slip=1.0, p_reflect=0.0, p_switch=1.0)
     assert "Alternatively, 23+40=63 and 63+5=68." in switched and switched.endswith("\\boxed{51}.")
     assert SEAL.classify(switched).count("transition") == 2
+    assert slip_counts(switched).fixed == slip_counts(switched).slips == 2  # repaired by another method
     # unchecked, the slip propagates to a wrong answer
     slipped = recheck_trace(problem, random.Random(0), p_slip=1.0, p_reflect=0.0, p_switch=0.0)
     assert not slipped.endswith("\\boxed{51}.") and slip_counts(slipped).slips >= 1

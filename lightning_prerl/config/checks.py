@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from lightning_prerl.config.async_rollout import check_async
 from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
 from lightning_prerl.data.sources import default_data_root, missing_file
 from lightning_prerl.objectives import registry
@@ -192,6 +193,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
         raise ConfigError(_as_typed(cfg, str(exc))) from None
     _contradictions(run, cfg)
     _update_contradictions(run, cfg)
+    check_async(run, cfg)
     try:
         resolve_model_path(run.model.path)
     except FileNotFoundError as exc:

@@ -120,24 +120,28 @@ def test_k1_switches_dsrl_exactly_and_resumes_bit_exact_from_in_flight_batches(t
     assert float(after[0]["rollout/stale_regenerated"]) == 1.0
 
 
-def test_ddp_two_processes_with_k1_each_rank_its_own_worker(tmp_path):
-    """2 DDP processes, each with its own worker: the same schedule as on 1 process (staleness, versions),
-    each rank its own slice of the global batch, and a checkpoint gathers both ranks' in-flight batches."""
-    run_dir = tmp_path / "ddp"
-    run_experiment(
-        run_dir, "trainer=ddp", *RUN, "trainer.max_steps=3", "objective.switch_step=1",
-        "callbacks.checkpoint.every_n_train_steps=3", "eval_before_training=false",
-        "async_rollout.enabled=true", timeout=500,
-    )  # fmt: skip
-    rows = read_rows(run_dir)
+@pytest.mark.slow
+def test_ddp_two_processes_with_k1_each_rank_its_own_worker_and_resume_exactly(tmp_path):
+    """2 DDP processes, each with its own worker: the schedule of 1 process (staleness, versions), each rank
+    its own slice of the global batch; a kill with both ranks' batches in flight resumes bit-exact."""
+    run = ["trainer=ddp", *RUN, "trainer.max_steps=3", "objective.switch_step=1", "eval_before_training=false",
+           "async_rollout.enabled=true"]  # fmt: skip
+    full = tmp_path / "ddp"
+    run_experiment(full, *run, timeout=500)
+    rows = read_rows(full)
     assert column(rows, "rollout/staleness_max") == [0.0, 1.0, 1.0]
     assert column(rows, "objective/phase") == [0.0, 1.0, 1.0]
-    assert recorded_versions(run_dir, 0) == recorded_versions(run_dir, 1) == [0, 0, 1]
+    assert recorded_versions(full, 0) == recorded_versions(full, 1) == [0, 0, 1]
     for step in range(3):
-        ranks = [pq.read_table(run_dir / "rollouts" / f"step{step:06d}-rank{r}.parquet") for r in (0, 1)]
+        ranks = [pq.read_table(full / "rollouts" / f"step{step:06d}-rank{r}.parquet") for r in (0, 1)]
         assert ranks[0]["seeds"].to_pylist() != ranks[1]["seeds"].to_pylist()
-    state = torch.load(run_dir / "checkpoints" / "step000003.ckpt", weights_only=True)["AsyncRolloutDataModule"]
-    assert len(state["in_flight"]) == 2  # both ranks' in-flight answers, gathered into rank 0's file
+    killed = tmp_path / "killed"
+    kill_after_step(killed, 1, *run)
+    state = torch.load(killed / "checkpoints" / "step000001.ckpt", weights_only=True)["AsyncRolloutDataModule"]
+    assert [[a["version"] for a in rank] for rank in state["in_flight"]] == [[0], [0]]  # both ranks', gathered
+    run_experiment(killed, *run, "ckpt_path=auto", timeout=500)
+    assert metrics(killed) == metrics(full)
+    assert weights(killed) == weights(full)
 
 
 @pytest.mark.parametrize(

@@ -222,14 +222,10 @@ class AsyncRolloutDataModule(RolloutDataModule):
             self.engine = None
 
 
-def async_data_module(build: functools.partial, max_staleness: int, worker_threads: int | None) -> functools.partial:
-    """The data module partial of `conf/data` (a `RolloutDataModule`) turned into an asynchronous one."""
+def async_data_module(build: functools.partial, settings) -> functools.partial:
+    """The data module partial of `conf/data` (a `RolloutDataModule`) made asynchronous by `settings`
+    (the `async_rollout` config node)."""
     if build.func is not RolloutDataModule:
         raise ValueError(f"async_rollout.enabled=true needs data._target_ RolloutDataModule, not {build.func}")
-    return functools.partial(
-        AsyncRolloutDataModule,
-        *build.args,
-        **build.keywords,
-        max_staleness=max_staleness,
-        worker_threads=worker_threads,
-    )
+    extra = {"max_staleness": settings.max_staleness, "worker_threads": settings.worker_threads}
+    return functools.partial(AsyncRolloutDataModule, *build.args, **build.keywords, **extra)

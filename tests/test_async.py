@@ -78,6 +78,38 @@ def test_worker_generates_what_the_trainer_would_and_answers_with_the_last_pushe
     assert not worker.process.is_alive()
 
 
+@pytest.mark.vllm
+def test_vllm_in_the_worker_takes_every_push_and_matches_transformers_greedy(vllm):
+    """vLLM lives in the worker process: greedy completions equal the transformers engine's on the pushed
+    weights, before and after real optimizer steps, each answer tagged with its version."""
+    from functools import partial
+
+    from test_vllm import GREEDY, hf_greedy, teach_a_wrong_answer
+
+    from lightning_prerl.data.prompts import render_prompt, toy_prompts
+    from lightning_prerl.rollout.vllm import VLLMEngine
+    from lightning_prerl.rollout.worker import RolloutWorker
+    from lightning_prerl.scale.models import load_policy, load_tokenizer
+
+    tok, policy = load_tokenizer("toy"), load_policy("toy")
+    prompts = [render_prompt(tok, p) for p in toy_prompts("heldout", 6, seed=7)]
+    factory = partial(VLLMEngine, model_path="toy", max_model_len=256, kv_cache_gib=1)
+    worker = RolloutWorker(factory, tok, policy, threads=1)
+    try:
+        worker.push(policy, 0)
+        worker.submit("before", prompts, 1, GREEDY, False, [0] * len(prompts))
+        before = hf_greedy(tok, policy, prompts)
+        teach_a_wrong_answer(tok, policy, prompts, lr=3e-3)
+        worker.push(policy, 1)
+        worker.submit("after", prompts, 1, GREEDY, False, [0] * len(prompts))
+        first, second = worker.result("before"), worker.result("after")
+        assert (first.version, second.version) == (0, 1)
+        assert first.generation.completions == before
+        assert second.generation.completions == hf_greedy(tok, policy, prompts) != before
+    finally:
+        worker.close()
+
+
 @pytest.mark.slow
 def test_staleness_zero_is_the_synchronous_run_bit_for_bit(tmp_path):
     """k = 0 runs the synchronous schedule through the worker: same rollouts, metrics and final weights."""

@@ -269,7 +269,7 @@ def render() -> str:
         out.append(f"| `objective.{phase}.*` | objective | the keys above | `{name}` | {_cell(description)} |")
 
     typed = dict(schema_keys(RunConfig, ""))
-    for group in ("model", "module", "data", "rollout", "trainer", "eval", "behavior"):
+    for group in ("model", "module", "data", "rollout", "trainer", "eval", "behavior", "async_rollout"):
         field = RunConfig.model_fields[group]
         node = _model_of(field.annotation)
         seen_at: dict = {}

@@ -67,9 +67,14 @@ def _serve(engine_factory: Callable, tokenizer, config, dtype, threads: int | No
     except Exception as exc:  # the trainer reports it in one line
         answers.put(("error", None, f"rollout worker could not start: {type(exc).__name__}: {exc}"))
         return
-    version, synced = None, False
+    version, synced, parent = None, False, os.getppid()
     while True:
-        message = requests.get()
+        try:
+            message = requests.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the trainer died without stopping us (SIGKILL): no orphans
+                break
+            continue
         if message[0] == "stop":
             break
         if message[0] == "weights":

@@ -54,7 +54,7 @@ def one_run(engine: str, path: str, contender: str, steps: int, cores: int) -> l
     overrides = [
         f"rollout={engine}", f"model.path={path}", f"trainer.max_steps={steps}", f"objective.switch_step={steps // 2}",
         "eval_before_training=false",
-        "trainer.check_val_every_n_epoch=null", "callbacks.checkpoint.every_n_train_steps=100000",
+        "trainer.check_val_every_n_epoch=100000", "callbacks.checkpoint.every_n_train_steps=100000",
         f"threads={max(1, int(cores * share))}", f"run_dir={tempfile.mkdtemp()}", "logger.tensorboard=null",
         f"module.skip_zero_advantage={path == 'toy'}", "callbacks.report=null",
     ]  # fmt: skip

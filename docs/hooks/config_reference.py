@@ -290,7 +290,7 @@ def render() -> str:
     out += _schedule_section(Schedule, Phase, [o for o in schedules if "phases" in options[o]["objective"]])
 
     typed = dict(schema_keys(RunConfig, ""))
-    for group in ("model", "module", "data", "rollout", "trainer", "eval", "behavior"):
+    for group in ("model", "module", "data", "rollout", "trainer", "eval", "behavior", "async_rollout"):
         field = RunConfig.model_fields[group]
         node = _model_of(field.annotation)
         seen_at: dict = {}

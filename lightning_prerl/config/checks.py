@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
+from lightning_prerl.config.async_rollout import check_async
 from lightning_prerl.config.phases import Schedule, schedule_contradictions
 from lightning_prerl.config.schema import DSRL, ConfigError, RunConfig, validate_schema
 from lightning_prerl.config.spaces import check_spaces
@@ -213,6 +214,7 @@ def validate_config(cfg: DictConfig) -> RunConfig:
     _contradictions(run, cfg)
     _update_contradictions(run, cfg)
     check_spaces(cfg)
+    check_async(run, cfg)
     try:
         resolve_model_path(run.model.path)
     except FileNotFoundError as exc:

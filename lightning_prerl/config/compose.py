@@ -20,12 +20,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_prerl.config.async_rollout import async_enabled, async_overrides
 from lightning_prerl.config.checks import ConfigError, uses_deepspeed, validate_config
 from lightning_prerl.config.replay import replay_config
 from lightning_prerl.config.spaces import configured_spaces
 from lightning_prerl.objectives.spaces import parts_read
 from lightning_prerl.reports.callbacks import ResumableCSVLogger
 from lightning_prerl.scale.models import resolve_model_path, stop_token_ids
+from lightning_prerl.training.async_rollouts import async_data_module
 from lightning_prerl.training.checkpoints import CheckpointError, RunState, check_checkpoint, newest_checkpoint
 
 log = logging.getLogger(__name__)
@@ -160,12 +162,15 @@ def build_run(cfg: DictConfig) -> Run:
         schedule = objective if isinstance(objective, L.Callback) else None
         # objects go in through partials: Hydra would turn a dataclass argument back into a config
         build_module = instantiate(cfg.module, _partial_=True, _convert_="all")
-        module = build_module(objective=getattr(schedule, "initial_objective", objective))
+        module_async, engine_async = async_overrides(cfg)  # asynchronous rollouts: stale batches corrected
+        module = build_module(objective=getattr(schedule, "initial_objective", objective), **module_async)
         module.evaluate_first = bool(cfg.eval_before_training)  # inside fit, at step 0 (HeldOutEvaluation)
         stops = stop_token_ids(module.tokenizer, cfg.model.path, cfg.model.gguf_file, cfg.model.get("stop_token_ids"))
-        engine = instantiate(cfg.rollout, stop_token_ids=stops)
+        engine = instantiate(cfg.rollout, stop_token_ids=stops, **engine_async)
         build_data = instantiate(cfg.data, _partial_=True, _convert_="all")
         parts = parts_read(configured_spaces(cfg))  # the prompt parts the spaces score after, as tokens
+        if async_enabled(cfg):
+            build_data = async_data_module(build_data, cfg.async_rollout)
         datamodule = build_data(
             tokenizer=module.tokenizer, engine=engine, mini_batches=cfg.module.mini_batches, context_parts=parts
         )

@@ -25,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from lightning_prerl.config.async_rollout import AsyncRollout
 from lightning_prerl.config.phases import Schedule
 from lightning_prerl.errors import ConfigError
 from lightning_prerl.objectives import registry
@@ -386,6 +387,8 @@ class RunConfig(_Node):
     """`experiments/evaluate.py`."""
     behavior: Behavior | None = None
     """Behaviour keywords."""
+    async_rollout: AsyncRollout = AsyncRollout()
+    """Asynchronous rollouts: generation ahead of training, in a worker process."""
 
 
 def _allowed(error: dict) -> str:

@@ -14,7 +14,7 @@ import torch
 RESPONSE_ALIGNED = ("rollout_logprobs", "loss_mask", "is_weights", "old_logprobs")  # (N, T) like response_ids
 PROMPT_PARTS = ("question", "system", "fixed")  # left-padded (N, W) `<part>_ids` / `<part>_mask` pairs
 PART_TENSORS = tuple(f"{part}_{kind}" for part in PROMPT_PARTS for kind in ("ids", "mask"))
-OPTIONAL_ROWS = ("sample_mask", "advantages", *RESPONSE_ALIGNED, *PART_TENSORS)
+OPTIONAL_ROWS = ("sample_mask", "advantages", "policy_version", *RESPONSE_ALIGNED, *PART_TENSORS)
 
 
 @dataclass
@@ -40,6 +40,8 @@ class RolloutBatch:
             enter a loss (`data.overlong: mask`, dynamic-sampling fill groups); None: all enter.
         rollout_logprobs: (N, T) the engine's own log-probs of the response tokens (0 on padding),
             when it returned them: rollout-vs-trainer mismatch and its correction.
+        policy_version: (N,) int64, the trainer step whose weights generated each sample, when they
+            are not the training step's own (asynchronous rollouts); None: the current weights.
         advantages: (N,) per-sample advantages, set by `update.prepare` before the first update.
         loss_mask: (N, T) float, the tokens the loss counts (response, kept samples, correction
             masks), set by `update.prepare`.
@@ -68,6 +70,7 @@ class RolloutBatch:
     padding_prompts: int = 0
     sample_mask: torch.Tensor | None = None
     rollout_logprobs: torch.Tensor | None = None
+    policy_version: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     loss_mask: torch.Tensor | None = None
     is_weights: torch.Tensor | None = None

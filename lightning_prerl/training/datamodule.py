@@ -304,15 +304,8 @@ class RolloutDataModule(L.LightningDataModule):
 
     def train_batch(self, epoch: int) -> RolloutBatch:
         """This rank's slice of the global rollout batch of epoch `epoch`, shaped for training."""
-        self._load_prompts()
-        rank, world = self._rank_world()
-        positions = self.train_positions(epoch, rank, world)
-        prompts = [
-            p
-            for start in positions[:: self._per_mini(world)]
-            for p in self.train_set.take(start, self._per_mini(world))
-        ]
-        batch = self._train_round(prompts, self._seeds("train", 0, positions))
+        world = self._rank_world()[1]
+        batch = self._train_round(*self.train_request(epoch))
         if self.dynamic_sampling:
             batch = sample_informative(
                 batch,
@@ -325,6 +318,14 @@ class RolloutDataModule(L.LightningDataModule):
             )
         batch.stats.update(self.overlong.stats(batch, self._truncated(batch), world))
         return batch
+
+    def train_request(self, epoch: int) -> tuple[list[Prompt], list[int]]:
+        """This rank's prompts of epoch `epoch` and their sampling seeds."""
+        self._load_prompts()
+        rank, world = self._rank_world()
+        positions, per_mini = self.train_positions(epoch, rank, world), self._per_mini(world)
+        prompts = [p for start in positions[::per_mini] for p in self.train_set.take(start, per_mini)]
+        return prompts, self._seeds("train", 0, positions)
 
     def _per_mini(self, world: int) -> int:
         return self.prompts_per_step // world // self.mini_batches

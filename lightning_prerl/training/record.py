@@ -164,7 +164,7 @@ def record_batch(datamodule, batch: RolloutBatch, epoch: int) -> None:
         "step": epoch,
         "rank": trainer.global_rank,
         "world_size": trainer.world_size,
-        "policy_version": trainer.global_step,
+        "policy_version": trainer.global_step if batch.policy_version is None else int(batch.policy_version.min()),
         "phase": getattr(trainer.lightning_module, "phase", None),
     }
     table = batch_table(batch, meta, pad)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from test_run import ROOT, read_rows, run_experiment, steps_with
+from test_run import ROOT, read_rows, run_experiment, start_run, steps_with
 
 DSRL = [
     "objective=dsrl",
@@ -33,13 +31,7 @@ def phases(rows) -> dict[int, float]:
 def test_dsrl_switches_mid_fit_and_resumes_on_both_sides(tmp_path):
     run_dir = tmp_path / "killed"
     target = run_dir / "checkpoints" / "step000003.ckpt"
-    proc = subprocess.Popen(
-        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *DSRL, "trainer.max_steps=50"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_run(run_dir, *DSRL, "trainer.max_steps=50")
     later = run_dir / "checkpoints" / "step000004.ckpt"  # once it exists, step 3's file is complete
     deadline = time.time() + 240
     while not later.exists() and proc.poll() is None and time.time() < deadline:

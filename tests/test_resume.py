@@ -9,11 +9,10 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from test_run import ROOT, run_experiment
+from test_run import run_experiment, start_run
 
 RUN = [
     "objective=dsrl",
@@ -40,13 +39,7 @@ def weights(run_dir) -> bytes:
 
 def kill_after_step(run_dir, k: int, *overrides: str) -> None:
     """Start the run and SIGKILL it as soon as the checkpoint of step k exists (written atomically)."""
-    proc = subprocess.Popen(
-        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *overrides],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_run(run_dir, *overrides)
     target = run_dir / "checkpoints" / f"step{k:06d}.ckpt"
     deadline = time.time() + 300
     while not target.exists() and proc.poll() is None and time.time() < deadline:
@@ -60,13 +53,7 @@ def kill_after_step(run_dir, k: int, *overrides: str) -> None:
 def kill_at(run_dir, seconds: float, *overrides: str) -> list[str] | None:
     """Start (or resume) the run and SIGKILL it `seconds` later, wherever it is: the checkpoints on disk
     when it was killed, None when it ended first."""
-    proc = subprocess.Popen(
-        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *overrides, "ckpt_path=auto"],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = start_run(run_dir, *overrides, "ckpt_path=auto", stderr=subprocess.DEVNULL)
     try:
         proc.wait(timeout=seconds)
         return None

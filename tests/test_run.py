@@ -36,6 +36,18 @@ def run_experiment(run_dir: Path, *overrides: str, timeout: int = 300) -> subpro
     return proc
 
 
+def start_run(run_dir: Path, *overrides: str, stderr=subprocess.PIPE) -> subprocess.Popen:
+    """`experiments/run.py` started in its own process group (`os.killpg` kills it and its workers);
+    stderr kept for the failure message unless told otherwise."""
+    return subprocess.Popen(
+        [sys.executable, "experiments/run.py", f"hydra.run.dir={run_dir}", *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,
+    )
+
+
 def read_rows(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "logs" / "metrics.csv", newline="") as fh:
         return list(csv.DictReader(fh))

@@ -239,9 +239,9 @@ class PolicyModule(PolicyNetworks, HeldOutEvaluation, L.LightningModule):
             hp.skip_zero_advantage,
             hp.share_prompts,
         )
-        comm = Collectives(w, self._global_sum, self._global_max, agree_oom=w > 1 and self._can_retry_oom())
-        args = (self.start_token_id, hp.temperature, micro)  # what every pass over the batch shares
         self.oom.lockstep, self.oom.agree = self._can_retry_oom(), self._global_max
+        comm = Collectives(w, self._global_sum, self._global_max, agree_oom=w > 1 and self.oom.lockstep)
+        args = (self.start_token_id, hp.temperature, micro)  # what every pass over the batch shares
         prep = lambda tokens: prepare(  # noqa: E731  (no gradients: nothing to reset after a failure)
             self.objective, self.policy, batch, *args[:2], replace(micro, max_tokens=tokens),
             self.updates_per_batch, self.correction, comm,

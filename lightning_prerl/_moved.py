@@ -88,10 +88,12 @@ def forward_old_names(package: str, name: str):
     """Module `__getattr__` of the subpackages that took an old module's name: its names, with a warning."""
     old = package.rpartition(".")[2]
     new = f"lightning_prerl.{RENAMED_IN_PLACE[old]}"
-    if name.startswith("__"):
-        raise AttributeError(name)
+    if name.startswith("__") or importlib.util.find_spec(f"{package}.{name}") is not None:
+        # a submodule of the package (`from package import submodule`): the import system loads it;
+        # importing the old module's new home here could close a cycle through the submodule
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     module = importlib.import_module(new)
-    if not hasattr(module, name) or importlib.util.find_spec(f"{package}.{name}") is not None:
+    if not hasattr(module, name):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     _warn_once(f"{package}.{name}", f"{new}.{name}")
     return getattr(module, name)

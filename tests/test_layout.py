@@ -127,3 +127,20 @@ def test_old_module_paths_resolve_to_the_same_objects_with_one_warning():
         assert (PACKAGE / (new.replace(".", "/") + ".py")).is_file(), old
     with pytest.raises(AttributeError):
         lightning_prerl.config.no_such_name  # noqa: B018
+
+
+def test_a_renamed_package_s_own_submodules_import_without_its_old_module():
+    """`from lightning_prerl.reproduction import stats` names a submodule: the old-name forwarder must let
+    the import system load it, not import `reproduction.report` first (report imports repairs, which
+    imports stats that way: a cycle when repairs is imported first). A fresh interpreter sees the order."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lightning_prerl.reproduction import stats\n"
+        "assert stats.__name__ == 'lightning_prerl.reproduction.stats'\n"
+        "assert 'lightning_prerl.reproduction.report' not in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -78,10 +78,12 @@ def gpu_placement(
     Args:
         placement: "colocated" (the trainer's own GPU, vLLM sleep mode between generations) or
             "disaggregated" (`engine_devices[local_rank * E // local_world]`: E engine GPUs shared evenly).
-        local_world: ranks on this node; trainer_device: the index of this rank's training GPU.
-        engine_devices, trainer_device: indices into the trainer's visible GPUs, as vLLM's `device_ids`
-            compose with CUDA_VISIBLE_DEVICES (engine/arg_utils.py): `visible` (the trainer's
-            CUDA_VISIBLE_DEVICES) maps them to what the worker is given; count: visible GPUs, checked.
+        local_rank, local_world: this rank and the number of ranks on its node.
+        trainer_device, engine_devices: this rank's training GPU and the engine GPUs, as indices into the
+            trainer's visible GPUs, the way vLLM's `device_ids` compose with CUDA_VISIBLE_DEVICES
+            (engine/arg_utils.py); `visible` (the trainer's CUDA_VISIBLE_DEVICES) maps an index to what
+            the worker is given.
+        count: the number of visible GPUs (None: not checked).
     """
     if placement == "colocated":
         index = trainer_device

@@ -133,18 +133,20 @@ class AsyncRolloutDataModule(RolloutDataModule):
         max_staleness: k, optimizer steps the generating weights may lag the step that trains on them.
         worker_threads: torch threads of the worker (None: the trainer's).
         placement, engine_devices: where a GPU run's workers generate (`async_rollout` keys).
-        **kwargs: `RolloutDataModule`'s arguments; `engine` must be a factory (`_partial_: true`).
+        *args, **kwargs: `RolloutDataModule`'s arguments (positional as there); `engine` must be a factory
+            (`_partial_: true`, or a `functools.partial` of the engine class).
     """
 
     def __init__(
         self,
+        *args,
         max_staleness: int = 1,
         worker_threads: int | None = None,
         placement: str = "colocated",
         engine_devices: list[int] | None = None,
         **kwargs,
     ):
-        super().__init__(**kwargs)
+        super().__init__(*args, **kwargs)
         if max_staleness < 0:
             raise ValueError(f"async_rollout.max_staleness={max_staleness}: must be >= 0")
         if self.dynamic_sampling:

@@ -2,11 +2,13 @@
 
     pip install -e ".[bench]"        # TRL (an optional extra: never needed to train)
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vs_trl.py [--sizes toy 25M --steps 6 --repeats 3]
+    .venv/bin/python benchmarks/vs_trl.py --sizes toy --threads 2 --async   # the whole 2-core machine each
 
 Both train the same policy (the shipped toy policy, or a ~25M-parameter one of its family) on the same
 toy-world prompts: 16 prompts x 8 samples per optimizer step, <= 120 new tokens, temperature 1 (no
 top-k/top-p), float32, boxed exact-match reward, AdamW lr 1e-4, no KL, one optimizer step per rollout
-batch, the same torch thread count. Four contenders, run in alternation `--repeats` times each:
+batch, the same torch thread count (`--threads`: each contender gets that many cores). Four contenders
+(six with `--async`), run in alternation `--repeats` times each:
 - project, transformers engine (`rollout=hf`) and project, vLLM engine (`rollout=vllm`): `CondRL` +
   `RolloutDataModule` under a plain `lightning.Trainer` (as the README's Python API example);
 - TRL 1.16 `GRPOTrainer` (transformers generation, `use_vllm=False`: the vLLM server mode TRL offers
@@ -14,6 +16,10 @@ batch, the same torch thread count. Four contenders, run in alternation `--repea
   own micro-batching knob, 4 micro-batches of 32 with gradient accumulation (the same 128-sample
   generation and one optimizer step; the project cuts passes at 4,096 padded tokens by default).
   Ratios are against the faster TRL configuration.
+- `--async`: project, async (transformers / vLLM engine): the same, through `AsyncRolloutDataModule`
+  with staleness k = 1 (a worker process generates batch t + 1 while the trainer trains on t, stale
+  batches TIS-corrected): the `--threads` cores split between trainer and worker (threads - threads // 2
+  and threads // 2; one each with --threads 1, which then oversubscribes).
 A step is timed from one optimizer step's end to the next's (generation, reward, log-probs, backward,
 optimizer); the first step of each run is a warm-up. Per contender: the median step time over all
 runs, samples/s (128 / step), generated tokens/s (counted by the shared reward function), and the
@@ -82,23 +88,36 @@ def policy_dir(size: str, tmp: Path) -> str:
     return str(tmp)
 
 
-def run_project(path: str, engine: str, steps: int) -> tuple[list[float], int]:
+def run_project(path: str, engine: str, steps: int, threads: int, asynchronous: bool = False):
+    """Step times and generated tokens of the project's run; `asynchronous`: k = 1 through a worker."""
+    import functools
+
     import lightning as L
 
     from lightning_prerl import CondRL, HFEngine, RolloutDataModule, VLLMEngine
+    from lightning_prerl.training.async_rollouts import AsyncRolloutDataModule
 
     # the random-init policy earns no reward, so all its groups are flat: skipping them (the project's
     # default, which TRL does not do) would skip all training, so at 25M every sample is forwarded
-    module = CondRL(model_path=path, lr=LR, betas=(0.9, 0.99), weight_decay=0.0, skip_zero_advantage=path == "toy")
+    module = CondRL(
+        model_path=path, lr=LR, betas=(0.9, 0.99), weight_decay=0.0, skip_zero_advantage=path == "toy",
+        rollout_correction={"tis": "token"} if asynchronous else None,  # as async_rollout.correction sets it
+    )  # fmt: skip
     counter = CountingReward(module.tokenizer)
-    if engine == "vllm":
-        make_engine = lambda tokenizer: VLLMEngine(tokenizer, model_path=path, max_model_len=512)  # noqa: E731
+    if engine == "vllm":  # a partial: the worker process unpickles it
+        make_engine = functools.partial(VLLMEngine, model_path=path, max_model_len=512)  # log-probs on
     else:
-        make_engine = HFEngine
+        make_engine = functools.partial(HFEngine, return_logprobs=asynchronous)  # engine log-probs for TIS
+    build, extra = RolloutDataModule, {}
+    if asynchronous:
+        worker = threads // 2 or 1
+        build, extra = AsyncRolloutDataModule, {"max_staleness": 1, "worker_threads": worker}
+        threads = max(1, threads - worker)
+    torch.set_num_threads(threads)
     prompts = toy_prompts("train", PROMPTS * (steps + 1), seed=0)
-    data = RolloutDataModule(
+    data = build(
         module.tokenizer, make_engine, counter.score, prompts, prompts_per_step=PROMPTS, samples_per_prompt=G,
-        sampling={"temperature": 1.0, "max_new_tokens": MAX_NEW}, shuffle_seed=None,
+        sampling={"temperature": 1.0, "max_new_tokens": MAX_NEW}, shuffle_seed=None, **extra,
     )  # fmt: skip
     clock = StepClock()
 
@@ -114,7 +133,7 @@ def run_project(path: str, engine: str, steps: int) -> tuple[list[float], int]:
     clock.tick()
     trainer.fit(module, datamodule=data)
     tokens = counter.tokens
-    if engine == "vllm":
+    if engine == "vllm" and data.engine is not None:
         data.engine.close()
     return clock.step_times(), tokens
 
@@ -164,13 +183,25 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["toy", "25M"], choices=list(SHAPES))
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each contender (its cores)")
+    ap.add_argument("--async", dest="asynchronous", action="store_true", help="add the async (k = 1) contenders")
     args = ap.parse_args()
+
+    def trl(micro_batches: int):
+        torch.set_num_threads(args.threads)
+        return lambda path: run_trl(path, args.steps, micro_batches)
+
     contenders = {
-        "TRL GRPOTrainer": lambda path: run_trl(path, args.steps),
-        "TRL GRPOTrainer, 4 x 32": lambda path: run_trl(path, args.steps, micro_batches=4),
-        "project, transformers": lambda path: run_project(path, "hf", args.steps),
-        "project, vLLM": lambda path: run_project(path, "vllm", args.steps),
+        "TRL GRPOTrainer": lambda path: trl(1)(path),
+        "TRL GRPOTrainer, 4 x 32": lambda path: trl(4)(path),
+        "project, transformers": lambda path: run_project(path, "hf", args.steps, args.threads),
+        "project, vLLM": lambda path: run_project(path, "vllm", args.steps, args.threads),
     }
+    if args.asynchronous:
+        contenders["project, async k=1, transformers"] = lambda path: run_project(
+            path, "hf", args.steps, args.threads, True
+        )
+        contenders["project, async k=1, vLLM"] = lambda path: run_project(path, "vllm", args.steps, args.threads, True)
     rows = []
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
@@ -192,13 +223,11 @@ def main() -> None:
                     "tokens_per_s": round(per_step_tokens / step, 1), "ratio_vs_trl": round(trl_step / step, 2),
                     "steps_timed": len(times[name]),
                 })  # fmt: skip
-    print(
-        f"GRPO, {PROMPTS} prompts x {G} samples, <= {MAX_NEW} new tokens, float32, {torch.get_num_threads()} thread(s)"
-    )
-    print(f"{'policy':>6} {'contender':>24} {'step s':>7} {'samples/s':>10} {'tokens/s':>9} {'x TRL':>6}")
+    print(f"GRPO, {PROMPTS} prompts x {G} samples, <= {MAX_NEW} new tokens, float32, {args.threads} thread(s) each")
+    print(f"{'policy':>6} {'contender':>32} {'step s':>7} {'samples/s':>10} {'tokens/s':>9} {'x TRL':>6}")
     for r in rows:
         print(
-            f"{r['policy']:>6} {r['contender']:>24} {r['step_s']:>7.2f} {r['samples_per_s']:>10.1f} "
+            f"{r['policy']:>6} {r['contender']:>32} {r['step_s']:>7.2f} {r['samples_per_s']:>10.1f} "
             f"{r['tokens_per_s']:>9.0f} {r['ratio_vs_trl']:>6.2f}"
         )
     write_json("vs_trl", args=vars(args), rows=rows)

@@ -11,7 +11,8 @@ does not stop the ones after it, except that the runs need the setup and the mod
             deepspeed) into OUT's work dir with --no-index --no-deps
     model   a random-init Qwen3 shaped like Qwen3-0.6B (hidden 1024, 28 blocks, 151,936-token vocabulary,
             tied head: 0.6B parameters) with the real Qwen3 tokenizer, saved as an HF directory
-    tests   the GPU test tier (tests/test_gpu.py) and the GPU path's CPU-side facts (tests/test_gpu_path.py)
+    tests   the GPU test tier (tests/test_gpu.py: with asynchronous rollouts colocated on the GPU) and the GPU
+            path's CPU-side facts (tests/test_gpu_path.py)
     fsdp    `experiments/run.py trainer=fsdp objective=dsrl`: 2 steps across the switch (NSR-PreRL, then GRPO
             with KL), bf16 over float32 shards, activation checkpointing, step-0 evaluation, sharded checkpoints
     resume  the same run resumed from its sharded checkpoint to step 3
@@ -93,7 +94,7 @@ def stages(out: Path) -> list[Stage]:
     return [
         Stage("setup", 30, [*pip, "--target", str(site), *sorted(map(str, (CARRY / "wheels").glob("*.whl")))]),
         Stage("model", 40, [py, __file__, "--build-model", str(model)], needs=("setup",)),
-        Stage("tests", 170, [*pytest, "tests/test_gpu.py", "tests/test_gpu_path.py"], needs=("setup",)),
+        Stage("tests", 190, [*pytest, "tests/test_gpu.py", "tests/test_gpu_path.py"], needs=("setup",)),
         Stage("fsdp", 100, fsdp, work / "fsdp", needs=("model",)),
         Stage("resume", 70, [*fsdp, "trainer.max_steps=3", "ckpt_path=auto"], work / "fsdp", needs=("fsdp",)),
         Stage("zero3", 110, zero3, work / "zero3", needs=("model",)),

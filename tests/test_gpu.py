@@ -6,6 +6,7 @@ Every test is marked `gpu` and skipped without CUDA (`pytest -m gpu` selects the
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import socket
@@ -167,3 +168,29 @@ def test_lightning_deepspeed_runs_dsrl_across_the_switch_exports_and_resumes(sta
     assert AutoModelForCausalLM.from_pretrained(run_dir / "policy") is not None
     run_experiment(run_dir, *run, "trainer.max_steps=3", "ckpt_path=auto", timeout=600)
     assert steps_with(read_rows(run_dir), "train/loss") == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "rollout",
+    ["hf", pytest.param("vllm", marks=pytest.mark.skipif(not importlib.util.find_spec("vllm"), reason="no vLLM"))],
+)
+def test_async_rollouts_colocated_on_one_gpu(rollout, tmp_path):
+    """Asynchronous rollouts on one GPU (async_rollout.placement=colocated): the worker process starts with
+    the trainer's GPU as its only visible one and generates there (vLLM: sleeping between generations),
+    k = 1 keeps its schedule and DSRL switches at its step. The CPU side of the placement is pinned by
+    tests/test_async.py (the device list of 1, 2 and 8 ranks, the worker's environment)."""
+    from test_run import read_rows, run_experiment
+
+    run = [
+        "trainer=gpu", "trainer.devices=1", f"rollout={rollout}", "async_rollout.enabled=true",
+        "async_rollout.max_staleness=1", "objective=dsrl", "objective.switch_step=1", "trainer.max_steps=3",
+        "eval_before_training=false", "trainer.check_val_every_n_epoch=100", "data.prompts_per_step=4",
+        "data.samples_per_prompt=4", "callbacks.checkpoint.every_n_train_steps=100",
+    ]  # fmt: skip
+    proc = run_experiment(tmp_path / "run", *run, timeout=300)
+    rows = read_rows(tmp_path / "run")
+    assert [float(r["rollout/staleness_max"]) for r in rows if r.get("rollout/staleness_max")] == [0.0, 1.0, 1.0]
+    assert [float(r["objective/phase"]) for r in rows if r.get("objective/phase")] == [0.0, 1.0, 1.0]
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[torch.cuda.current_device()]
+    where = f"rollout worker of rank 0: {torch.cuda.get_device_name()}, CUDA_VISIBLE_DEVICES={visible}"
+    assert where in proc.stdout + proc.stderr

@@ -20,6 +20,9 @@ with the transformers engine the same completions and bit-identical weights (tes
 - **Stale samples are corrected** by truncated importance sampling against the engine's log-probs
   (`async_rollout.correction`, applied in `config/async_rollout.py`); k = 0 leaves the module's
   correction as configured.
+- **Placement** (GPU runs): each rank's worker drives one GPU, the rank's own (`async_rollout.placement`
+  colocated, vLLM sleeping between generations) or one of `async_rollout.engine_devices` (disaggregated);
+  `rollout/worker.py`'s `gpu_placement`. Under FSDP2 each rank's push all-gathers the full weights.
 - **Evaluation** generates with the current weights, in the worker, after the requests already queued.
 - **Resume: in-flight batches are saved.** A checkpoint waits for every queued answer and stores them
   (token ids, engine log-probs, version; every rank's, gathered) in the data module's state; the
@@ -31,13 +34,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 
 import torch
 
 from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.rollout.engine import Generation, SamplingConfig
-from lightning_prerl.rollout.worker import Answer, RolloutWorker
+from lightning_prerl.rollout.worker import Answer, RolloutWorker, gpu_placement
 from lightning_prerl.training.datamodule import RolloutDataModule
 
 log = logging.getLogger(__name__)
@@ -128,11 +132,21 @@ class AsyncRolloutDataModule(RolloutDataModule):
     Args:
         max_staleness: k, optimizer steps the generating weights may lag the step that trains on them.
         worker_threads: torch threads of the worker (None: the trainer's).
-        **kwargs: `RolloutDataModule`'s arguments; `engine` must be a factory (`_partial_: true`).
+        placement, engine_devices: where a GPU run's workers generate (`async_rollout` keys).
+        *args, **kwargs: `RolloutDataModule`'s arguments (positional as there); `engine` must be a factory
+            (`_partial_: true`, or a `functools.partial` of the engine class).
     """
 
-    def __init__(self, max_staleness: int = 1, worker_threads: int | None = None, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(
+        self,
+        *args,
+        max_staleness: int = 1,
+        worker_threads: int | None = None,
+        placement: str = "colocated",
+        engine_devices: list[int] | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
         if max_staleness < 0:
             raise ValueError(f"async_rollout.max_staleness={max_staleness}: must be >= 0")
         if self.dynamic_sampling:
@@ -143,13 +157,15 @@ class AsyncRolloutDataModule(RolloutDataModule):
         if hasattr(self._engine_arg, "generate"):
             raise ValueError("asynchronous rollouts need the engine as a factory (rollout._partial_: true)")
         self.max_staleness, self.worker_threads = max_staleness, worker_threads
+        self.placement, self.engine_devices = placement, list(engine_devices) if engine_devices else None
         self.stale_regenerated = 0
         self._restored: dict | None = None
 
     def _get_engine(self) -> WorkerEngine:
         if self.engine is None:
             factory = self._engine_arg
-            worker = RolloutWorker(factory, self.tokenizer, self._policy(), self.worker_threads)
+            worker = RolloutWorker(factory, self.tokenizer, self._policy(), self.worker_threads, self._placement())
+            log.info("rollout worker of rank %d: %s", self._rank_world()[0], worker.where)
             logprobs = bool(getattr(factory, "keywords", {}).get("return_logprobs", False))
             self.engine = WorkerEngine(worker, logprobs, lambda: self.trainer.global_step)
             if self._restored:
@@ -162,6 +178,16 @@ class AsyncRolloutDataModule(RolloutDataModule):
                     )
             self._restored = None
         return self.engine
+
+    def _placement(self):
+        """On a GPU run, where this rank's worker generates (`rollout/worker.py` `gpu_placement`)."""
+        device = self.trainer.strategy.root_device
+        if device.type != "cuda":
+            return None
+        return gpu_placement(
+            self.placement, self.trainer.local_rank, self.trainer.num_devices, device.index, self.engine_devices,
+            os.environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count(),
+        )  # fmt: skip
 
     def _last_epoch(self) -> int | None:
         max_steps = self.trainer.max_steps
@@ -228,4 +254,5 @@ def async_data_module(build: functools.partial, settings) -> functools.partial:
     if build.func is not RolloutDataModule:
         raise ValueError(f"async_rollout.enabled=true needs data._target_ RolloutDataModule, not {build.func}")
     extra = {"max_staleness": settings.max_staleness, "worker_threads": settings.worker_threads}
+    extra |= {"placement": settings.placement, "engine_devices": settings.engine_devices}
     return functools.partial(AsyncRolloutDataModule, *build.args, **build.keywords, **extra)

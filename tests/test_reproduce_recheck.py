@@ -150,7 +150,7 @@ def test_reproduce_recheck_command_with_reduced_settings(tmp_path):
         sys.executable, "experiments/run.py", "experiment=reproduce_recheck", f"hydra.sweep.dir={sweep}",
         "+arm=recheck_grpo,recheck_dsrl,thoughts_grpo,thoughts_dsrl", "seed=0,1", "trainer.max_steps=3",
         "data.prompts_per_step=4", "data.samples_per_prompt=4", "data.eval_prompts.count=8",
-        "data.sampling.max_new_tokens=96", "callbacks.pass_at_k.samples=4", "callbacks.pass_at_k.problems=6",
+        "data.sampling.max_new_tokens=96", "callbacks.pass_at_k.samples=4", "callbacks.pass_at_k.problems=10",
         "callbacks.alignment.max_samples=2", "hydra.callbacks.reproduction_report.slip_problems=2",
         "hydra.callbacks.reproduction_report.slip_samples=2", f"hydra.callbacks.reproduction_report.probe={probe}",
     ]  # fmt: skip
@@ -162,7 +162,8 @@ def test_reproduce_recheck_command_with_reduced_settings(tmp_path):
     assert data["objectives"] == ["grpo", "dsrl"] and len(data["jobs"]) == 4 and data["ks"] == [1, 2, 4]
     for world in (data, data["controls"]["thoughts"]):
         dsrl_base = [c for c in world["comparisons"] if c["comparison"] == "dsrl - base"]
-        assert [(c["seeds"], c["problems"]) for c in dsrl_base] == [(2, 6), (2, 6)]  # the GRPO arms' base records
+        # the GRPO arms' base records, on 10 problems of pass_at_k's own set (the curve's has 8)
+        assert [(c["seeds"], c["problems"]) for c in dsrl_base] == [(2, 10), (2, 10)]
         assert {c["comparison"] for c in world["speed"]} == {"dsrl - grpo"}
     for job in data["jobs"]:
         rows = (Path(job["dir"]) / "logs" / "passk_problems.csv").read_text().splitlines()[1:]

@@ -197,10 +197,15 @@ def test_report_numbers_are_hand_derivable_from_logs(tmp_path):
     assert grpo["alignment_after"]["negative_share"] == pytest.approx(0.5)
     assert data["real_model"]["alignment"]["cosine_mean"] == pytest.approx(0.6)
     assert data["base"]["alignment"]["ci"]["cosine_mean"]["low"] > 0  # 6 of the 8 cosines are >= 0.2
+    # speed: held-out curve means after step 0 per seed: DSRL 0.55, 0.52; GRPO 0.47, 0.49 -> 0.08, 0.03 (s 0.035355)
+    speed = next(c for c in data["speed"] if c["metric"] == "val/accuracy curve mean")
+    assert speed["comparison"] == "dsrl - grpo" and speed["estimate"] == pytest.approx(0.055)
+    assert speed["high"] == pytest.approx(0.055 + t * 0.025)  # s / sqrt(2) = 0.025
     assert [f["verdict"] for f in data["findings"]] == [
-        "toy: yes; real model: yes",
+        "thoughts: yes; real model: yes",  # a sweep of objectives runs on the "thoughts" world
         "transition: yes; reflection: yes",  # ratios 2 and 3 on both seeds: zero-width intervals
         "inconclusive",  # DSRL - GRPO 0.07 [-0.31, 0.45] over 2 seeds
+        "inconclusive",  # curve means: +0.055 [-0.26, 0.37]
         "yes",  # PSR-PreRL - base -0.1 on both seeds
     ]
     md = (tmp_path / "reproduction.md").read_text()
@@ -249,7 +254,7 @@ def test_findings_are_judged_from_per_problem_intervals(tmp_path):
     assert nsr["val/reflection_thoughts"]["estimate"] == pytest.approx(3.0)
     assert 2.5 < nsr["val/reflection_thoughts"]["low"] < 3 < nsr["val/reflection_thoughts"]["high"] < 3.5
     verdicts = [f["verdict"] for f in data["findings"]]
-    assert verdicts[1:] == ["transition: inconclusive; reflection: yes", "yes", "no"]
+    assert verdicts[1:] == ["transition: inconclusive; reflection: yes", "yes", "inconclusive", "no"]
     md = (tmp_path / "reproduction.md").read_text()
     assert "| dsrl - grpo | pass@1 | 2 | 20 | +0.125 [" in md and "| above 0 | 0.080 |" in md
     assert "| dsrl | 0.875 [" in md  # the pass@k table from the per-problem records
@@ -285,7 +290,7 @@ def test_reproduce_toy_command_with_reduced_settings(tmp_path):
         assert section in md
     data = json.loads((sweep / "reproduction.json").read_text())
     assert data["objectives"] == ["grpo", "dsrl", "psr_prerl", "nsr_prerl"] and data["ks"] == [1, 2, 4]
-    assert len(data["jobs"]) == 8 and len(data["findings"]) == 4
+    assert len(data["jobs"]) == 8 and len(data["findings"]) == 5
     for job in data["jobs"]:  # every number is the job's own last logged value
         series = read_metrics(Path(job["dir"]) / "logs" / "metrics.csv")
         assert job["final_step"] == 2

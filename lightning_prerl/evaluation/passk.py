@@ -6,7 +6,9 @@ callback draws `samples` samples for each of the first `problems` held-out probl
 training starts (the base policy; skipped on a resumed run) and once when it ends, and logs the
 unbiased pass@k (Chen et al. 2021) for k = 1, 2, 4, ... up to `samples` as `passk/pass@<k>` against
 the optimizer step, through the run's loggers (so the numbers live in `logs/metrics.csv`).
-Sampling is the held-out evaluation's (`data.eval_sampling`), seeded per (problem, step).
+Sampling is the held-out evaluation's (`data.eval_sampling`), seeded per (problem, step). `prompts` (a
+list, e.g. a `toy_prompts` node) measures its own held-out set instead of the first `problems` of
+`data.eval_prompts`: a large final set beside a small, cheap one for the every-few-steps curve.
 
 Every measurement also appends one row per problem to `<CSV log dir>/passk_problems.csv` (PROBLEM_FIELDS:
 step, held-out position, samples, correct samples, transition and reflection thoughts summed over the
@@ -47,10 +49,18 @@ class PassAtKCurve(L.Callback):
     lockstep; the padding is never counted) and the sums are reduced over ranks.
     """
 
-    def __init__(self, samples: int = 64, problems: int = 32, at_start: bool = True, at_end: bool = True):
+    def __init__(
+        self,
+        samples: int = 64,
+        problems: int = 32,
+        at_start: bool = True,
+        at_end: bool = True,
+        prompts: list | None = None,
+    ):
         if samples < 1 or problems < 1:
             raise ValueError(f"pass_at_k samples={samples}, problems={problems}: must be >= 1")
         self.samples, self.problems, self.at_start, self.at_end = samples, problems, at_start, at_end
+        self.prompts = list(prompts) if prompts is not None else None  # None: the data module's held-out set
 
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if self.at_start and trainer.global_step == 0:  # a resumed run measured its base policy already
@@ -62,7 +72,7 @@ class PassAtKCurve(L.Callback):
 
     def measure(self, trainer: L.Trainer) -> dict[str, float]:
         dm, step, t0 = trainer.datamodule, trainer.global_step, time.perf_counter()
-        prompts = dm.eval_prompts[: self.problems]
+        prompts = (dm.eval_prompts if self.prompts is None else self.prompts)[: self.problems]
         if not prompts:
             return {}
         rank, world = dm._rank_world()

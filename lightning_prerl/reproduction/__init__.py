@@ -1,8 +1,10 @@
-"""Reproduction (layer 9): the analysis of `experiment=reproduce_toy`, apart from the library.
+"""Reproduction (layer 9): the analysis of `experiment=reproduce_recheck` (and `reproduce_toy`), apart from the
+library.
 
 Owns the report of the paper's findings from a sweep's logs (`report`), its text and figures (`text`,
-`plots`) and the slip analysis of the toy "thoughts" world (`repairs`). Nothing in the library imports
-it. May import: every other subpackage.
+`plots`), the speed, switch-sweep and power-against-the-paper tables (`operating_point`), the intervals
+(`stats`), the slip analysis of the toy worlds (`repairs`) and the base-policy gate (`base_profile`).
+Nothing in the library imports it. May import: every other subpackage.
 """
 
 from lightning_prerl import _moved

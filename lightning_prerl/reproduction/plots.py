@@ -11,7 +11,6 @@ from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.plots import _pyplot, _save
 from lightning_prerl.reports.sweep import Job
 
-OBJECTIVE_KEY = "objective"
 ACCURACY = "val/accuracy"
 SMOOTH = 5  # per-step (training-rollout) series: trailing mean over this many steps
 
@@ -36,7 +35,7 @@ def _smoothed(points: list[tuple[float, float]], window: int = SMOOTH) -> list[t
     return [(s, statistics.fmean(values[max(0, i - window + 1) : i + 1])) for i, (s, _) in enumerate(points)]
 
 
-def _switch_steps(jobs: list[Job]) -> list[float]:
+def switch_steps(jobs: list[Job]) -> list[float]:
     for job in jobs:
         phase = job.series.get("objective/phase", [])
         switches = [s for (s, v), (_, prev) in zip(phase[1:], phase[:-1], strict=False) if v != prev]
@@ -46,20 +45,20 @@ def _switch_steps(jobs: list[Job]) -> list[float]:
 
 
 def plot_over_steps(
-    jobs: list[Job], objectives: list[str], metrics: list[str], out_png: Path, thresholds: list[float] = ()
+    groups: dict[str, list[Job]], metrics: list[str], out_png: Path, thresholds: list[float] = ()
 ) -> Path:
-    """One panel per metric: every objective's mean over seeds with its 95 % t band against the optimizer step
-    (held-out `val/*` as evaluated; per-step training-rollout series as a trailing mean over SMOOTH steps)."""
+    """One panel per metric: every group's (objective's, arm's) mean over its seeds with its 95 % t band against
+    the optimizer step (held-out `val/*` as evaluated; per-step training-rollout series as a trailing mean over
+    SMOOTH steps)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False, layout="constrained")
     for ax, metric in zip(axes[0], metrics, strict=True):
-        for i, objective in enumerate(objectives):
-            members = [j for j in jobs if j.overrides.get(OBJECTIVE_KEY, "") == objective]
+        for i, (objective, members) in enumerate(groups.items()):
             runs = [j.series.get(metric, []) for j in members]
             runs = runs if metric.startswith("val/") else [_smoothed(r) for r in runs]
             _band(ax, runs, f"C{i}", f"{objective} ({len(members)} seeds)")
-            if objective == "dsrl":
-                for s in _switch_steps(members):
+            if objective.startswith("dsrl"):
+                for s in switch_steps(members):
                     ax.axvline(s, color=f"C{i}", ls="--", lw=1, label="DSRL switch")
         for t in thresholds if metric == ACCURACY else ():
             ax.axhline(t, color="k", ls=":", lw=1)

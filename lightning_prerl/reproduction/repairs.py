@@ -14,6 +14,8 @@ separates the two with `toyworld.slip_counts`:
 | `fix_rate` | successful repairs / repair attempts |
 | `reflect_share`, `switch_share` | the same, reflection / transition only |
 | `check_share` | correct computations followed by a reflection or transition thought / correct ones |
+| `thoughts_per_step` | reflection and transition thoughts (after slips and after correct steps) / computations |
+| `fixed_per_step` | slips repaired successfully / computations: what repairs add per step of reasoning |
 
 Each is a ratio of sums over answers; `slip_intervals` gives it a 95 % interval by resampling seeds and
 answers (`intervals.ratio`).
@@ -44,6 +46,8 @@ RATIOS = {  # field: (numerator, denominator) of one answer's SlipCounts, summed
     "reflect_share": (lambda c: c.reflected, lambda c: c.slips),
     "switch_share": (lambda c: c.switched, lambda c: c.slips),
     "check_share": (lambda c: c.checks, lambda c: c.steps - c.slips),
+    "thoughts_per_step": (lambda c: c.reflected + c.switched + c.checks, lambda c: c.steps),
+    "fixed_per_step": (lambda c: c.fixed, lambda c: c.steps),
 }
 FIELDS = list(RATIOS)
 

@@ -33,16 +33,33 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+import lightning_prerl.reproduction.operating_point as operating_point
 import lightning_prerl.reproduction.stats as stats
 from lightning_prerl.evaluation import intervals
 from lightning_prerl.reports.alignment import summarize
-from lightning_prerl.reports.sweep import SEED_KEY, Job, find_jobs, mean_std, ordered_values
+from lightning_prerl.reports.sweep import SEED_KEY, Job, find_jobs, mean_std
 from lightning_prerl.reproduction.plots import plot_alignment, plot_over_steps, plot_pass_at_k
 from lightning_prerl.reproduction.repairs import slip_intervals, sweep_slip_stats
 from lightning_prerl.reproduction.text import ACCURACY, FINALS, THOUGHTS, findings, markdown
 
 OBJECTIVE_KEY = "objective"
+ARM_KEY = "arm"  # experiment=reproduce_recheck sweeps arms (conf/arm/<world>_<label>.yaml), not objectives
 ROLLOUT_ACCURACY = "rollout/accuracy"  # every step, on the step's training rollouts
+DEFAULT_WORLD = "thoughts"  # a sweep of objectives (experiment=reproduce_toy) runs on the "thoughts" world
+
+
+def world_and_label(job: Job) -> tuple[str, str]:
+    """(toy world, arm label) of a job: `arm=recheck_dsrl_10` -> ("recheck", "dsrl_10"); a sweep of objectives
+    -> ("thoughts", the objective)."""
+    arm = job.overrides.get(ARM_KEY)
+    if arm is None:
+        return DEFAULT_WORLD, job.overrides.get(OBJECTIVE_KEY, "")
+    world, _, label = arm.partition("_")
+    return world, label
+
+
+def label(job: Job) -> str:
+    return world_and_label(job)[1]
 
 
 def read_alignment(job_dir: Path) -> list[dict[str, float]]:
@@ -71,9 +88,10 @@ def steps_to(job: Job, threshold: float) -> float | None:
 
 
 def one_per_seed(jobs: list[Job]) -> list[Job]:
-    """The first job of every seed (in job order): the base policy's step-0 values, counted once per seed."""
+    """One job of every seed, the first (in job order) that measured the base policy's pass@k (step 0), else
+    the first: the base policy's step-0 values, counted once per seed (only some arms measure pass@k there)."""
     seen: dict[str | None, Job] = {}
-    for job in jobs:
+    for job in sorted(jobs, key=lambda j: first_value(j, "passk/pass@1") is None):  # stable: job order kept
         seen.setdefault(job.overrides.get(SEED_KEY), job)
     return list(seen.values())
 
@@ -106,13 +124,13 @@ def _by_seed(members: list[Job]) -> dict[str | None, Job]:
 
 
 def comparisons(by_objective: dict[str, list[Job]], problems: dict[Path, dict], ks: list[int]) -> list[dict]:
-    """Paired differences: each objective's trained policy - its base policy (same job), DSRL - GRPO (same
-    seed); on pass@1 and the largest pass@k from the per-problem records, else on the per-seed final
+    """Paired differences: each objective's trained policy - the base policy (same seed), every DSRL arm - GRPO
+    (same seed); on pass@1 and the largest pass@k from the per-problem records, else on the per-seed final
     `val/accuracy`."""
     pairs = [(f"{o} - base", [(j, "base", j, "final") for j in members]) for o, members in by_objective.items()]
-    if "dsrl" in by_objective and "grpo" in by_objective:
-        grpo, dsrl = _by_seed(by_objective["grpo"]), _by_seed(by_objective["dsrl"])
-        pairs.append(("dsrl - grpo", [(grpo[s], "final", dsrl[s], "final") for s in grpo if s in dsrl]))
+    for dsrl_arm in (o for o in by_objective if o.startswith("dsrl") and "grpo" in by_objective):
+        grpo, dsrl = _by_seed(by_objective["grpo"]), _by_seed(by_objective[dsrl_arm])
+        pairs.append((f"{dsrl_arm} - grpo", [(grpo[s], "final", dsrl[s], "final") for s in grpo if s in dsrl]))
     out = []
     for name, matched in pairs:
         a = [problems[ja.dir].get(wa, {}) for ja, wa, _, _ in matched]
@@ -149,10 +167,14 @@ def collect(
 ) -> dict:
     """Every number of the report, from the logs of `jobs` (`sweep_jobs(sweep_dir)`); with `slip_problems` > 0
     also the slip/repair statistics (`repairs.py`) of the base policy and of every job's exported policy."""
-    objectives = ordered_values(jobs, OBJECTIVE_KEY)
-    by_objective = {o: [j for j in jobs if j.overrides.get(OBJECTIVE_KEY, "") == o] for o in objectives}
+    objectives = list(dict.fromkeys(label(j) for j in jobs))
+    by_objective = {o: [j for j in jobs if label(j) == o] for o in objectives}
     ks, seeds = _pass_ks(jobs), one_per_seed(jobs)
     problems = {j.dir: stats.read_problems(j.dir) for j in jobs}
+    base_of = {j.overrides.get(SEED_KEY): problems[j.dir].get("base") for j in seeds}
+    for j in jobs:  # arms that did not measure the base policy pair with their seed's measurement of it
+        if "base" not in problems[j.dir] and base_of.get(j.overrides.get(SEED_KEY)):
+            problems[j.dir] = {"base": base_of[j.overrides.get(SEED_KEY)], **problems[j.dir]}
     measured = [f"pass@{k}" for k in ks] + stats.THOUGHT_KEYS
     base = {m: _over_seeds(first_value(j, m) for j in seeds) for m in FINALS}
     base_passk = {k: _over_seeds(first_value(j, f"passk/pass@{k}") for j in seeds) for k in ks}
@@ -243,6 +265,18 @@ def _reached(per_seed: list[float | None]) -> dict:
     return {"reached": len(reached), "mean": mean_std(reached)[0], "per_seed": per_seed}
 
 
+def _figures(data: dict, groups: dict[str, list[Job]], sweep_dir: Path, prefix: str = "repro") -> list[Path]:
+    def png(name: str) -> Path:
+        return sweep_dir / f"{prefix}_{name}.png"
+
+    return [
+        plot_over_steps(groups, [ACCURACY, ROLLOUT_ACCURACY], png("accuracy"), data["thresholds"]),
+        plot_over_steps(groups, THOUGHTS, png("thoughts")),
+        plot_pass_at_k(data, png("pass_at_k")),
+        plot_alignment(data, png("alignment")),
+    ]
+
+
 def write_reproduction_report(
     sweep_dir: Path,
     real_model: Path | None = None,
@@ -250,29 +284,39 @@ def write_reproduction_report(
     command: str = "",
     slip_problems: int = 0,
     slip_samples: int = 4,
+    probe: Path | None = None,
 ) -> list[Path]:
-    """Write reproduction.md, reproduction.json and the four PNGs into `sweep_dir`."""
+    """Write reproduction.md, reproduction.json and the PNGs into `sweep_dir`: the full report of the main
+    world ("recheck" when the sweep ran it, else its only world), the findings of every other world (the
+    negative control) beside it, the speed curves, the switch sweep and the power against the paper."""
     sweep_dir = Path(sweep_dir)
     jobs = sweep_jobs(sweep_dir)
-    data = collect(sweep_dir, jobs, real_model, tuple(threshold_gains), slip_problems, slip_samples)
+    worlds = list(dict.fromkeys(world_and_label(j)[0] for j in jobs))
+    main = "recheck" if "recheck" in worlds else worlds[0]
     command = command or "python experiments/run.py experiment=reproduce_toy"
-    written = [
-        plot_over_steps(
-            jobs, data["objectives"], [ACCURACY, ROLLOUT_ACCURACY], sweep_dir / "repro_accuracy.png", data["thresholds"]
-        ),
-        plot_over_steps(jobs, data["objectives"], THOUGHTS, sweep_dir / "repro_thoughts.png"),
-        plot_pass_at_k(data, sweep_dir / "repro_pass_at_k.png"),
-        plot_alignment(data, sweep_dir / "repro_alignment.png"),
-    ]
+    out, written = {}, []
+    for world in [main, *(w for w in worlds if w != main)]:
+        members = [j for j in jobs if world_and_label(j)[0] == world]
+        data = collect(sweep_dir, members, real_model, tuple(threshold_gains), slip_problems, slip_samples)
+        groups = {o: [j for j in members if label(j) == o] for o in data["objectives"]}
+        data["world"], data["speed"] = world, operating_point.speed(groups)
+        data["paper_scale"] = operating_point.paper_scale(data, groups)
+        data["switch_sweep"] = operating_point.switch_rows(data, groups, max(final_step(j) or 0 for j in members))
+        data["findings"] = findings(data)
+        out[world] = data
+        written += _figures(data, groups, sweep_dir, "repro" if world == main else f"repro_{world}")
+    top = {**out[main], "controls": {w: d for w, d in out.items() if w != main}}
+    top["probe"] = str(probe) if probe else None
     md = sweep_dir / "reproduction.md"
-    md.write_text(markdown(data, command))
+    md.write_text(markdown(top, command))
     js = sweep_dir / "reproduction.json"
-    js.write_text(json.dumps({**data, "findings": findings(data)}, indent=1, default=str))
+    js.write_text(json.dumps(top, indent=1, default=str))
     return [md, js, *written]
 
 
 class ReproductionReport(Callback):
-    """Hydra callback of `experiment=reproduce_toy`: writes the reproduction report when the multirun ends."""
+    """Hydra callback of `experiment=reproduce_recheck` (and `reproduce_toy`): writes the reproduction report
+    when the multirun ends. `probe`: a real-model probe's result file, printed in its own section."""
 
     def __init__(
         self,
@@ -280,9 +324,10 @@ class ReproductionReport(Callback):
         threshold_gains: tuple[float, ...] = (0.05, 0.1, 0.15),
         slip_problems: int = 100,
         slip_samples: int = 4,
+        probe: str | None = None,
     ):
         self.real_model, self.threshold_gains = real_model, tuple(threshold_gains)
-        self.slip_problems, self.slip_samples = slip_problems, slip_samples
+        self.slip_problems, self.slip_samples, self.probe = slip_problems, slip_samples, probe
 
     def on_multirun_end(self, config, **kwargs) -> None:
         given = [o for o in config.hydra.overrides.hydra if not o.startswith("hydra.mode=")]
@@ -291,5 +336,6 @@ class ReproductionReport(Callback):
         real = Path(self.real_model) if self.real_model else None
         sweep = Path(config.hydra.sweep.dir)
         slips = (self.slip_problems, self.slip_samples)
-        for path in write_reproduction_report(sweep, real, self.threshold_gains, command, *slips):
+        probe = Path(self.probe) if self.probe else None
+        for path in write_reproduction_report(sweep, real, self.threshold_gains, command, *slips, probe=probe):
             print(f"reproduction report: {path}")

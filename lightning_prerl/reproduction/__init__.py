@@ -1,7 +1,8 @@
 """Reproduction (layer 9): the analysis of `experiment=reproduce_toy`, apart from the library.
 
 Owns the report of the paper's findings from a sweep's logs (`report`), its text and figures (`text`,
-`plots`) and the slip analysis of the toy "thoughts" world (`repairs`). Nothing in the library imports
+`plots`), the slip analysis of the toy "thoughts" world (`repairs`) and the real-model probe of mechanism (b)
+(`probe`, `experiments/probe_smollm2.py`). Nothing in the library imports
 it. May import: every other subpackage.
 """
 

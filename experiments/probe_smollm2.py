@@ -6,8 +6,8 @@ held-out thought boundaries more than one GRPO step? (issue 24, part 5; docs/res
 1. One optimizer step each of NSR-PreRL, GRPO and PSR-PreRL from the base weights on the same rollout batch
    (`experiment=smollm2_learns`, `trainer.max_steps=1`: the project's own objectives, module and export; the
    same seed draws the same batch), each exported to <out>/<objective>/policy (kept: a rerun reuses it).
-2. Held-out completions: the base policy samples 2 per held-out problem of the preset; their sentence and
-   line ends are the boundaries (`reproduction.probe.boundaries`).
+2. Held-out completions: the base policy samples 2 per held-out problem of the preset; their first sentence
+   and line ends (`--boundaries`) are the boundaries (`reproduction.probe.boundaries`).
 3. log P(opening | prompt + completion so far) of each reflection / transition opening and each control
    opening at every boundary, under the base and each one-step policy; the change per problem, bootstrap
    intervals over problems, objectives paired on the same problems. Writes <out>/probe.json and probe.md.
@@ -33,6 +33,7 @@ from lightning_prerl.scale.models import load_policy, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ["nsr_prerl", "grpo", "psr_prerl"]
+OPENINGS = (("reflection", probe.REFLECTION), ("control", probe.CONTROL))
 
 
 def one_step(run_dir: Path, objective: str, overrides: list[str]) -> None:
@@ -66,7 +67,8 @@ def row(name: str, d: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--problems", type=int, default=80, help="held-out problems (2 completions each)")
+    parser.add_argument("--problems", type=int, default=40, help="held-out problems (2 completions each)")
+    parser.add_argument("--boundaries", type=int, default=2, help="the first N boundaries of each completion")
     parser.add_argument("overrides", nargs="*", help="run.py overrides for the one-step runs")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -79,28 +81,28 @@ def main(argv: list[str] | None = None) -> int:
     prompt_ids = [render_prompt(tok, p) for p in prompts]
     texts = completions(base, tok, prompt_ids, 2, cfg.data.sampling, cfg.seed)
     rows: dict[str, list] = {"reflection": [], "control": []}
-    counts = []  # boundaries per kept problem
+    counts, limit = [], args.boundaries  # boundaries per kept problem
     for i, ids in enumerate(prompt_ids):
-        found = [probe.boundary_rows(tok, ids, t, probe.REFLECTION) for t in texts[2 * i : 2 * i + 2]]
-        if not any(found):
+        pair = texts[2 * i : 2 * i + 2]
+        found = {k: [r for t in pair for r in probe.boundary_rows(tok, ids, t, o, limit)] for k, o in OPENINGS}
+        if not found["reflection"]:
             continue
-        counts.append(sum(len(f) for f in found) // len(probe.REFLECTION))
-        rows["reflection"] += [r for f in found for r in f]
-        rows["control"] += [
-            r for t in texts[2 * i : 2 * i + 2] for r in probe.boundary_rows(tok, ids, t, probe.CONTROL)
-        ]
+        counts.append(len(found["reflection"]) // len(probe.REFLECTION))
+        for k in rows:
+            rows[k] += found[k]
     before = {k: probe.continuation_logprobs(base, v).numpy() for k, v in rows.items()}
     changes = {}
     for objective in OBJECTIVES:
         model = load_policy(str(args.out / objective / "policy"), "float32").eval()
         c = {
             k: probe.per_problem(probe.continuation_logprobs(model, v).numpy() - before[k], counts, len(opening))
-            for (k, v), opening in zip(rows.items(), (probe.REFLECTION, probe.CONTROL), strict=True)
+            for (k, v), (_, opening) in zip(rows.items(), OPENINGS, strict=True)
         }
         changes[objective] = c | {"excess": c["reflection"] - c["control"]}
     result = probe.summarise(changes, [("grpo", "nsr_prerl"), ("grpo", "psr_prerl")])
     result["design"] = {
         "problems": len(counts),
+        "boundaries_per_completion": args.boundaries,
         "boundaries": int(np.sum(counts)),
         "reflection_openings": probe.REFLECTION,
         "control_openings": probe.CONTROL,

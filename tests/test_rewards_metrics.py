@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_prerl.data.rewards import BoxedExactMatch, MathVerifyReward, Prompt, RewardScorer, last_boxed
+from lightning_prerl.data.rewards import (
+    BoxedExactMatch,
+    LastNumberMatch,
+    MathVerifyReward,
+    Prompt,
+    RewardScorer,
+    last_boxed,
+)
 from lightning_prerl.evaluation.metrics import (
     SEAL_REFLECTION,
     SEAL_TRANSITION,
@@ -98,6 +105,17 @@ def test_boxed_exact_match():
     assert reward(p, r"The answer is \boxed{4}.") == 0.0
     assert reward(p, "The answer is 3.") == 0.0
     assert reward.extract_answer("The answer is 3.") is None
+
+
+def test_last_number_match_reads_the_last_number_only():
+    reward, p = LastNumberMatch(), Prompt("Compute 16+42", "58")
+    assert reward(p, "16+42=58. The answer is 58.") == 1.0
+    assert reward(p, "The answer is 58.0") == 1.0  # equal as numbers
+    assert reward(p, "58, no wait: 16+42=59") == 0.0  # the last number counts, not the first
+    assert reward(p, "-58") == 0.0 and reward(p, "fifty-eight") == 0.0
+    assert reward(Prompt("q", "1234"), "it is 1,234") == 1.0  # a thousands separator is dropped
+    assert reward.extract_answer("x = -3.5 then 7") == "7" and reward.extract_answer("none") is None
+    assert reward(Prompt("q", "n/a"), "3") == 0.0  # a ground truth that is no number never matches
 
 
 def test_math_verify_reward_is_real():

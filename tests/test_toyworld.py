@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 import re
 
+import pytest
+
+from lightning_prerl.data.prompts import toy_prompts
 from lightning_prerl.data.rewards import BoxedExactMatch, Prompt
 from lightning_prerl.data.toyworld import SHIPPED_MODEL_DIR, build_tokenizer, generate_problems, solution_trace
 
@@ -15,6 +18,15 @@ def test_splits_are_deterministic_and_disjoint():
     assert train == generate_problems(500, split="train", seed=0)
     assert not {p.question for p in train} & {p.question for p in held}
     assert all(min(p.partials()) >= 0 and 2 <= len(p.ops) <= 3 for p in train)
+
+
+def test_one_operation_prompts_carry_the_system_prompt_and_a_too_large_count_stops():
+    prompts = toy_prompts("heldout", 5, seed=1234, num_ops=(1, 1), max_operand=50, system="Be exact.")
+    assert all(p.messages()[0] == {"role": "system", "content": "Be exact."} for p in prompts)
+    assert all(re.fullmatch(r"Compute \d+[+-]\d+", p.question) for p in prompts)
+    # two problems (1+1 and 1-1) exist with max_operand=1; asking for more must stop, not draw forever
+    with pytest.raises(ValueError, match=r"count=3: the train split .* gave only 2 distinct problems"):
+        generate_problems(3, split="train", seed=0, num_ops=(1, 1), max_operand=1, held_out_percent=0)
 
 
 def test_trace_mix_has_correct_slipped_and_corrected_answers():

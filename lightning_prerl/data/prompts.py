@@ -57,11 +57,17 @@ class PromptSet:
 
 
 def toy_prompts(
-    split: str, count: int, seed: int = 0, num_ops: tuple[int, int] = (2, 3), max_operand: int = 99
+    split: str,
+    count: int,
+    seed: int = 0,
+    num_ops: tuple[int, int] = (2, 3),
+    max_operand: int = 99,
+    system: str | None = None,
 ) -> list[Prompt]:
-    """Problems of the embedded toy world; "heldout" never overlaps "train"."""
+    """Problems of the embedded toy world; "heldout" never overlaps "train". `system`: a system prompt for
+    every problem (a chat model's instructions and worked example: conf/data/arith_smollm2.yaml)."""
     problems = generate_problems(count, split=split, seed=seed, num_ops=tuple(num_ops), max_operand=max_operand)
-    return [Prompt(p.question, str(p.answer), source=f"toy/{split}") for p in problems]
+    return [Prompt(p.question, str(p.answer), source=f"toy/{split}", system=system) for p in problems]
 
 
 def _show(value) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 BOXED = re.compile(r"\\boxed\{")
 BRACES = re.compile(r"[{}]")
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?")  # a thousands separator is dropped before matching: 1,234 -> 1234
 MESSAGE_CHARS = 300  # an error message may quote a 1 MB completion; the log needs only its head
 
 
@@ -76,6 +77,23 @@ class BoxedExactMatch:
     def __call__(self, prompt: Prompt, completion: str) -> float:
         got = self.extract_answer(completion)
         return float(got is not None and got == str(prompt.answer).strip())
+
+
+class LastNumberMatch:
+    """1.0 when the completion's last number equals the ground truth as a number (a small chat model's
+    arithmetic, `experiment=smollm2_learns`): "16+42=58. The answer is 58." scores 1 for 58, and so does
+    "58.0"; thousands separators are ignored. No number at all: no answer (format validity)."""
+
+    def extract_answer(self, completion: str) -> str | None:
+        numbers = NUMBER.findall(completion.replace(",", ""))
+        return numbers[-1] if numbers else None
+
+    def __call__(self, prompt: Prompt, completion: str) -> float:
+        got = self.extract_answer(completion)
+        try:
+            return float(got is not None and float(got) == float(str(prompt.answer).replace(",", "")))
+        except ValueError:  # a ground truth that is not a number never matches
+            return 0.0
 
 
 class MathVerifyReward:

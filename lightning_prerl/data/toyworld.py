@@ -37,6 +37,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"  # the shipped toy polic
 SHIPPED_MODEL_DIR = ASSETS / "toy-base"
 THOUGHTS_MODEL_DIR = ASSETS / "toy-thoughts"  # the "thoughts" world's base policy
 RECHECK_MODEL_DIR = ASSETS / "toy-recheck"  # the "recheck" world's base policy
+MAX_MISSES = 100_000  # draws in a row that add no new problem before generate_problems gives up
 
 
 @dataclass(frozen=True)
@@ -101,14 +102,21 @@ def generate_problems(
     if split not in ("train", "heldout"):
         raise ValueError(f"split={split!r}: expected 'train' or 'heldout'")
     rng, seen, out = random.Random(f"{split}-{seed}"), set(), []
-    want_held_out = split == "heldout"
+    want_held_out, misses = split == "heldout", 0
     while len(out) < count:
         p = sample_problem(rng, num_ops, max_operand)
         q = p.question
         if q in seen or is_held_out(q, held_out_percent) != want_held_out:
+            misses += 1
+            if misses > MAX_MISSES:  # the split holds fewer problems than asked for: it would draw forever
+                raise ValueError(
+                    f"toy problems count={count}: the {split} split of num_ops={num_ops}, max_operand={max_operand} "
+                    f"gave only {len(out)} distinct problems in {MAX_MISSES} draws; ask for fewer"
+                )
             continue
         seen.add(q)
         out.append(p)
+        misses = 0
     return out
 
 

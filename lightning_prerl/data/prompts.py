@@ -65,7 +65,7 @@ def toy_prompts(
     system: str | None = None,
 ) -> list[Prompt]:
     """Problems of the embedded toy world; "heldout" never overlaps "train". `system`: a system prompt for
-    every problem (a chat model's instructions and worked example: conf/data/arith_smollm2.yaml)."""
+    every problem (a chat model's instructions and worked example: conf/experiment/smollm2_learns.yaml)."""
     problems = generate_problems(count, split=split, seed=seed, num_ops=tuple(num_ops), max_operand=max_operand)
     return [Prompt(p.question, str(p.answer), source=f"toy/{split}", system=system) for p in problems]
 

@@ -172,3 +172,21 @@ def test_reproduce_recheck_command_with_reduced_settings(tmp_path):
     md = (sweep / "reproduction.md").read_text()
     assert '## Negative control: the "thoughts" world' in md and "| Wait | -3.2 |" in md
     assert (sweep / "repro_thoughts_accuracy.png").is_file()
+
+
+def test_probe_hook_reads_the_probes_own_json(tmp_path):
+    """The JSON experiments/probe_smollm2.py writes becomes a table: one row per objective or pair, each
+    measure as estimate [low, high]; a measure a row lacks prints as a dash."""
+    one = {"estimate": 0.001, "low": -0.002, "high": 0.004, "n": 39}
+    diff = {"estimate": 0.245, "low": 0.147, "high": 0.345, "n": 39}
+    path = tmp_path / "probe.json"
+    path.write_text(json.dumps({
+        "nsr_prerl": {"reflection": one, "control": one, "excess": one},
+        "nsr_prerl-grpo": {"reflection": diff},
+        "design": {"problems": 39, "boundaries": 95},
+    }))  # fmt: skip
+    text = "\n".join(probe_lines(path))
+    assert "| nsr_prerl | +0.001 [-0.002, +0.004] | +0.001 [-0.002, +0.004] | +0.001 [-0.002, +0.004] |" in text
+    assert "| nsr_prerl-grpo | +0.245 [+0.147, +0.345] | – | – |" in text
+    assert "95 held-out thought boundaries (39 problems)" in text
+    assert "| design |" not in text  # the design block is not a row

@@ -12,8 +12,9 @@ design against the paper's effect sizes, and an optional real-model probe's tabl
   is the difference that speed would give. A comparison is powered for the finding when its MDE is at most that effect.
 - `switch_rows`: each DSRL arm's switch step (where `objective/phase` changes) with its final pass@1 and its
   differences from GRPO.
-- `probe_lines`: the table of a real-model probe's result file (`.md`: included as it is; `.json`:
-  {"title", "header", "rows", "note"}); no file, no section.
+- `probe_lines`: the table of a real-model probe's result file (`.md`: included as it is; `.json`: either
+  {"title", "header", "rows", "note"} or what `experiments/probe_smollm2.py` writes: per objective and per
+  "a-b" pair, {"reflection", "control", "excess"} each {"estimate", "low", "high", "n"}); no file, no section.
 """
 
 from __future__ import annotations
@@ -144,9 +145,36 @@ def probe_lines(path: str | Path | None) -> list[str]:
     if path.suffix == ".md":
         return lines + [path.read_text().strip(), ""]
     result = json.loads(path.read_text())
+    if "header" not in result:
+        result = _probe_table(result)
     header, rows = result["header"], result["rows"]
     table = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     table += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
     title = [f"**{result['title']}**", ""] if result.get("title") else []
     note = ["", result["note"]] if result.get("note") else []
     return lines + title + table + note + [""]
+
+
+PROBE_MEASURES = ("reflection", "control", "excess")  # experiments/probe_smollm2.py's measures, nats
+
+
+def _probe_table(result: dict) -> dict:
+    """{"header", "rows", "note"} from `experiments/probe_smollm2.py`'s JSON: one row per objective or
+    paired difference, each measure "estimate [low, high]" (a measure a row lacks: "–")."""
+
+    def cell(value: dict | None) -> str:
+        return "–" if value is None else f"{value['estimate']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
+
+    rows = [
+        [name, *(cell(value.get(m)) for m in PROBE_MEASURES)]
+        for name, value in result.items()
+        if isinstance(value, dict) and any(m in value for m in PROBE_MEASURES)
+    ]
+    design = result.get("design", {})
+    note = (
+        f"Change in log-probability (nats) of reflection / transition openings and of control openings at "
+        f"{design.get('boundaries', '?')} held-out thought boundaries ({design.get('problems', '?')} problems) "
+        f"after one optimizer step; excess = reflection - control; 95 % bootstrap intervals over problems."
+    )
+    return {"title": "SmolLM2-135M: one step of each objective", "header": ["", *PROBE_MEASURES], "rows": rows,
+            "note": note}  # fmt: skip

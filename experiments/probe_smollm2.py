@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lightning_prerl.data.prompts import render_prompt
-from lightning_prerl.reproduction import probe
+from lightning_prerl.reproduction import probe, stats
 from lightning_prerl.scale.models import load_policy, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def completions(model, tok, prompt_ids: list[list[int]], samples: int, sampling,
 
 
 def row(name: str, d: dict) -> str:
-    cells = [f"{d[k]['estimate']:+.3f} [{d[k]['low']:+.3f}, {d[k]['high']:+.3f}]" for k in d]
+    cells = [stats.ci_text(d[k], sign="+") for k in d]
     return f"| {name} | " + " | ".join(cells) + " |"
 
 

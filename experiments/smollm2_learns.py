@@ -32,10 +32,6 @@ def jobs(sweep: Path) -> dict[str, dict]:
     return out
 
 
-def fmt(d: dict) -> str:
-    return f"{d['estimate']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
-
 def table(found: dict[str, dict]) -> tuple[str, dict]:
     lines = [
         f"| objective | base {METRIC} | trained {METRIC} | change (paired) | problems |",
@@ -46,12 +42,12 @@ def table(found: dict[str, dict]) -> tuple[str, dict]:
         level = stats.heldout([rows["base"]], [METRIC])[METRIC], stats.heldout([rows["final"]], [METRIC])[METRIC]
         change = stats.compare([rows["base"]], [rows["final"]], METRIC)
         result[name] = {"base": level[0], "final": level[1], "change": change}
-        shown = [f"{x['estimate']:.3f} [{x['low']:.3f}, {x['high']:.3f}]" for x in level]
-        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {fmt(change)} | {change['problems']} |")
+        shown = [stats.ci_text(x) for x in level]
+        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {stats.ci_text(change, sign='+')} | {change['problems']} |")
     if {"grpo", "dsrl"} <= set(found):
         diff = stats.compare([found["grpo"]["final"]], [found["dsrl"]["final"]], METRIC)
         result["dsrl_minus_grpo"] = diff
-        lines.append(f"| DSRL − GRPO (trained) | | | {fmt(diff)} | {diff['problems']} |")
+        lines.append(f"| DSRL − GRPO (trained) | | | {stats.ci_text(diff, sign='+')} | {diff['problems']} |")
     return "\n".join(lines) + "\n", result
 
 

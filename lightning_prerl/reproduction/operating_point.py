@@ -162,11 +162,8 @@ def _probe_table(result: dict) -> dict:
     """{"header", "rows", "note"} from `experiments/probe_smollm2.py`'s JSON: one row per objective or
     paired difference, each measure "estimate [low, high]" (a measure a row lacks: "–")."""
 
-    def cell(value: dict | None) -> str:
-        return "–" if value is None else f"{value['estimate']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
-
     rows = [
-        [name, *(cell(value.get(m)) for m in PROBE_MEASURES)]
+        [name, *(stats.ci_text(value.get(m), sign="+") for m in PROBE_MEASURES)]
         for name, value in result.items()
         if isinstance(value, dict) and any(m in value for m in PROBE_MEASURES)
     ]

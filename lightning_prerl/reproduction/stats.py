@@ -70,6 +70,16 @@ def as_dict(interval: intervals.Interval) -> dict[str, float | int | None]:
     }
 
 
+def ci_text(interval: dict | None, digits: int = 3, sign: str = "") -> str:
+    """`estimate [low, high]` of an interval dict (`as_dict`), "–" without one; `sign="+"` signs every number."""
+    if not interval or interval["estimate"] is None:
+        return "–"
+    e, lo, hi = interval["estimate"], interval["low"], interval["high"]
+    if lo is None or lo == hi == e:
+        return f"{e:{sign}.{digits}f}"
+    return f"{e:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
+
+
 def heldout(records: list[Rows], metrics: list[str]) -> dict[str, dict]:
     """Every metric's mean over seeds x problems with its two-level interval ({} without records)."""
     if not records or not all(records):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning_prerl.reproduction.stats as stats
 from lightning_prerl.reproduction.operating_point import probe_lines
 from lightning_prerl.reproduction.repairs import FIELDS as SLIP_FIELDS
+from lightning_prerl.reproduction.stats import ci_text as _ci
 
 ACCURACY = "val/accuracy"
 THOUGHTS = ["val/transition_thoughts", "val/reflection_thoughts"]
@@ -25,16 +26,6 @@ VERDICT_RULE = (
     " excludes it in the other direction, **inconclusive** when it contains it. An inconclusive verdict is a"
     " null only where the minimum detectable effect (the power table) is below the effect that matters."
 )
-
-
-def _ci(interval: dict | None, digits: int = 3, sign: str = "") -> str:
-    """`estimate [low, high]` of an interval dict (`stats.as_dict`), "–" without one."""
-    if not interval or interval["estimate"] is None:
-        return "–"
-    e, lo, hi = interval["estimate"], interval["low"], interval["high"]
-    if lo is None or lo == hi == e:
-        return f"{e:{sign}.{digits}f}"
-    return f"{e:{sign}.{digits}f} [{lo:{sign}.{digits}f}, {hi:{sign}.{digits}f}]"
 
 
 def comparison(data: dict, name: str) -> dict | None:

@@ -4,8 +4,8 @@ held-out thought boundaries more than one GRPO step? (issue 24, part 5; docs/res
     python experiments/probe_smollm2.py outputs/probe_smollm2 [--problems 80] [run.py overrides ...]
 
 1. One optimizer step each of NSR-PreRL, GRPO and PSR-PreRL from the base weights on the same rollout batch
-   (`experiment=smollm2_learns`, `trainer.max_steps=1`: the project's own objectives, module and export; the
-   same seed draws the same batch), each exported to <out>/<objective>/policy (kept: a rerun reuses it).
+   (`experiment=smollm2_learns` at MEASURED_AT, `trainer.max_steps=1`: the project's own objectives, module and
+   export; the same seed draws the same batch), each exported to <out>/<objective>/policy (kept: a rerun reuses it).
 2. Held-out completions: the base policy samples 2 per held-out problem of the preset; their first sentence
    and line ends (`--boundaries`) are the boundaries (`reproduction.probe.boundaries`).
 3. log P(opening | prompt + completion so far) of each reflection / transition opening and each control
@@ -33,6 +33,9 @@ from lightning_prerl.scale.models import load_policy, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ["nsr_prerl", "grpo", "psr_prerl"]
+# the setting the shipped figures (docs/results/smollm2.md) were measured at, before the preset's own defaults
+# moved to the setting measured to learn: the one-step runs and the boundary completions use these
+MEASURED_AT = ["module.lr=5e-5", "data.sampling.temperature=1.0", "data.eval_prompts.count=64"]
 OPENINGS = (("reflection", probe.REFLECTION), ("control", probe.CONTROL))
 
 
@@ -40,7 +43,7 @@ def one_step(run_dir: Path, objective: str, overrides: list[str]) -> None:
     if (run_dir / "policy" / "model.safetensors").is_file():
         return
     args = ["experiment=smollm2_learns", "hydra.mode=RUN", f"objective={objective}", "trainer.max_steps=1"]
-    args += ["~callbacks.pass_at_k", f"hydra.run.dir={run_dir}", *overrides]
+    args += ["~callbacks.pass_at_k", f"hydra.run.dir={run_dir}", *MEASURED_AT, *overrides]
     subprocess.run([sys.executable, "experiments/run.py", *args], cwd=ROOT, check=True)
 
 

@@ -1,11 +1,12 @@
 """The `experiment=smollm2_learns` table: held-out pass@1 before -> after per objective, paired over problems.
 
-    python experiments/smollm2_learns.py multirun/<date>/<time>     # the sweep dir; prints the table and
-                                                                    # writes smollm2_learns.md / .json there
+    python experiments/smollm2_learns.py multirun/<date>/<time>     # the sweep dir; prints the table and writes
+                                                                    # smollm2_learns.md / .json / .png there
 
 Each job's `logs/passk_problems.csv` (`evaluation.passk.PassAtKCurve`) holds the base policy's and the trained
 policy's correct samples per held-out problem; the intervals are `reproduction.stats`'s: 95 % bootstrap over
-problems, the change paired on the same problems, and the last row the two trained policies paired.
+seeds and problems (a sweep over `seed=` too pools its seeds), the change paired on the same seeds and
+problems, and the last row the two trained policies paired by seed.
 """
 
 from __future__ import annotations
@@ -17,37 +18,80 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from lightning_prerl.reports.logs import read_metrics
+from lightning_prerl.reports.plots import _pyplot, _save
+from lightning_prerl.reports.sweep import Job
 from lightning_prerl.reproduction import stats
+from lightning_prerl.reproduction.plots import SMOOTH, _smoothed, switch_steps
 
 METRIC = "pass@1"
+CURVES = ["rollout/reward_mean", "rollout/truncated"]
 
 
-def jobs(sweep: Path) -> dict[str, dict]:
-    """objective name -> {"base": rows, "final": rows} of every finished job of the sweep."""
-    out = {}
+def jobs(sweep: Path) -> dict[str, list[Path]]:
+    """objective name -> the directories of its finished jobs (pass@k measured before and after), in ascending
+    seed order, so two objectives' lists pair seed with seed."""
+    found: dict[str, dict[int, Path]] = {}
     for cfg in sorted(sweep.glob("*/config.yaml")):
-        rows = stats.read_problems(cfg.parent)
-        if "final" in rows:
-            out[OmegaConf.load(cfg).objective.name] = rows
+        if "final" in stats.read_problems(cfg.parent):
+            conf = OmegaConf.load(cfg)
+            found.setdefault(conf.objective.name, {})[int(conf.seed)] = cfg.parent
+    return {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in found.items()}
+
+
+def records(found: dict[str, list[Path]]) -> dict[str, dict[str, list]]:
+    """objective name -> {"base": [rows per seed], "final": [rows per seed]}."""
+    out = {}
+    for name, dirs in found.items():
+        rows = [stats.read_problems(d) for d in dirs]
+        out[name] = {part: [r[part] for r in rows] for part in ("base", "final")}
     return out
+
+
+def plot(found: dict[str, list[Path]], out_png: Path) -> Path:
+    """Training reward and truncated share per step (trailing mean of SMOOTH steps): every objective's seeds as
+    thin lines and their mean as a thick one (with 2 seeds a t band would span the whole axis); DSRL's switch
+    dashed."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4), squeeze=False, layout="constrained")
+    for ax, metric in zip(axes[0], CURVES, strict=True):
+        for i, (name, dirs) in enumerate(found.items()):
+            jobs = [Job(d, {}, read_metrics(d / "logs" / "metrics.csv")) for d in dirs]
+            runs = [_smoothed(j.series[metric]) for j in jobs if j.series.get(metric)]
+            for points in runs:
+                ax.plot(*zip(*points, strict=True), color=f"C{i}", lw=0.8, alpha=0.4)
+            steps = sorted({s for points in runs for s, _ in points})
+            values = [[v for points in runs for s, v in points if s == step] for step in steps]
+            ax.plot(steps, [sum(v) / len(v) for v in values], color=f"C{i}", lw=2, label=f"{name} ({len(runs)} seeds)")
+            for step in switch_steps(jobs) if name.startswith("dsrl") else ():
+                ax.axvline(step, color=f"C{i}", ls="--", lw=1, label="DSRL switch")
+        ax.set_xlabel("optimizer step")
+        ax.set_title(f"{metric} (training rollouts, mean of {SMOOTH} steps; thin: seeds)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, out_png)
+
+
+def shape(d: dict) -> str:
+    return f"{d['seeds']} × {d['problems']}"
 
 
 def table(found: dict[str, dict]) -> tuple[str, dict]:
     lines = [
-        f"| objective | base {METRIC} | trained {METRIC} | change (paired) | problems |",
+        f"| objective | base {METRIC} | trained {METRIC} | change (paired) | seeds × problems |",
         "|---|---|---|---|---|",
     ]
     result = {}
     for name, rows in found.items():
-        level = stats.heldout([rows["base"]], [METRIC])[METRIC], stats.heldout([rows["final"]], [METRIC])[METRIC]
-        change = stats.compare([rows["base"]], [rows["final"]], METRIC)
+        level = stats.heldout(rows["base"], [METRIC])[METRIC], stats.heldout(rows["final"], [METRIC])[METRIC]
+        change = stats.compare(rows["base"], rows["final"], METRIC)
         result[name] = {"base": level[0], "final": level[1], "change": change}
         shown = [stats.ci_text(x) for x in level]
-        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {stats.ci_text(change, sign='+')} | {change['problems']} |")
-    if {"grpo", "dsrl"} <= set(found):
-        diff = stats.compare([found["grpo"]["final"]], [found["dsrl"]["final"]], METRIC)
+        lines.append(f"| {name} | {shown[0]} | {shown[1]} | {stats.ci_text(change, sign='+')} | {shape(change)} |")
+    if {"grpo", "dsrl"} <= set(found) and len(found["grpo"]["final"]) == len(found["dsrl"]["final"]):
+        diff = stats.compare(found["grpo"]["final"], found["dsrl"]["final"], METRIC)
         result["dsrl_minus_grpo"] = diff
-        lines.append(f"| DSRL − GRPO (trained) | | | {stats.ci_text(diff, sign='+')} | {diff['problems']} |")
+        lines.append(f"| DSRL − GRPO (trained) | | | {stats.ci_text(diff, sign='+')} | {shape(diff)} |")
     return "\n".join(lines) + "\n", result
 
 
@@ -58,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     found = jobs(args.sweep)
     if not found:
         sys.exit(f"smollm2_learns: no job under {args.sweep} measured pass@k before and after training")
-    text, result = table(found)
+    text, result = table(records(found))
+    plot(found, args.sweep / "smollm2_learns.png")
     (args.sweep / "smollm2_learns.md").write_text(text)
     (args.sweep / "smollm2_learns.json").write_text(json.dumps(result, indent=2) + "\n")
     print(text, end="")

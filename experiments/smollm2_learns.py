@@ -28,27 +28,23 @@ METRIC = "pass@1"
 CURVES = ["rollout/reward_mean", "rollout/truncated"]
 
 
-def jobs(sweep: Path) -> dict[str, list[Path]]:
-    """objective name -> the directories of its finished jobs (pass@k measured before and after), in ascending
-    seed order, so two objectives' lists pair seed with seed."""
+def jobs(sweep: Path) -> dict[str, dict[int, Path]]:
+    """objective name -> {seed: directory} of its finished jobs (pass@k measured before and after), seeds in
+    ascending order."""
     found: dict[str, dict[int, Path]] = {}
     for cfg in sorted(sweep.glob("*/config.yaml")):
         if "final" in stats.read_problems(cfg.parent):
             conf = OmegaConf.load(cfg)
             found.setdefault(conf.objective.name, {})[int(conf.seed)] = cfg.parent
-    return {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in found.items()}
+    return {name: dict(sorted(by_seed.items())) for name, by_seed in found.items()}
 
 
-def records(found: dict[str, list[Path]]) -> dict[str, dict[str, list]]:
-    """objective name -> {"base": [rows per seed], "final": [rows per seed]}."""
-    out = {}
-    for name, dirs in found.items():
-        rows = [stats.read_problems(d) for d in dirs]
-        out[name] = {part: [r[part] for r in rows] for part in ("base", "final")}
-    return out
+def records(found: dict[str, dict[int, Path]]) -> dict[str, dict[int, dict]]:
+    """objective name -> {seed: {"base": rows, "final": rows}}."""
+    return {name: {seed: stats.read_problems(d) for seed, d in dirs.items()} for name, dirs in found.items()}
 
 
-def plot(found: dict[str, list[Path]], out_png: Path) -> Path:
+def plot(found: dict[str, dict[int, Path]], out_png: Path) -> Path:
     """Training reward and truncated share per step (trailing mean of SMOOTH steps): every objective's seeds as
     thin lines and their mean as a thick one (with 2 seeds a t band would span the whole axis); DSRL's switch
     dashed."""
@@ -56,7 +52,7 @@ def plot(found: dict[str, list[Path]], out_png: Path) -> Path:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4), squeeze=False, layout="constrained")
     for ax, metric in zip(axes[0], CURVES, strict=True):
         for i, (name, dirs) in enumerate(found.items()):
-            jobs = [Job(d, {}, read_metrics(d / "logs" / "metrics.csv")) for d in dirs]
+            jobs = [Job(d, {}, read_metrics(d / "logs" / "metrics.csv")) for d in dirs.values()]
             runs = [_smoothed(j.series[metric]) for j in jobs if j.series.get(metric)]
             for points in runs:
                 ax.plot(*zip(*points, strict=True), color=f"C{i}", lw=0.8, alpha=0.4)
@@ -76,21 +72,23 @@ def shape(d: dict) -> str:
     return f"{d['seeds']} × {d['problems']}"
 
 
-def table(found: dict[str, dict]) -> tuple[str, dict]:
+def table(found: dict[str, dict[int, dict]]) -> tuple[str, dict]:
     lines = [
         f"| objective | base {METRIC} | trained {METRIC} | change (paired) | seeds × problems |",
         "|---|---|---|---|---|",
     ]
     result = {}
-    for name, rows in found.items():
-        level = stats.heldout(rows["base"], [METRIC])[METRIC], stats.heldout(rows["final"], [METRIC])[METRIC]
-        change = stats.compare(rows["base"], rows["final"], METRIC)
-        result[name] = {"base": level[0], "final": level[1], "change": change}
+    for name, by_seed in found.items():
+        base, final = [r["base"] for r in by_seed.values()], [r["final"] for r in by_seed.values()]
+        level = stats.heldout(base, [METRIC])[METRIC], stats.heldout(final, [METRIC])[METRIC]
+        change = stats.compare(base, final, METRIC)
+        result[name] = {"seed_list": list(by_seed), "base": level[0], "final": level[1], "change": change}
         shown = [stats.ci_text(x) for x in level]
         lines.append(f"| {name} | {shown[0]} | {shown[1]} | {stats.ci_text(change, sign='+')} | {shape(change)} |")
-    if {"grpo", "dsrl"} <= set(found) and len(found["grpo"]["final"]) == len(found["dsrl"]["final"]):
-        diff = stats.compare(found["grpo"]["final"], found["dsrl"]["final"], METRIC)
-        result["dsrl_minus_grpo"] = diff
+    common = sorted(set(found.get("grpo", {})) & set(found.get("dsrl", {})))
+    if common:  # the trained policies, paired on the seeds both objectives ran
+        diff = stats.compare(*([found[n][s]["final"] for s in common] for n in ("grpo", "dsrl")), METRIC)
+        result["dsrl_minus_grpo"] = diff | {"seed_list": common}
         lines.append(f"| DSRL − GRPO (trained) | | | {stats.ci_text(diff, sign='+')} | {shape(diff)} |")
     return "\n".join(lines) + "\n", result
 

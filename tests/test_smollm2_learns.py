@@ -32,23 +32,25 @@ def _job(root: Path, n: int, objective: str, seed: int, base: list[int], final: 
 
 
 def test_table_pools_seeds_and_pairs_the_objectives_seed_by_seed(tmp_path):
-    """4 problems x 4 samples, 2 seeds. Base pass@1 0.25 on both; GRPO ends at 10/16 and 2/16 (mean 0.375),
-    DSRL at one more correct sample per problem on the same seed (mean 0.625). Paired seed with seed, DSRL - GRPO
-    is +0.25 on every (seed, problem): an interval of width 0. The job dirs are numbered against seed order,
-    so pairing by directory would mix the seeds and widen it."""
+    """4 problems x 4 samples. Base pass@1 0.25 on every seed; GRPO (seeds 0, 1) ends at 10/16 and 2/16 (mean
+    0.375), DSRL at one more correct sample per problem on the same seed, and at 16/16 on a seed 2 GRPO did not
+    run (mean 36/48 = 0.75). Paired on the common seeds 0 and 1, DSRL - GRPO is +0.25 on every (seed, problem):
+    an interval of width 0. The job dirs are numbered against seed order, so pairing by directory or by
+    position would mix the seeds and widen it."""
     _job(tmp_path, 0, "grpo", 1, [1, 1, 1, 1], [0, 1, 0, 1])
     _job(tmp_path, 1, "grpo", 0, [0, 1, 2, 1], [2, 2, 3, 3])
-    _job(tmp_path, 2, "dsrl", 0, [0, 1, 2, 1], [3, 3, 4, 4])
-    _job(tmp_path, 3, "dsrl", 1, [1, 1, 1, 1], [1, 2, 1, 2])
+    _job(tmp_path, 2, "dsrl", 2, [1, 1, 1, 1], [4, 4, 4, 4])
+    _job(tmp_path, 3, "dsrl", 0, [0, 1, 2, 1], [3, 3, 4, 4])
+    _job(tmp_path, 5, "dsrl", 1, [1, 1, 1, 1], [1, 2, 1, 2])
     (tmp_path / "4" / "logs").mkdir(parents=True)  # an unfinished job: no config.yaml, not counted
     assert _tool("smollm2_learns").main([str(tmp_path)]) == 0
     result = json.loads((tmp_path / "smollm2_learns.json").read_text())
     assert result["grpo"]["base"]["estimate"] == 0.25 and result["grpo"]["final"]["estimate"] == 0.375
-    assert result["dsrl"]["final"]["estimate"] == 0.625
-    assert result["grpo"]["change"]["estimate"] == 0.125 and result["dsrl"]["change"]["estimate"] == 0.375
+    assert result["dsrl"]["final"]["estimate"] == 0.75 and result["dsrl"]["seed_list"] == [0, 1, 2]
+    assert result["grpo"]["change"]["estimate"] == 0.125 and result["dsrl"]["change"]["estimate"] == 0.5
     diff = result["dsrl_minus_grpo"]
     assert (diff["estimate"], diff["low"], diff["high"]) == (0.25, 0.25, 0.25)
-    assert (diff["seeds"], diff["problems"]) == (2, 4)
+    assert (diff["seeds"], diff["problems"], diff["seed_list"]) == (2, 4, [0, 1])
     md = (tmp_path / "smollm2_learns.md").read_text()
     assert "| DSRL − GRPO (trained) | | | +0.250 | 2 × 4 |" in md  # zero width: the estimate alone
     assert (tmp_path / "smollm2_learns.png").stat().st_size > 10_000  # the training curves

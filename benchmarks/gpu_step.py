@@ -38,7 +38,8 @@ import torch
 
 from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
-from lightning_prerl.training.update import MicroBatching, backward_objective, final_hidden_states
+from lightning_prerl.training.logprobs import final_hidden_states
+from lightning_prerl.training.update import MicroBatching, backward_objective
 
 ROOT = Path(__file__).resolve().parent.parent
 

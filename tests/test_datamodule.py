@@ -130,7 +130,7 @@ def test_hf_engine_samples_the_policy_itself_not_the_checkpoint_defaults(tiny_mo
     from lightning_prerl.data.prompts import render_prompt
     from lightning_prerl.rollout.engine import SamplingConfig
     from lightning_prerl.scale.models import load_policy
-    from lightning_prerl.training.update import sequence_logprobs
+    from lightning_prerl.training.logprobs import sequence_logprobs
 
     policy = load_policy(str(tiny_model_dir))
     policy.generation_config.top_k = 1
@@ -267,7 +267,7 @@ def test_engine_logprobs_reach_the_training_batch(tiny_model_dir, tokenizer):
     from functools import partial
 
     from lightning_prerl.scale.models import load_policy
-    from lightning_prerl.training.update import sequence_logprobs
+    from lightning_prerl.training.logprobs import sequence_logprobs
 
     policy = load_policy(str(tiny_model_dir))
     dm = make_datamodule(tokenizer, policy, sampling={"max_new_tokens": 12, "temperature": 1.0})

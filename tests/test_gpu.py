@@ -76,7 +76,7 @@ def _fsdp_worker(rank: int, port: int, model_dir: str, out: str) -> None:
         from torch.distributed.tensor import DTensor
 
         from lightning_prerl.scale.models import load_policy, load_tokenizer, shard_policy
-        from lightning_prerl.training.update import sequence_logprobs
+        from lightning_prerl.training.logprobs import sequence_logprobs
 
         batch = to_device(make_batch(load_tokenizer(model_dir)), "cuda")
         with torch.no_grad():

@@ -7,8 +7,9 @@ import torch
 
 from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective
+from lightning_prerl.training.logprobs import sequence_logprobs
 from lightning_prerl.training.policy import CondRL, PolicyModule
-from lightning_prerl.training.update import MicroBatching, backward_objective, sequence_logprobs
+from lightning_prerl.training.update import MicroBatching, backward_objective
 
 
 def make_batch(tokenizer, rewards=(1.0, 0.0, 0.0, 1.0), group_size=2) -> RolloutBatch:
@@ -161,7 +162,7 @@ def test_final_hidden_states_are_the_normed_ones_the_head_reads(tiny_model_dir):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_prerl.scale.models import load_policy
-    from lightning_prerl.training.update import final_hidden_states, output_head_weight
+    from lightning_prerl.training.logprobs import final_hidden_states, output_head_weight
 
     llama = LlamaForCausalLM(
         LlamaConfig(vocab_size=120, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
@@ -303,7 +304,7 @@ def test_the_scoring_forward_computes_no_logits_and_keeps_no_cache(policy, token
 def test_final_hidden_states_of_a_decoder_that_returns_a_plain_tuple():
     """A decoder (remote code, older models) may return a tuple: its first element is the hidden states.
     Catches that branch reading another element or the attribute of a ModelOutput (`make mutation`)."""
-    from lightning_prerl.training.update import final_hidden_states
+    from lightning_prerl.training.logprobs import final_hidden_states
 
     class Decoder(torch.nn.Module):
         def forward(self, x):
@@ -374,7 +375,7 @@ def test_the_head_refuses_softcapping_and_a_sharded_weight_and_reads_a_zero3_wei
     it; `chunk_tokens` reaches the head. Catches each check disabled or misspelled and the chunk size
     dropped (found by `make mutation`)."""
     import lightning_prerl.objectives.ops as ops
-    import lightning_prerl.training.update as update
+    import lightning_prerl.training.logprobs as logprobs
 
     batch = make_batch(tokenizer)
     ref, _ = sequence_logprobs(policy, batch, "conditional", 0)
@@ -389,7 +390,7 @@ def test_the_head_refuses_softcapping_and_a_sharded_weight_and_reads_a_zero3_wei
         calls.append(module)
         return fn(module.weight)
 
-    monkeypatch.setattr(update, "through_own_call", own_call)
+    monkeypatch.setattr(logprobs, "through_own_call", own_call)
     weight.ds_id = 7
     logp, _ = sequence_logprobs(policy, batch, "conditional", 0)
     del weight.ds_id

@@ -14,8 +14,9 @@ import torch
 from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives import PolicyGradientObjective as PG
 from lightning_prerl.reports.alignment import gradient_alignment
+from lightning_prerl.training.logprobs import sequence_logprobs
 from lightning_prerl.training.policy import NSRPreRL, PreRL, PSRPreRL
-from lightning_prerl.training.update import MicroBatching, backward_objective, sequence_logprobs
+from lightning_prerl.training.update import MicroBatching, backward_objective
 
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
 LENGTHS = [2, 3, 1, 2, 1, 2, 3, 4]

@@ -22,9 +22,9 @@ from lightning_prerl.reports.alignment import GradientAlignment, alignment_sampl
 from lightning_prerl.reports.spaces import spaces_table, write_spaces_report
 from lightning_prerl.rollout.hf import HFEngine
 from lightning_prerl.training.datamodule import RolloutDataModule
+from lightning_prerl.training.logprobs import sequence_logprobs
 from lightning_prerl.training.policy import PolicyModule
 from lightning_prerl.training.record import batch_table, table_batch
-from lightning_prerl.training.update import sequence_logprobs
 from tests.test_config import compose_cfg
 from tests.test_policy import make_batch, quiet_cpu_trainer
 

@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from lightning_prerl.objectives import PolicyGradientObjective as PG
 from lightning_prerl.objectives.correction import MismatchStats, RolloutCorrection
 from lightning_prerl.objectives.policy_gradient import PRETRAIN_LR_SCALE
-from lightning_prerl.training.update import Collectives, MicroBatching, backward_objective, prepare, sequence_logprobs
+from lightning_prerl.training.logprobs import sequence_logprobs
+from lightning_prerl.training.update import Collectives, MicroBatching, backward_objective, prepare
 from tests.test_policy import make_batch
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -66,7 +66,7 @@ def test_greedy_parity_before_and_after_a_real_optimizer_step_and_sync(setup):
 
 def test_vllm_logprobs_match_the_policy(setup):
     from lightning_prerl.data.batch import RolloutBatch
-    from lightning_prerl.training.update import sequence_logprobs
+    from lightning_prerl.training.logprobs import sequence_logprobs
 
     tok, policy, engine, prompts = setup
     engine.sync(policy)

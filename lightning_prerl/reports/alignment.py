@@ -24,7 +24,7 @@ import torch
 from lightning_prerl.data.batch import RolloutBatch
 from lightning_prerl.objectives.spaces import bind_space, space_label
 from lightning_prerl.scale.models import is_sharded
-from lightning_prerl.training.update import sequence_logprobs
+from lightning_prerl.training.logprobs import sequence_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -143,7 +143,7 @@ def snapshot_adapter(model: torch.nn.Module) -> None:
 class AdapterView:
     """The policy network scored with another adapter (`__base__`: none) -- a reference without a copy.
 
-    Quacks like the model for `update.sequence_logprobs` (call, `get_decoder`, `get_output_embeddings`,
+    Quacks like the model for `logprobs.sequence_logprobs` (call, `get_decoder`, `get_output_embeddings`,
     `config`). peft takes per-row adapter names only in eval mode; the view is used without gradients.
     """
 

@@ -50,9 +50,12 @@ def plot(found: dict[str, dict[int, Path]], out_png: Path) -> Path:
     dashed."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(CURVES), figsize=(6 * len(CURVES), 4), squeeze=False, layout="constrained")
+    groups = {
+        name: [Job(d, {}, read_metrics(d / "logs" / "metrics.csv")) for d in dirs.values()]
+        for name, dirs in found.items()
+    }
     for ax, metric in zip(axes[0], CURVES, strict=True):
-        for i, (name, dirs) in enumerate(found.items()):
-            jobs = [Job(d, {}, read_metrics(d / "logs" / "metrics.csv")) for d in dirs.values()]
+        for i, (name, jobs) in enumerate(groups.items()):
             runs = [_smoothed(j.series[metric]) for j in jobs if j.series.get(metric)]
             for points in runs:
                 ax.plot(*zip(*points, strict=True), color=f"C{i}", lw=0.8, alpha=0.4)

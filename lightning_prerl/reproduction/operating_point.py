@@ -119,10 +119,9 @@ def switch_step(jobs: list[Job]) -> float | None:
 
 def switch_rows(data: dict, by_label: dict[str, list[Job]], max_steps: float | None) -> list[dict]:
     """Each DSRL arm: switch step and share of the run, final pass@1, and its differences from GRPO."""
-    rows = []
+    rows, pick = [], {(c["comparison"], c["metric"]): c for c in data["comparisons"] + data.get("speed", [])}
     for arm in (a for a in data["objectives"] if a.startswith("dsrl")):
         step = switch_step(by_label[arm])
-        pick = {(c["comparison"], c["metric"]): c for c in data["comparisons"] + data.get("speed", [])}
         rows.append(
             {
                 "arm": arm,

@@ -241,6 +241,7 @@ def _slip_section(data: dict) -> list[str]:
 
 
 SIDE = {"yes": "above 0", "no": "below 0", "inconclusive": "contains 0"}
+DIFFERENCE_HEAD = ["b - a", "metric", "seeds", "problems", "difference [95 %]", "interval", "MDE (80 % power)"]
 
 
 def _power_section(data: dict) -> list[str]:
@@ -256,8 +257,7 @@ def _power_section(data: dict) -> list[str]:
         " step. An interval that contains 0 with an MDE above the effect that matters is an underpowered"
         " comparison, not a null."
     )
-    head = ["b - a", "metric", "seeds", "problems", "difference [95 %]", "interval", "MDE (80 % power)"]
-    return ["## Paired differences and power", "", intro, "", *_table(head, rows), ""]
+    return ["## Paired differences and power", "", intro, "", *_table(DIFFERENCE_HEAD, rows), ""]
 
 
 def _difference_rows(comparisons: list[dict]) -> list[list[str]]:
@@ -284,10 +284,9 @@ def _control_section(data: dict) -> list[str]:
             " (pretraining saw only prompt + answer), so PreRL has no surrogate gradient to follow there."
         )
         findings_rows = [list(f.values()) for f in control["findings"]]
-        head = ["b - a", "metric", "seeds", "problems", "difference [95 %]", "interval", "MDE (80 % power)"]
         out += [f'## Negative control: the "{world}" world', "", intro, ""]
         out += _table(["finding", "paper (Qwen3-4B)", "measured here", "verdict"], findings_rows) + [""]
-        out += _table(head, _difference_rows(control["comparisons"] + control["speed"])) + [""]
+        out += _table(DIFFERENCE_HEAD, _difference_rows(control["comparisons"] + control["speed"])) + [""]
         out += [f"![{world} accuracy](repro_{world}_accuracy.png)", ""]
     return out
 
